@@ -1,0 +1,251 @@
+"""Sequential generation: prefill + decode over a static-shape KV cache.
+
+The decode loop is one jitted `jax.lax.while_loop` over a single state pytree (`DecodeState`),
+with the state donated so the cache is updated in place. The host may run it in segments
+(`until_step`) to stream text; a segment is one device call with no host round trip inside.
+
+Prompts of different lengths are left-padded to a bucketed length, so a new prompt of a
+similar length reuses the compiled programs. Every row writes the same cache slot at each
+step; each row has its own positions, and slots left of its padding are masked out.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from apr_jax.cache import kv as kvlib
+from apr_jax.engine.sampling import SamplingConfig, sample
+from apr_jax.errors import UserError
+from apr_jax.model.sharding import ShardingRules, single_device_mesh
+from apr_jax.model.transformer import Transformer
+
+
+class DecodeState(NamedTuple):
+  cache: tuple        # per layer LayerKV, [B, S, K, D]
+  tokens: jax.Array   # [B, N] generated ids (N = max new tokens), pad_id after a row stops
+  last: jax.Array     # [B] the token to feed next
+  pos: jax.Array      # [B] its position
+  pad: jax.Array      # [B] left padding of each row (slots < pad are not attended)
+  slot: jax.Array     # () next cache slot to write
+  step: jax.Array     # () tokens generated so far (the same for every row)
+  done: jax.Array     # [B] bool
+  n_gen: jax.Array    # [B] tokens generated per row, stop token included
+  keys: jax.Array     # [B] per-row PRNG keys
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """Everything static about one compiled generation program."""
+  batch: int
+  prompt_len: int     # bucketed prompt length P
+  max_new: int        # bucketed N (cache slots S = P + N)
+  sampling: SamplingConfig
+  stop_ids: tuple[int, ...]
+  pad_id: int
+
+  @property
+  def slots(self) -> int:
+    return self.prompt_len + self.max_new
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+  """Next power of two >= n (at least `minimum`), then multiples of 1024."""
+  if n <= 1024:
+    b = minimum
+    while b < n:
+      b *= 2
+    return b
+  return -(-n // 1024) * 1024
+
+
+@dataclasses.dataclass
+class Result:
+  token_ids: list[int]       # generated ids, the stop token included if one was produced
+  text: str                  # decoded text without the stop token
+  stop_reason: str           # "stop_token" | "max_new_tokens"
+  prompt_tokens: int
+
+
+def _prefill(graphdef, params, tokens, pad, keys, spec: Spec, cache):
+  """tokens [B, P] left-padded. Returns the DecodeState after the prompt and first sample."""
+  model: Transformer = nnx.merge(graphdef, params)
+  b, p = tokens.shape
+  i = jnp.arange(p)
+  positions = jnp.maximum(i[None, :] - pad[:, None], 0)                     # [B, P]
+  slots = jnp.arange(spec.slots)
+  mask = (slots[None, None, :] <= i[None, :, None]) & (slots[None, None, :] >= pad[:, None, None])
+  h, cache = model.hidden(tokens, positions, mask, cache, 0)                # mask [B, P, S]
+  logits = model.logits(h[:, -1])                                           # [B, V]
+  first = sample(logits, jax.vmap(jax.random.fold_in)(keys, jnp.zeros_like(pad)), spec.sampling)
+  stop = jnp.asarray(spec.stop_ids or (-1,), jnp.int32)
+  done = jnp.isin(first, stop)
+  out = jnp.full((b, spec.max_new), spec.pad_id, jnp.int32).at[:, 0].set(first)
+  return DecodeState(cache=cache, tokens=out, last=first, pos=positions[:, -1] + 1, pad=pad,
+                     slot=jnp.asarray(p, jnp.int32), step=jnp.asarray(1, jnp.int32), done=done,
+                     n_gen=jnp.ones((b,), jnp.int32), keys=keys)
+
+
+def _decode(graphdef, params, state: DecodeState, until_step, spec: Spec) -> DecodeState:
+  """Runs decode steps while step < until_step and some row is not done."""
+  model: Transformer = nnx.merge(graphdef, params)
+  stop = jnp.asarray(spec.stop_ids or (-1,), jnp.int32)
+  slots = jnp.arange(spec.slots)
+
+  def cond(s: DecodeState):
+    return (s.step < until_step) & ~jnp.all(s.done)
+
+  def body(s: DecodeState):
+    mask = ((slots[None, :] <= s.slot) & (slots[None, :] >= s.pad[:, None]))[:, None, :]  # [B,1,S]
+    h, cache = model.hidden(s.last[:, None], s.pos[:, None], mask, s.cache, s.slot)
+    logits = model.logits(h[:, 0])
+    nxt = sample(logits, jax.vmap(jax.random.fold_in)(s.keys, jnp.broadcast_to(s.step, s.pad.shape)),
+                 spec.sampling)
+    nxt = jnp.where(s.done, spec.pad_id, nxt)
+    tokens = jax.lax.dynamic_update_slice(s.tokens, nxt[:, None], (jnp.int32(0), s.step))
+    return DecodeState(cache=cache, tokens=tokens, last=nxt, pos=s.pos + 1, pad=s.pad,
+                       slot=s.slot + 1, step=s.step + 1,
+                       done=s.done | jnp.isin(nxt, stop), n_gen=s.n_gen + (~s.done).astype(jnp.int32),
+                       keys=s.keys)
+
+  return jax.lax.while_loop(cond, body, state)
+
+
+class Generator:
+  """Batched sequential generation for one model. Compiled programs are cached by Spec."""
+
+  def __init__(self, model: Transformer, tokenizer=None, *, mesh: Mesh | None = None,
+               rules: ShardingRules | None = None, cache_dtype=None):
+    self.graphdef, self.params = nnx.split(model)
+    self.cfg = model.cfg
+    self.tokenizer = tokenizer
+    self.mesh = mesh or single_device_mesh()
+    self.rules = rules or ShardingRules()
+    leaves = jax.tree.leaves(self.params)
+    self.cache_dtype = cache_dtype or (leaves[0].dtype if leaves else jnp.float32)
+    self._compiled: dict = {}
+    self.stats: dict = {}
+
+  # ---- compiled programs
+  def _programs(self, spec: Spec):
+    if spec in self._compiled:
+      return self._compiled[spec]
+    t0 = time.perf_counter()
+    b, n = spec.batch, spec.max_new
+    row = NamedSharding(self.mesh, self.rules.spec(("batch",), (b,), self.mesh))
+    row2 = NamedSharding(self.mesh, self.rules.spec(("batch", None), (b, 1), self.mesh))
+    cache_abs = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct((b, spec.slots, self.cfg.n_kv_heads, self.cfg.head_dim),
+                                       self.cache_dtype, sharding=s),
+        kvlib.cache_shardings(self.cfg, b, spec.slots, self.mesh, self.rules))
+    i32 = lambda shape, sh: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh)
+    keys_abs = jax.ShapeDtypeStruct((b,), jax.random.key(0).dtype, sharding=row)
+    prefill = jax.jit(_prefill, static_argnums=(0, 5), donate_argnums=(6,)).lower(
+        self.graphdef, self.params, i32((b, spec.prompt_len), row2), i32((b,), row), keys_abs,
+        spec, cache_abs).compile()
+    state_abs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                             prefill.out_info)
+    decode = jax.jit(_decode, static_argnums=(0, 4), donate_argnums=(2,)).lower(
+        self.graphdef, self.params, state_abs, jax.ShapeDtypeStruct((), jnp.int32), spec).compile()
+    self._compiled[spec] = (prefill, decode)
+    self.stats["compile_s"] = self.stats.get("compile_s", 0.0) + time.perf_counter() - t0
+    return prefill, decode
+
+  def spec_for(self, prompt_lens: Sequence[int], max_new_tokens: int,
+               sampling: SamplingConfig, stop_ids: Sequence[int] | None) -> Spec:
+    longest = max(prompt_lens)
+    if longest == 0:
+      raise UserError("empty prompt")
+    if max_new_tokens <= 0:
+      raise UserError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    if longest + max_new_tokens > self.cfg.max_seq_len:
+      raise UserError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                      f"model's context of {self.cfg.max_seq_len} tokens")
+    if stop_ids is None:
+      stop_ids = self.tokenizer.stop_ids() if self.tokenizer is not None else list(self.cfg.eos_ids)
+    pad_id = self.cfg.eos_ids[0] if self.cfg.eos_ids else 0
+    return Spec(batch=len(prompt_lens), prompt_len=bucket(longest), max_new=bucket(max_new_tokens),
+                sampling=sampling, stop_ids=tuple(int(s) for s in stop_ids), pad_id=pad_id)
+
+  def start(self, prompts: Sequence[Sequence[int]], spec: Spec, seeds: Sequence[int]) -> DecodeState:
+    prefill, _ = self._programs(spec)
+    b, p = spec.batch, spec.prompt_len
+    arr = np.full((b, p), spec.pad_id, np.int32)
+    pad = np.zeros((b,), np.int32)
+    for r, ids in enumerate(prompts):
+      arr[r, p - len(ids):] = ids
+      pad[r] = p - len(ids)
+    keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+    row = NamedSharding(self.mesh, self.rules.spec(("batch",), (b,), self.mesh))
+    row2 = NamedSharding(self.mesh, self.rules.spec(("batch", None), (b, p), self.mesh))
+    cache = kvlib.init_cache(self.cfg, b, spec.slots, self.cache_dtype, self.mesh, self.rules)
+    return prefill(self.params, jax.device_put(arr, row2), jax.device_put(pad, row),
+                   jax.device_put(keys, row), cache)
+
+  def advance(self, state: DecodeState, spec: Spec, until_step: int) -> DecodeState:
+    _, decode = self._programs(spec)
+    return decode(self.params, state, jnp.asarray(until_step, jnp.int32))
+
+  def generate_ids(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
+                   sampling: SamplingConfig = SamplingConfig(), stop_ids=None, seed: int = 0,
+                   on_segment=None, segment: int = 0):
+    """Token-level API. Returns (tokens [B, max_new_tokens] np, n_gen [B] np, done [B] np).
+
+    `on_segment(state)` is called after every `segment` decode steps (0 = one segment).
+    """
+    spec = self.spec_for([len(p) for p in prompts], max_new_tokens, sampling, stop_ids)
+    self._programs(spec)
+    t0 = time.perf_counter()
+    state = self.start(prompts, spec, [seed + i for i in range(len(prompts))])
+    jax.block_until_ready(state.step)
+    t1 = time.perf_counter()
+    step = 1
+    while True:
+      until = max_new_tokens if not segment else min(max_new_tokens, step + segment)
+      state = self.advance(state, spec, until)
+      step = int(state.step)
+      if on_segment is not None:
+        on_segment(state)
+      if step >= max_new_tokens or bool(jnp.all(state.done)):
+        break
+    tokens, n_gen, done = jax.device_get((state.tokens, state.n_gen, state.done))
+    t2 = time.perf_counter()
+    self.stats.update(prefill_s=t1 - t0, decode_s=t2 - t1, decode_steps=step - 1)
+    return tokens[:, :max_new_tokens], np.minimum(n_gen, max_new_tokens), done
+
+  def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], *, chat: bool = True,
+               max_new_tokens: int = 64, sampling: SamplingConfig = SamplingConfig(),
+               seed: int = 0, stop_ids=None, on_segment=None, segment: int = 0) -> list[Result]:
+    """Text API: prompts are strings (chat template applied if `chat`) or token id lists."""
+    tok = self.tokenizer
+    ids = []
+    for p in prompts:
+      if isinstance(p, str):
+        if tok is None:
+          raise UserError("this model has no tokenizer; pass token ids")
+        text = tok.apply_chat([{"role": "user", "content": p}]) if chat else p
+        ids.append(tok.encode(text))
+      else:
+        ids.append([int(i) for i in p])
+    for p in ids:
+      bad = [i for i in p if not 0 <= i < self.cfg.vocab_size]
+      if bad:
+        raise UserError(f"token id {bad[0]} is outside the model's vocab of {self.cfg.vocab_size}")
+    tokens, n_gen, done = self.generate_ids(ids, max_new_tokens=max_new_tokens, sampling=sampling,
+                                            stop_ids=stop_ids, seed=seed, on_segment=on_segment,
+                                            segment=segment)
+    out = []
+    for r in range(len(ids)):
+      gen = [int(t) for t in tokens[r, :n_gen[r]]]
+      stopped = bool(done[r])
+      body = gen[:-1] if stopped else gen
+      text = tok.decode(body) if tok is not None else ""
+      out.append(Result(token_ids=gen, text=text, stop_reason="stop_token" if stopped else "max_new_tokens",
+                        prompt_tokens=len(ids[r])))
+    return out

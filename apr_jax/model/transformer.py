@@ -1,0 +1,218 @@
+"""One decoder-only transformer for the Llama / Qwen2 / Qwen3 family, in Flax NNX.
+
+RMSNorm, RoPE (default / llama3 / linear scaling), SwiGLU, grouped-query attention, optional
+q/k/v biases (Qwen2) and per-head q/k RMSNorm (Qwen3), tied or untied embeddings.
+
+Positions are passed per token and attention takes an explicit boolean mask over the key
+slots, because fork/join threads share positions and see only part of the cache.
+
+Shapes: B batch, T new tokens, S key slots, E embed, H q heads, K kv heads, G = H/K,
+D head_dim, F ffn, V vocab.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from apr_jax.cache import kv as kvlib
+from apr_jax.model.config import ModelConfig
+
+NEG_INF = -1e30  # finite, so fully-masked rows give a uniform softmax instead of NaN
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, scale=None, init="normal"):
+  if init == "ones":
+    value = jnp.ones(shape, dtype)
+  elif init == "zeros":
+    value = jnp.zeros(shape, dtype)
+  else:
+    fan_in = scale if scale is not None else shape[0]
+    value = (jax.random.normal(rngs.params(), shape, jnp.float32) / math.sqrt(fan_in)).astype(dtype)
+  return nnx.Param(value, axes=tuple(axes))
+
+
+def rms_norm(x, w, eps):
+  xf = x.astype(jnp.float32)
+  xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return (xf * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+  d = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # [D/2]
+  sc = cfg.rope_scaling
+  if sc is None:
+    return inv
+  if sc.kind == "linear":
+    return inv / sc.factor
+  # llama3: long wavelengths divided by `factor`, a smooth ramp between the two cut-offs.
+  low_wl = sc.original_max_position / sc.low_freq_factor
+  high_wl = sc.original_max_position / sc.high_freq_factor
+  wl = 2 * math.pi / inv
+  scaled = jnp.where(wl > low_wl, inv / sc.factor, inv)
+  smooth = (sc.original_max_position / wl - sc.low_freq_factor) / (sc.high_freq_factor - sc.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / sc.factor + smooth * scaled
+  medium = (wl >= high_wl) & (wl <= low_wl)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x, positions, inv_freq):
+  """x [B, T, N, D]; positions [B, T] int. HF 'rotate_half' convention."""
+  ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+  cos = jnp.cos(ang)[:, :, None, :]
+  sin = jnp.sin(ang)[:, :, None, :]
+  xf = x.astype(jnp.float32)
+  x1, x2 = jnp.split(xf, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def attend(q, k, v, mask):
+  """Grouped-query attention, the plain reference.
+
+  q [B, T, H, D]; k, v [B, S, K, D]; mask [B, T, S] bool (True = may attend).
+  Returns [B, T, H, D]. Scores and softmax in float32.
+  """
+  b, t, h, d = q.shape
+  kh = k.shape[2]
+  qg = q.reshape(b, t, kh, h // kh, d)
+  s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+  s = s * (1.0 / math.sqrt(d))
+  s = jnp.where(mask[:, None, None, :, :], s, NEG_INF)
+  p = jax.nn.softmax(s, axis=-1)
+  o = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return o.reshape(b, t, h, d).astype(q.dtype)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    e, h, k, d = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    self.cfg = cfg
+    self.q = _param(rngs, (e, h, d), ("embed", "q_heads", "head_dim"), dtype)
+    self.k = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), dtype)
+    self.v = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), dtype)
+    self.o = _param(rngs, (h, d, e), ("q_heads", "head_dim", "embed"), dtype, scale=h * d)
+    if cfg.qkv_bias:
+      self.q_bias = _param(rngs, (h, d), ("q_heads", "head_dim"), dtype, init="zeros")
+      self.k_bias = _param(rngs, (k, d), ("kv_heads", "head_dim"), dtype, init="zeros")
+      self.v_bias = _param(rngs, (k, d), ("kv_heads", "head_dim"), dtype, init="zeros")
+    if cfg.o_bias:
+      self.o_bias = _param(rngs, (e,), ("embed",), dtype, init="zeros")
+    if cfg.qk_norm:
+      self.q_norm = _param(rngs, (d,), ("head_dim",), dtype, init="ones")
+      self.k_norm = _param(rngs, (d,), ("head_dim",), dtype, init="ones")
+
+  def __call__(self, x, positions, mask, inv_freq, cache: kvlib.LayerKV | None, write_index):
+    cfg = self.cfg
+    with jax.named_scope("qkv"):
+      q = jnp.einsum("bte,ehd->bthd", x, self.q[...])
+      k = jnp.einsum("bte,ekd->btkd", x, self.k[...])
+      v = jnp.einsum("bte,ekd->btkd", x, self.v[...])
+      if cfg.qkv_bias:
+        q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+      if cfg.qk_norm:
+        q = rms_norm(q, self.q_norm[...], cfg.norm_eps)
+        k = rms_norm(k, self.k_norm[...], cfg.norm_eps)
+      q = apply_rope(q, positions, inv_freq)
+      k = apply_rope(k, positions, inv_freq)
+    if cache is not None:
+      cache = kvlib.write(cache, k, v, write_index)
+      k_all, v_all = cache.k, cache.v
+    else:
+      k_all, v_all = k, v
+    with jax.named_scope("attend"):
+      o = attend(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask)
+    out = jnp.einsum("bthd,hde->bte", o, self.o[...])
+    if cfg.o_bias:
+      out = out + self.o_bias[...]
+    return out, cache
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.gate = _param(rngs, (cfg.dim, cfg.ffn_dim), ("embed", "mlp"), dtype)
+    self.up = _param(rngs, (cfg.dim, cfg.ffn_dim), ("embed", "mlp"), dtype)
+    self.down = _param(rngs, (cfg.ffn_dim, cfg.dim), ("mlp", "embed"), dtype)
+
+  def __call__(self, x):
+    g = jnp.einsum("bte,ef->btf", x, self.gate[...])
+    u = jnp.einsum("bte,ef->btf", x, self.up[...])
+    return jnp.einsum("btf,fe->bte", jax.nn.silu(g) * u, self.down[...])
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.cfg = cfg
+    self.attn_norm = _param(rngs, (cfg.dim,), ("embed",), dtype, init="ones")
+    self.attn = Attention(cfg, rngs=rngs, dtype=dtype)
+    self.mlp_norm = _param(rngs, (cfg.dim,), ("embed",), dtype, init="ones")
+    self.mlp = MLP(cfg, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x, positions, mask, inv_freq, cache, write_index):
+    h, cache = self.attn(rms_norm(x, self.attn_norm[...], self.cfg.norm_eps), positions, mask,
+                         inv_freq, cache, write_index)
+    x = x + h
+    x = x + self.mlp(rms_norm(x, self.mlp_norm[...], self.cfg.norm_eps))
+    return x, cache
+
+
+class Transformer(nnx.Module):
+  """Decoder-only LM. `__call__` returns (logits float32, updated cache or None)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.cfg = cfg
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), dtype, scale=1.0 / 0.02**2)
+    self.layers = nnx.List([Block(cfg, rngs=rngs, dtype=dtype) for _ in range(cfg.n_layers)])
+    self.final_norm = _param(rngs, (cfg.dim,), ("embed",), dtype, init="ones")
+    if not cfg.tie_embeddings:
+      self.lm_head = _param(rngs, (cfg.dim, cfg.vocab_size), ("embed", "vocab"), dtype)
+
+  def hidden(self, tokens, positions, mask, cache=None, write_index=0):
+    """Final-normed hidden states [B, T, E] and the updated cache.
+
+    tokens, positions: [B, T] int32. mask: [B, T, S] bool over key slots, where S is the
+    cache size when a cache is given (the new tokens are written at slots
+    [write_index, write_index+T) first), else T.
+    """
+    cfg = self.cfg
+    inv_freq = rope_inv_freq(cfg)
+    x = jnp.take(self.embed[...], tokens, axis=0)
+    new_cache = []
+    for i, layer in enumerate(self.layers):
+      with jax.named_scope(f"layer{i}"):
+        x, c = layer(x, positions, mask, inv_freq, None if cache is None else cache[i], write_index)
+      new_cache.append(c)
+    x = rms_norm(x, self.final_norm[...], cfg.norm_eps)
+    return x, (tuple(new_cache) if cache is not None else None)
+
+  def logits(self, x):
+    """x [..., E] -> float32 logits [..., V]."""
+    if self.cfg.tie_embeddings:
+      return jnp.einsum("...e,ve->...v", x, self.embed[...], preferred_element_type=jnp.float32)
+    return jnp.einsum("...e,ev->...v", x, self.lm_head[...], preferred_element_type=jnp.float32)
+
+  def __call__(self, tokens, positions, mask, cache=None, write_index=0):
+    x, cache = self.hidden(tokens, positions, mask, cache, write_index)
+    return self.logits(x), cache
+
+
+def causal_mask(lengths_or_t, t: int | None = None):
+  """[1, T, T] causal mask for a plain full forward over T tokens."""
+  t = lengths_or_t if t is None else t
+  i = jnp.arange(t)
+  return (i[None, :] <= i[:, None])[None]
+
+
+def abstract_model(cfg: ModelConfig, dtype=jnp.float32) -> Transformer:
+  return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+
+
+def param_axes(model: Transformer) -> dict[tuple, tuple]:
+  """{param path: logical axes} for every parameter."""
+  return {path: var.get_metadata()["axes"] for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
