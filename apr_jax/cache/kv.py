@@ -1,4 +1,4 @@
-"""The KV cache for sequential decoding: one [batch, slots, kv_heads, head_dim] buffer per
+"""The KV cache for sequential decoding: one [batch, kv_heads, slots, head_dim] buffer per
 layer for keys and one for values, written in place (the decode loop donates it).
 
 Slot indices are cache addresses, not token positions: positions are passed per token, so
@@ -15,12 +15,12 @@ from jax.sharding import Mesh
 from apr_jax.model.config import ModelConfig
 from apr_jax.model.sharding import ShardingRules
 
-CACHE_AXES = ("batch", "sequence", "kv_heads", "head_dim")
+CACHE_AXES = ("batch", "kv_heads", "sequence", "head_dim")
 
 
 class LayerKV(NamedTuple):
-  k: jax.Array  # [batch, slots, kv_heads, head_dim]
-  v: jax.Array  # [batch, slots, kv_heads, head_dim]
+  k: jax.Array  # [batch, kv_heads, slots, head_dim]
+  v: jax.Array  # [batch, kv_heads, slots, head_dim]
 
 
 KVCache = tuple  # tuple[LayerKV, ...], one per layer
@@ -28,7 +28,7 @@ KVCache = tuple  # tuple[LayerKV, ...], one per layer
 
 def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32,
                mesh: Mesh | None = None, rules: ShardingRules | None = None) -> KVCache:
-  shape = (batch, slots, cfg.n_kv_heads, cfg.head_dim)
+  shape = (batch, cfg.n_kv_heads, slots, cfg.head_dim)
   if mesh is None:
     mk = lambda: jnp.zeros(shape, dtype)
   else:
@@ -39,14 +39,14 @@ def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32,
 
 def cache_shardings(cfg: ModelConfig, batch: int, slots: int, mesh: Mesh,
                     rules: ShardingRules | None = None):
-  shape = (batch, slots, cfg.n_kv_heads, cfg.head_dim)
+  shape = (batch, cfg.n_kv_heads, slots, cfg.head_dim)
   s = (rules or ShardingRules()).sharding(mesh, CACHE_AXES, shape)
   return tuple(LayerKV(s, s) for _ in range(cfg.n_layers))
 
 
 def write(layer: LayerKV, k: jax.Array, v: jax.Array, index) -> LayerKV:
-  """Writes k/v [batch, T, kv_heads, head_dim] at slots [index, index+T) (in place)."""
+  """Writes k/v [batch, kv_heads, T, head_dim] at slots [index, index+T) (in place)."""
   z = jnp.zeros((), jnp.int32)
-  idx = (z, jnp.asarray(index, jnp.int32), z, z)
+  idx = (z, z, jnp.asarray(index, jnp.int32), z)
   return LayerKV(jax.lax.dynamic_update_slice(layer.k, k.astype(layer.k.dtype), idx),
                  jax.lax.dynamic_update_slice(layer.v, v.astype(layer.v.dtype), idx))

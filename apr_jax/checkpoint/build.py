@@ -48,10 +48,10 @@ def hf_name_map(cfg: ModelConfig) -> dict[tuple, tuple[str, Callable[[np.ndarray
     L = ("layers", i)
     m[L + ("attn_norm",)] = (p + "input_layernorm.weight", ident)
     m[L + ("mlp_norm",)] = (p + "post_attention_layernorm.weight", ident)
-    m[L + ("attn", "q")] = (p + "self_attn.q_proj.weight", lambda a: a.T.reshape(e, h, d))
-    m[L + ("attn", "k")] = (p + "self_attn.k_proj.weight", lambda a: a.T.reshape(e, k, d))
-    m[L + ("attn", "v")] = (p + "self_attn.v_proj.weight", lambda a: a.T.reshape(e, k, d))
-    m[L + ("attn", "o")] = (p + "self_attn.o_proj.weight", lambda a: a.T.reshape(h, d, e))
+    m[L + ("attn", "q")] = (p + "self_attn.q_proj.weight", lambda a: a.T)
+    m[L + ("attn", "k")] = (p + "self_attn.k_proj.weight", lambda a: a.T)
+    m[L + ("attn", "v")] = (p + "self_attn.v_proj.weight", lambda a: a.T)
+    m[L + ("attn", "o")] = (p + "self_attn.o_proj.weight", lambda a: a.T)
     if cfg.qkv_bias:
       m[L + ("attn", "q_bias")] = (p + "self_attn.q_proj.bias", lambda a: a.reshape(h, d))
       m[L + ("attn", "k_bias")] = (p + "self_attn.k_proj.bias", lambda a: a.reshape(k, d))
@@ -119,13 +119,9 @@ def model_to_hf(model: Transformer) -> dict[str, np.ndarray]:
     name, _ = names[path]
     a = np.asarray(jax.device_get(var.get_value()), np.float32)
     leaf = path[-1]
-    if leaf in ("q", "k", "v"):
-      a = a.reshape(a.shape[0], -1).T
-    elif leaf == "o":
-      a = a.reshape(-1, a.shape[-1]).T
-    elif leaf in ("q_bias", "k_bias", "v_bias"):
+    if leaf in ("q_bias", "k_bias", "v_bias"):
       a = a.reshape(-1)
-    elif leaf in ("gate", "up", "down", "lm_head"):
+    elif leaf in ("q", "k", "v", "o", "gate", "up", "down", "lm_head"):
       a = a.T
     out[name] = a
   return out

@@ -73,17 +73,18 @@ def apply_rope(x, positions, inv_freq):
 def attend(q, k, v, mask):
   """Grouped-query attention, the plain reference.
 
-  q [B, T, H, D]; k, v [B, S, K, D]; mask [B, T, S] bool (True = may attend).
+  q [B, T, H, D]; k, v [B, K, S, D] (the cache layout: batched GEMMs over (B, K) need no
+  per-step transpose of the cache); mask [B, T, S] bool (True = may attend).
   Returns [B, T, H, D]. Scores and softmax in float32.
   """
   b, t, h, d = q.shape
-  kh = k.shape[2]
+  kh = k.shape[1]
   qg = q.reshape(b, t, kh, h // kh, d)
-  s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+  s = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32)
   s = s * (1.0 / math.sqrt(d))
   s = jnp.where(mask[:, None, None, :, :], s, NEG_INF)
   p = jax.nn.softmax(s, axis=-1)
-  o = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  o = jnp.einsum("bkgts,bksd->btkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
   return o.reshape(b, t, h, d).astype(q.dtype)
 
 
@@ -92,10 +93,12 @@ class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
     e, h, k, d = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     self.cfg = cfg
-    self.q = _param(rngs, (e, h, d), ("embed", "q_heads", "head_dim"), dtype)
-    self.k = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), dtype)
-    self.v = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), dtype)
-    self.o = _param(rngs, (h, d, e), ("q_heads", "head_dim", "embed"), dtype, scale=h * d)
+    # 2-D [in, out] kernels (heads*head_dim fused): plain GEMMs with no per-step weight
+    # transposes on any backend; the head split is a free reshape of the activations.
+    self.q = _param(rngs, (e, h * d), ("embed", "q_heads"), dtype)
+    self.k = _param(rngs, (e, k * d), ("embed", "kv_heads"), dtype)
+    self.v = _param(rngs, (e, k * d), ("embed", "kv_heads"), dtype)
+    self.o = _param(rngs, (h * d, e), ("q_heads", "embed"), dtype)
     if cfg.qkv_bias:
       self.q_bias = _param(rngs, (h, d), ("q_heads", "head_dim"), dtype, init="zeros")
       self.k_bias = _param(rngs, (k, d), ("kv_heads", "head_dim"), dtype, init="zeros")
@@ -108,10 +111,11 @@ class Attention(nnx.Module):
 
   def __call__(self, x, positions, mask, inv_freq, cache: kvlib.LayerKV | None, write_index):
     cfg = self.cfg
+    b, t, _ = x.shape
     with jax.named_scope("qkv"):
-      q = jnp.einsum("bte,ehd->bthd", x, self.q[...])
-      k = jnp.einsum("bte,ekd->btkd", x, self.k[...])
-      v = jnp.einsum("bte,ekd->btkd", x, self.v[...])
+      q = (x @ self.q[...]).reshape(b, t, cfg.n_heads, cfg.head_dim)
+      k = (x @ self.k[...]).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+      v = (x @ self.v[...]).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
       if cfg.qkv_bias:
         q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
       if cfg.qk_norm:
@@ -119,6 +123,8 @@ class Attention(nnx.Module):
         k = rms_norm(k, self.k_norm[...], cfg.norm_eps)
       q = apply_rope(q, positions, inv_freq)
       k = apply_rope(k, positions, inv_freq)
+    k = k.transpose(0, 2, 1, 3)  # [B, K, T, D], the cache layout
+    v = v.transpose(0, 2, 1, 3)
     if cache is not None:
       cache = kvlib.write(cache, k, v, write_index)
       k_all, v_all = cache.k, cache.v
@@ -126,7 +132,7 @@ class Attention(nnx.Module):
       k_all, v_all = k, v
     with jax.named_scope("attend"):
       o = attend(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask)
-    out = jnp.einsum("bthd,hde->bte", o, self.o[...])
+    out = o.reshape(b, t, cfg.n_heads * cfg.head_dim) @ self.o[...]
     if cfg.o_bias:
       out = out + self.o_bias[...]
     return out, cache
@@ -191,8 +197,14 @@ class Transformer(nnx.Module):
     x = rms_norm(x, self.final_norm[...], cfg.norm_eps)
     return x, (tuple(new_cache) if cache is not None else None)
 
-  def logits(self, x):
-    """x [..., E] -> float32 logits [..., V]."""
+  def logits(self, x, head=None):
+    """x [..., E] -> float32 logits [..., V].
+
+    `head` [E, V] overrides the output matrix: decoding passes a transposed copy of a tied
+    embedding, because x @ W[E, V] streams memory ~1.5x faster on CPU than x @ W[V, E].T.
+    """
+    if head is not None:
+      return jnp.einsum("...e,ev->...v", x, head, preferred_element_type=jnp.float32)
     if self.cfg.tie_embeddings:
       return jnp.einsum("...e,ve->...v", x, self.embed[...], preferred_element_type=jnp.float32)
     return jnp.einsum("...e,ev->...v", x, self.lm_head[...], preferred_element_type=jnp.float32)

