@@ -55,6 +55,7 @@ def main(argv):
   if len(argv) > 1:
     raise UserError(f"unexpected arguments: {' '.join(argv[1:])} (quote the prompt: --prompt \"...\")")
   from apr_jax import utils
+  utils.quiet_logs()
   utils.apply_config_file(flags, FLAGS.config)
   utils.setup_jax()
   import jax.numpy as jnp
@@ -65,6 +66,9 @@ def main(argv):
   from apr_jax.model.sharding import make_mesh, parse_mesh
 
   t0 = time.perf_counter()
+  prompts = list(FLAGS.prompt)
+  if not prompts or any(not p for p in prompts):
+    raise UserError("--prompt must not be empty")
   sampling = SamplingConfig(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
   mesh = make_mesh(*parse_mesh(FLAGS.mesh))
   path = FLAGS.model or smollm2_path()
@@ -75,9 +79,6 @@ def main(argv):
   if tok is None:
     raise UserError(f"{path} has no tokenizer; pass --tokenizer")
   gen = Generator(model, tok, mesh=mesh)
-  prompts = list(FLAGS.prompt)
-  if not prompts or any(not p for p in prompts):
-    raise UserError("--prompt must not be empty")
   if mesh.shape["data"] > 1 and len(prompts) % mesh.shape["data"]:
     raise UserError(f"{len(prompts)} prompts do not split over a data axis of {mesh.shape['data']}")
 

@@ -28,3 +28,10 @@ def apply_config_file(flags_module, config):
       raise UserError(f"config file sets {key!r}, which is not a flag of this command")
     if not F[key].present:
       F[key].value = value
+
+
+def quiet_logs():
+  """absl INFO lines (e.g. JAX probing for a TPU) are noise for a CLI user; keep warnings."""
+  from absl import logging
+  if not logging.get_verbosity() > logging.INFO:  # unless the user passed -v
+    logging.set_verbosity(logging.WARNING)

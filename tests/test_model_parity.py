@@ -1,5 +1,6 @@
 """Logits parity with `transformers` for tiny random Llama / Qwen2 / Qwen3 checkpoints."""
 import jax.numpy as jnp
+from flax import nnx
 import numpy as np
 import pytest
 
@@ -8,12 +9,16 @@ from apr_jax.model.transformer import causal_mask
 from tests import hf_fixtures
 
 
-def forward(model, ids):
-  ids = jnp.asarray(ids, jnp.int32)
+@nnx.jit
+def _forward(model, ids):
   b, t = ids.shape
   pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-  logits, _ = model(ids, pos, jnp.broadcast_to(causal_mask(t), (b, t, t)))
-  return np.asarray(logits)
+  return model(ids, pos, jnp.broadcast_to(causal_mask(t), (b, t, t)))[0]
+
+
+def forward(model, ids):
+  """Plain full forward (no cache): float32 logits [B, T, V] as numpy."""
+  return np.asarray(_forward(model, jnp.asarray(ids, jnp.int32)))
 
 
 @pytest.mark.parametrize("name", sorted(hf_fixtures.VARIANTS))

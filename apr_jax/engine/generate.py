@@ -73,15 +73,27 @@ class Result:
   prompt_tokens: int
 
 
+def prefill_mask(pad, prompt_len: int, slots: int):
+  """[B, P, S]: prompt token i (left-padded row) sees slots pad..i."""
+  i = jnp.arange(prompt_len)[None, :, None]
+  s = jnp.arange(slots)[None, None, :]
+  return (s <= i) & (s >= pad[:, None, None])
+
+
+def decode_mask(pad, slot, slots: int):
+  """[B, 1, S]: the token written at `slot` sees slots pad..slot."""
+  s = jnp.arange(slots)[None, :]
+  return ((s <= slot) & (s >= pad[:, None]))[:, None, :]
+
+
 def _prefill(graphdef, params, head, tokens, pad, keys, spec: Spec, cache):
   """tokens [B, P] left-padded. Returns the DecodeState after the prompt and first sample."""
   model: Transformer = nnx.merge(graphdef, params)
   b, p = tokens.shape
   i = jnp.arange(p)
   positions = jnp.maximum(i[None, :] - pad[:, None], 0)                     # [B, P]
-  slots = jnp.arange(spec.slots)
-  mask = (slots[None, None, :] <= i[None, :, None]) & (slots[None, None, :] >= pad[:, None, None])
-  h, cache = model.hidden(tokens, positions, mask, cache, 0)                # mask [B, P, S]
+  mask = prefill_mask(pad, p, spec.slots)                                   # [B, P, S]
+  h, cache = model.hidden(tokens, positions, mask, cache, 0)
   logits = model.logits(h[:, -1], head)                                     # [B, V]
   first = sample(logits, jax.vmap(jax.random.fold_in)(keys, jnp.zeros_like(pad)), spec.sampling)
   stop = jnp.asarray(spec.stop_ids or (-1,), jnp.int32)
@@ -96,13 +108,12 @@ def _decode(graphdef, params, head, state: DecodeState, until_step, spec: Spec) 
   """Runs decode steps while step < until_step and some row is not done."""
   model: Transformer = nnx.merge(graphdef, params)
   stop = jnp.asarray(spec.stop_ids or (-1,), jnp.int32)
-  slots = jnp.arange(spec.slots)
 
   def cond(s: DecodeState):
     return (s.step < until_step) & ~jnp.all(s.done)
 
   def body(s: DecodeState):
-    mask = ((slots[None, :] <= s.slot) & (slots[None, :] >= s.pad[:, None]))[:, None, :]  # [B,1,S]
+    mask = decode_mask(s.pad, s.slot, spec.slots)                           # [B, 1, S]
     h, cache = model.hidden(s.last[:, None], s.pos[:, None], mask, s.cache, s.slot)
     logits = model.logits(h[:, 0], head)
     nxt = sample(logits, jax.vmap(jax.random.fold_in)(s.keys, jnp.broadcast_to(s.step, s.pad.shape)),

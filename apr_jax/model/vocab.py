@@ -37,7 +37,7 @@ def add_tokens(model: Transformer, tokenizer, tags: Sequence[str]) -> tuple[Tran
   flat = dict(nnx.to_flat_state(state))
 
   def grow(var, rows_axis):
-    w = np.asarray(jax.device_get(var.get_value()))
+    w = np.array(jax.device_get(var.get_value()))  # writable copy
     w = np.moveaxis(w, rows_axis, 0)
     if w.shape[0] < new_vocab:
       pad = np.zeros((new_vocab - w.shape[0],) + w.shape[1:], w.dtype)

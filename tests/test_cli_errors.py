@@ -1,0 +1,91 @@
+"""Bad input gives one clear error line and a non-zero exit, never a traceback."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, timeout=300):
+  env = dict(os.environ, APR_JAX_CACHE_DIR="off", PYTHONPATH=ROOT)
+  env.pop("XLA_FLAGS", None)
+  p = subprocess.run([sys.executable, "-m", "apr_jax.run", *args], capture_output=True, text=True,
+                     cwd=ROOT, env=env, timeout=timeout)
+  return p.returncode, p.stdout, p.stderr
+
+
+def assert_clean_error(rc, err, *needles):
+  assert rc != 0
+  assert "Traceback" not in err, err
+  lines = [l for l in err.strip().splitlines() if l.strip()]
+  msg = [l for l in lines if l.startswith(("error:", "FATAL Flags parsing error"))]
+  assert len(msg) == 1, err
+  for n in needles:
+    assert n in msg[0], msg[0]
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, smollm2_path, tiny_dir):
+  d = tmp_path_factory.mktemp("bad")
+  (d / "random.gguf").write_bytes(os.urandom(4096))
+  with open(smollm2_path, "rb") as f:
+    (d / "truncated.gguf").write_bytes(f.read(20_000_000))
+  trunc = d / "trunc_st"
+  shutil.copytree(tiny_dir("qwen2"), trunc)
+  st = trunc / "model.safetensors"
+  st.write_bytes(st.read_bytes()[:-1000])
+  garbage = d / "garbage_st"
+  shutil.copytree(tiny_dir("qwen2"), garbage)
+  (garbage / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")
+  arch = d / "gpt2"
+  shutil.copytree(tiny_dir("qwen2"), arch)
+  cfg = json.loads((arch / "config.json").read_text())
+  cfg["model_type"], cfg["architectures"] = "gpt2", ["GPT2LMHeadModel"]
+  (arch / "config.json").write_text(json.dumps(cfg))
+  pickle = d / "pickle_only"
+  pickle.mkdir()
+  (pickle / "config.json").write_text((arch / "config.json").read_text().replace("gpt2", "llama"))
+  (pickle / "pytorch_model.bin").write_bytes(b"not unpickled")
+  return d
+
+
+@pytest.mark.parametrize("case,needles", [
+    ("missing", ["not found"]),
+    ("random.gguf", ["GGUF", "corrupt"]),
+    ("truncated.gguf", ["GGUF"]),
+    ("trunc_st", ["truncated"]),
+    ("garbage_st", ["corrupt"]),
+    ("gpt2", ["unsupported architecture", "GPT2LMHeadModel"]),
+    ("pickle_only", ["never unpickles"]),
+])
+def test_bad_model_files(case, needles, bad_files):
+  rc, out, err = run("--model", str(bad_files / case), "--max_new_tokens", "2")
+  assert_clean_error(rc, err, *needles)
+
+
+@pytest.mark.parametrize("flag,needle", [
+    (["--top_p", "2"], "top_p"), (["--temperature", "-1"], "temperature"),
+    (["--max_new_tokens", "0"], "max_new_tokens"), (["--dtype", "int8"], "dtype"),
+    (["--mesh", "abc"], "--mesh"), (["--mesh", "3x3"], "devices"), (["--prompt", ""], "prompt"),
+    (["stray", "words"], "unexpected arguments"),
+])
+def test_bad_flags(flag, needle):
+  rc, out, err = run(*flag, "--model", "/nonexistent/but/checked/later")
+  assert_clean_error(rc, err, needle)
+
+
+def test_prompt_longer_than_context():
+  rc, out, err = run("--prompt", "word " * 8300, "--max_new_tokens", "4")
+  assert_clean_error(rc, err, "exceeds the model's context")
+
+
+def test_json_output_is_one_object():
+  rc, out, err = run("--json", "--max_new_tokens", "12")
+  assert rc == 0, err
+  d = json.loads(out)
+  assert d["text"].startswith("2 + 3 = 5") and d["token_ids"][:1] == [34]
+  assert d["stats"]["decode_tokens_per_s"] > 0 and d["stop_reason"] == "stop_token"

@@ -1,0 +1,99 @@
+"""Tokenizer backends, added protocol tokens with mean-initialised embeddings, orbax round trip."""
+import jax
+import numpy as np
+import pytest
+
+from apr_jax import checkpoint, tokenizer as toklib
+from apr_jax.checkpoint import orbax_io
+from apr_jax.model import vocab
+from apr_jax.model.sharding import make_mesh
+from tests.test_model_parity import forward
+
+TAGS = ["<Parallel>", "</Parallel>", "<Outline>", "</Outline>", "<Thread>", "</Thread>"]
+
+
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory):
+  import sentencepiece as spm
+  d = tmp_path_factory.mktemp("spm")
+  corpus = d / "corpus.txt"
+  rng = np.random.default_rng(0)
+  words = ["search", "node", "goal", "reached", "moving", "to", "state", "operation", "parallel",
+           "thread", "outline"]
+  corpus.write_text("\n".join(" ".join(rng.choice(words, 8)) + f" {rng.integers(0, 100)}"
+                              for _ in range(300)))
+  spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(d / "sp"), vocab_size=60,
+                                 model_type="bpe", split_digits=True, bos_id=1, eos_id=2,
+                                 pad_id=0, unk_id=3, minloglevel=2)
+  return str(d / "sp.model")
+
+
+def test_sentencepiece_roundtrip_and_added_tokens(spm_model, tmp_path):
+  tok = toklib.load_tokenizer(spm_model)
+  text = "moving to node 42 goal reached"
+  assert tok.decode(tok.encode(text)) == text
+  ids = tok.add_special_tokens(TAGS)
+  assert ids == list(range(60, 60 + len(TAGS))) and tok.vocab_size == 60 + len(TAGS)
+  enc = tok.encode("search<Parallel>thread</Parallel>")
+  assert ids[0] in enc and ids[1] in enc
+  assert tok.decode(enc) == "search<Parallel>thread</Parallel>"
+  tok.save(str(tmp_path))
+  again = toklib.load_tokenizer(str(tmp_path))
+  assert again.encode("a<Thread>b") == tok.encode("a<Thread>b")
+
+
+def test_hf_tokenizer_chat_and_added_tokens(smollm2):
+  _, tok = smollm2
+  text = tok.apply_chat([{"role": "user", "content": "hi"}])
+  assert text.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+  assert tok.token_id("<|im_end|>") in tok.stop_ids()
+
+
+def test_chatml_fallback():
+  from apr_jax.tokenizer import chat
+  out = chat.render(None, [{"role": "user", "content": "x"}])
+  assert out == "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_added_tags_get_mean_embeddings(tiny_dir, spm_model):
+  model, _ = checkpoint.load(tiny_dir("qwen2"))  # untied: the output head grows too
+  tok = toklib.load_tokenizer(spm_model)  # 60 pieces; the model has 96 rows
+  emb0 = np.asarray(model.embed[...])
+  grown, ids = vocab.add_tokens(model, tok, TAGS)
+  emb = np.asarray(grown.embed[...])
+  assert grown.cfg.vocab_size == 96 and emb.shape == emb0.shape
+  pieces = tok.encode("Parallel")  # existing pieces, resolved after the tags were added
+  np.testing.assert_allclose(emb[ids[0]], emb0[pieces].mean(0), rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(emb[ids[1]], emb0[pieces].mean(0), rtol=1e-6, atol=1e-7)
+  head = np.asarray(grown.lm_head[...])
+  np.testing.assert_allclose(head[:, ids[0]], np.asarray(model.lm_head[...])[:, pieces].mean(1),
+                             rtol=1e-6, atol=1e-7)
+  untouched = [i for i in range(96) if i not in ids]
+  np.testing.assert_array_equal(emb[untouched], emb0[untouched])
+
+
+def test_vocab_grows_when_needed(tiny_dir):
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  model, _ = checkpoint.load(tiny_dir("qwen3"))  # tied embeddings
+  t = Tokenizer(models.WordLevel({f"w{i}": i for i in range(95)} | {"[UNK]": 95}, unk_token="[UNK]"))
+  t.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok = toklib.HFTokenizer(t)
+  grown, ids = vocab.add_tokens(model, tok, ["<Goal>", "</Goal>"])
+  assert ids == [96, 97] and grown.cfg.vocab_size == 98
+  logits = forward(grown, np.asarray([[1, 96, 2, 97]]))
+  assert logits.shape == (1, 4, 98) and np.isfinite(logits).all()
+
+
+def test_orbax_roundtrip_onto_a_mesh(tiny_dir, spm_model, tmp_path):
+  model, _ = checkpoint.load(tiny_dir("qwen3_gqa8"))
+  tok = toklib.load_tokenizer(spm_model)
+  tok.add_special_tokens(["<Goal>"])
+  orbax_io.save(str(tmp_path / "ck"), model, tok)
+  assert len(jax.devices()) >= 8
+  mesh = make_mesh(2, 4)
+  back, tok2 = checkpoint.load(str(tmp_path / "ck"), mesh=mesh)
+  assert back.cfg == model.cfg
+  assert not back.layers[0].mlp.gate[...].sharding.is_fully_replicated
+  ids = np.asarray([[1, 5, 9, 20], [3, 3, 3, 3]])
+  np.testing.assert_allclose(forward(back, ids), forward(model, ids), atol=1e-5)
+  assert tok2.encode("x<Goal>") == tok.encode("x<Goal>")
