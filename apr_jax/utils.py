@@ -5,8 +5,16 @@ import os
 
 
 def setup_jax():
-  """Persistent XLA compilation cache, so a second run of the same shapes starts fast."""
+  """Multi-host init (launch/*.sh set APR_JAX_DISTRIBUTED=1) and a persistent XLA
+  compilation cache, so a second run of the same shapes starts fast."""
   import jax
+  if os.environ.get("APR_JAX_DISTRIBUTED") == "1":
+    kw = {}
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+      kw = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+                num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                process_id=int(os.environ["JAX_PROCESS_ID"]))
+    jax.distributed.initialize(**kw)
   cache = os.environ.get("APR_JAX_CACHE_DIR", os.path.expanduser("~/.cache/apr_jax/xla"))
   if cache and cache != "off":
     try:
