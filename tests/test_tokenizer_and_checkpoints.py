@@ -97,3 +97,13 @@ def test_orbax_roundtrip_onto_a_mesh(tiny_dir, spm_model, tmp_path):
   ids = np.asarray([[1, 5, 9, 20], [3, 3, 3, 3]])
   np.testing.assert_allclose(forward(back, ids), forward(model, ids), atol=1e-5)
   assert tok2.encode("x<Goal>") == tok.encode("x<Goal>")
+
+
+def test_transforms_do_not_mutate_their_input(tiny_dir, spm_model):
+  from apr_jax.checkpoint import build
+  model, _ = checkpoint.load(tiny_dir("qwen2"))
+  before = np.asarray(model.embed[...]).copy()
+  vocab.add_tokens(model, toklib.load_tokenizer(spm_model), ["<Goal>"])
+  build.shard_model(model, make_mesh(2, 4))
+  assert model.embed[...].sharding.is_fully_replicated and len(model.embed[...].sharding.device_set) == 1
+  np.testing.assert_array_equal(np.asarray(model.embed[...]), before)

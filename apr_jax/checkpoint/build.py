@@ -98,15 +98,18 @@ def build_model(cfg: ModelConfig, tensors: Mapping[str, TensorSource], *, dtype=
 
 
 def shard_model(model: Transformer, mesh: Mesh, rules: ShardingRules | None = None) -> Transformer:
-  """Moves an existing model's params onto `mesh` according to their logical axes."""
+  """A copy of `model` with every param placed on `mesh` by its logical axes (`model` untouched)."""
   rules = rules or ShardingRules()
   graphdef, state = nnx.split(model)
-  flat = nnx.to_flat_state(state)
-  for _, var in flat:
+
+  def place(var):
     axes = var.get_metadata().get("axes")
-    if axes is not None:
-      val = var.get_value()
-      var.set_value(jax.device_put(val, rules.sharding(mesh, axes, val.shape)))
+    if axes is None:
+      return var
+    val = var.get_value()
+    return var.replace(jax.device_put(val, rules.sharding(mesh, axes, val.shape)))
+
+  flat = [(p, place(v)) for p, v in nnx.to_flat_state(state)]
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 

@@ -47,21 +47,18 @@ def add_tokens(model: Transformer, tokenizer, tags: Sequence[str]) -> tuple[Tran
       w[i] = w[np.asarray(src)].astype(np.float32).mean(0).astype(w.dtype)
     w = np.moveaxis(w, 0, rows_axis)
     old = var.get_value()
-    var.set_value(jax.device_put(jnp.asarray(w, old.dtype), old.sharding
-                                 if old.shape == w.shape else None))
+    # a new Variable: the caller's model keeps its own params
+    return var.replace(jax.device_put(jnp.asarray(w, old.dtype),
+                                      old.sharding if old.shape == w.shape else None))
 
   model_vocab_before = cfg.vocab_size
-  grow(flat[("embed",)], 0)
+  flat[("embed",)] = grow(flat[("embed",)], 0)
   if not cfg.tie_embeddings:
-    grow(flat[("lm_head",)], 1)
+    flat[("lm_head",)] = grow(flat[("lm_head",)], 1)
   new_cfg = cfg.replace(vocab_size=new_vocab)
   new_state = nnx.from_flat_state(list(flat.items()))
   m = nnx.merge(graphdef, new_state)
-  _set_cfg(m, new_cfg)
-  return m, ids
-
-
-def _set_cfg(model: Transformer, cfg):
-  for _, node in nnx.iter_graph(model):
+  for _, node in nnx.iter_graph(m):  # every module holds the config; the vocab size changed
     if hasattr(node, "cfg"):
-      node.cfg = cfg
+      node.cfg = new_cfg
+  return m, ids
