@@ -66,7 +66,7 @@ def test_added_tags_get_mean_embeddings(tiny_dir, spm_model):
   np.testing.assert_allclose(emb[ids[0]], emb0[pieces].mean(0), rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(emb[ids[1]], emb0[pieces].mean(0), rtol=1e-6, atol=1e-7)
   head = np.asarray(grown.lm_head[...])
-  np.testing.assert_allclose(head[:, ids[0]], np.asarray(model.lm_head[...])[:, pieces].mean(1),
+  np.testing.assert_allclose(head[ids[0]], np.asarray(model.lm_head[...])[pieces].mean(0),
                              rtol=1e-6, atol=1e-7)
   untouched = [i for i in range(96) if i not in ids]
   np.testing.assert_array_equal(emb[untouched], emb0[untouched])

@@ -34,7 +34,10 @@ def from_array(a: np.ndarray) -> TensorSource:
 
 
 def hf_name_map(cfg: ModelConfig) -> dict[tuple, tuple[str, Callable[[np.ndarray], np.ndarray]]]:
-  """Our param path -> (HF tensor name, HF-layout -> our-layout transform)."""
+  """Our param path -> (HF tensor name, HF-layout -> our-layout transform).
+
+  Kernels keep the HF [out, in] layout (see transformer.linear); only biases are reshaped.
+  """
   e, h, k, d = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
   ident = lambda a: a
   m: dict[tuple, tuple[str, Callable]] = {
@@ -42,16 +45,16 @@ def hf_name_map(cfg: ModelConfig) -> dict[tuple, tuple[str, Callable[[np.ndarray
       ("final_norm",): ("model.norm.weight", ident),
   }
   if not cfg.tie_embeddings:
-    m[("lm_head",)] = ("lm_head.weight", lambda a: a.T)
+    m[("lm_head",)] = ("lm_head.weight", ident)
   for i in range(cfg.n_layers):
     p = f"model.layers.{i}."
     L = ("layers", i)
     m[L + ("attn_norm",)] = (p + "input_layernorm.weight", ident)
     m[L + ("mlp_norm",)] = (p + "post_attention_layernorm.weight", ident)
-    m[L + ("attn", "q")] = (p + "self_attn.q_proj.weight", lambda a: a.T)
-    m[L + ("attn", "k")] = (p + "self_attn.k_proj.weight", lambda a: a.T)
-    m[L + ("attn", "v")] = (p + "self_attn.v_proj.weight", lambda a: a.T)
-    m[L + ("attn", "o")] = (p + "self_attn.o_proj.weight", lambda a: a.T)
+    m[L + ("attn", "q")] = (p + "self_attn.q_proj.weight", ident)
+    m[L + ("attn", "k")] = (p + "self_attn.k_proj.weight", ident)
+    m[L + ("attn", "v")] = (p + "self_attn.v_proj.weight", ident)
+    m[L + ("attn", "o")] = (p + "self_attn.o_proj.weight", ident)
     if cfg.qkv_bias:
       m[L + ("attn", "q_bias")] = (p + "self_attn.q_proj.bias", lambda a: a.reshape(h, d))
       m[L + ("attn", "k_bias")] = (p + "self_attn.k_proj.bias", lambda a: a.reshape(k, d))
@@ -61,9 +64,9 @@ def hf_name_map(cfg: ModelConfig) -> dict[tuple, tuple[str, Callable[[np.ndarray
     if cfg.qk_norm:
       m[L + ("attn", "q_norm")] = (p + "self_attn.q_norm.weight", ident)
       m[L + ("attn", "k_norm")] = (p + "self_attn.k_norm.weight", ident)
-    m[L + ("mlp", "gate")] = (p + "mlp.gate_proj.weight", lambda a: a.T)
-    m[L + ("mlp", "up")] = (p + "mlp.up_proj.weight", lambda a: a.T)
-    m[L + ("mlp", "down")] = (p + "mlp.down_proj.weight", lambda a: a.T)
+    m[L + ("mlp", "gate")] = (p + "mlp.gate_proj.weight", ident)
+    m[L + ("mlp", "up")] = (p + "mlp.up_proj.weight", ident)
+    m[L + ("mlp", "down")] = (p + "mlp.down_proj.weight", ident)
   return m
 
 
@@ -124,7 +127,5 @@ def model_to_hf(model: Transformer) -> dict[str, np.ndarray]:
     leaf = path[-1]
     if leaf in ("q_bias", "k_bias", "v_bias"):
       a = a.reshape(-1)
-    elif leaf in ("q", "k", "v", "o", "gate", "up", "down", "lm_head"):
-      a = a.T
     out[name] = a
   return out

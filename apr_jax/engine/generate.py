@@ -86,7 +86,7 @@ def decode_mask(pad, slot, slots: int):
   return ((s <= slot) & (s >= pad[:, None]))[:, None, :]
 
 
-def _prefill(graphdef, params, head, tokens, pad, keys, spec: Spec, cache):
+def _prefill(graphdef, params, tokens, pad, keys, spec: Spec, cache):
   """tokens [B, P] left-padded. Returns the DecodeState after the prompt and first sample."""
   model: Transformer = nnx.merge(graphdef, params)
   b, p = tokens.shape
@@ -94,7 +94,7 @@ def _prefill(graphdef, params, head, tokens, pad, keys, spec: Spec, cache):
   positions = jnp.maximum(i[None, :] - pad[:, None], 0)                     # [B, P]
   mask = prefill_mask(pad, p, spec.slots)                                   # [B, P, S]
   h, cache = model.hidden(tokens, positions, mask, cache, 0)
-  logits = model.logits(h[:, -1], head)                                     # [B, V]
+  logits = model.logits(h[:, -1])                                           # [B, V]
   first = sample(logits, jax.vmap(jax.random.fold_in)(keys, jnp.zeros_like(pad)), spec.sampling)
   stop = jnp.asarray(spec.stop_ids or (-1,), jnp.int32)
   done = jnp.isin(first, stop)
@@ -104,7 +104,7 @@ def _prefill(graphdef, params, head, tokens, pad, keys, spec: Spec, cache):
                      n_gen=jnp.ones((b,), jnp.int32), keys=keys)
 
 
-def _decode(graphdef, params, head, state: DecodeState, until_step, spec: Spec) -> DecodeState:
+def _decode(graphdef, params, state: DecodeState, until_step, spec: Spec) -> DecodeState:
   """Runs decode steps while step < until_step and some row is not done."""
   model: Transformer = nnx.merge(graphdef, params)
   stop = jnp.asarray(spec.stop_ids or (-1,), jnp.int32)
@@ -115,7 +115,7 @@ def _decode(graphdef, params, head, state: DecodeState, until_step, spec: Spec) 
   def body(s: DecodeState):
     mask = decode_mask(s.pad, s.slot, spec.slots)                           # [B, 1, S]
     h, cache = model.hidden(s.last[:, None], s.pos[:, None], mask, s.cache, s.slot)
-    logits = model.logits(h[:, 0], head)
+    logits = model.logits(h[:, 0])
     nxt = sample(logits, jax.vmap(jax.random.fold_in)(s.keys, jnp.broadcast_to(s.step, s.pad.shape)),
                  spec.sampling)
     nxt = jnp.where(s.done, spec.pad_id, nxt)
@@ -141,12 +141,6 @@ class Generator:
     leaves = jax.tree.leaves(self.params)
     self.cache_dtype = cache_dtype or (leaves[0].dtype if leaves else jnp.float32)
     self._compiled: dict = {}
-    # Tied embeddings: a transposed copy for the output matmul (see Transformer.logits).
-    self.head = None
-    if self.cfg.tie_embeddings:
-      emb = model.embed[...]
-      spec = self.rules.spec(("embed", "vocab"), emb.shape[::-1], self.mesh)
-      self.head = jax.jit(lambda e: e.T, out_shardings=NamedSharding(self.mesh, spec))(emb)
     self.stats: dict = {}
 
   # ---- compiled programs
@@ -163,13 +157,13 @@ class Generator:
         kvlib.cache_shardings(self.cfg, b, spec.slots, self.mesh, self.rules))
     i32 = lambda shape, sh: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh)
     keys_abs = jax.ShapeDtypeStruct((b,), jax.random.key(0).dtype, sharding=row)
-    prefill = jax.jit(_prefill, static_argnums=(0, 6), donate_argnums=(7,)).lower(
-        self.graphdef, self.params, self.head, i32((b, spec.prompt_len), row2), i32((b,), row), keys_abs,
+    prefill = jax.jit(_prefill, static_argnums=(0, 5), donate_argnums=(6,)).lower(
+        self.graphdef, self.params, i32((b, spec.prompt_len), row2), i32((b,), row), keys_abs,
         spec, cache_abs).compile()
     state_abs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                              prefill.out_info)
-    decode = jax.jit(_decode, static_argnums=(0, 5), donate_argnums=(3,)).lower(
-        self.graphdef, self.params, self.head, state_abs, jax.ShapeDtypeStruct((), jnp.int32), spec).compile()
+    decode = jax.jit(_decode, static_argnums=(0, 4), donate_argnums=(2,)).lower(
+        self.graphdef, self.params, state_abs, jax.ShapeDtypeStruct((), jnp.int32), spec).compile()
     self._compiled[spec] = (prefill, decode)
     self.stats["compile_s"] = self.stats.get("compile_s", 0.0) + time.perf_counter() - t0
     return prefill, decode
@@ -202,12 +196,12 @@ class Generator:
     row = NamedSharding(self.mesh, self.rules.spec(("batch",), (b,), self.mesh))
     row2 = NamedSharding(self.mesh, self.rules.spec(("batch", None), (b, p), self.mesh))
     cache = kvlib.init_cache(self.cfg, b, spec.slots, self.cache_dtype, self.mesh, self.rules)
-    return prefill(self.params, self.head, jax.device_put(arr, row2), jax.device_put(pad, row),
+    return prefill(self.params, jax.device_put(arr, row2), jax.device_put(pad, row),
                    jax.device_put(keys, row), cache)
 
   def advance(self, state: DecodeState, spec: Spec, until_step: int) -> DecodeState:
     _, decode = self._programs(spec)
-    return decode(self.params, self.head, state, jnp.asarray(until_step, jnp.int32))
+    return decode(self.params, state, jnp.asarray(until_step, jnp.int32))
 
   def generate_ids(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
                    sampling: SamplingConfig = SamplingConfig(), stop_ids=None, seed: int = 0,

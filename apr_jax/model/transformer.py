@@ -34,6 +34,18 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, scale=None, init="normal"):
   return nnx.Param(value, axes=tuple(axes))
 
 
+def linear(x, w):
+  """x [..., in] times a kernel stored [out, in] (the HF layout) -> [..., out].
+
+  Computed as W @ x^T: on XLA:CPU this streams the weights 1.5x faster than x @ W^T at
+  batch 8 (Eigen's small-M GEMM is the bottleneck there) and equally fast at batch 1; on
+  accelerators the transposes of the small activation are free.
+  """
+  y = jax.lax.dot_general(w, x, (((1,), (x.ndim - 1,)), ((), ())),
+                          preferred_element_type=jnp.float32 if x.dtype == jnp.float32 else None)
+  return jnp.moveaxis(y, 0, -1).astype(x.dtype)
+
+
 def rms_norm(x, w, eps):
   xf = x.astype(jnp.float32)
   xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
@@ -93,12 +105,12 @@ class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
     e, h, k, d = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     self.cfg = cfg
-    # 2-D [in, out] kernels (heads*head_dim fused): plain GEMMs with no per-step weight
-    # transposes on any backend; the head split is a free reshape of the activations.
-    self.q = _param(rngs, (e, h * d), ("embed", "q_heads"), dtype)
-    self.k = _param(rngs, (e, k * d), ("embed", "kv_heads"), dtype)
-    self.v = _param(rngs, (e, k * d), ("embed", "kv_heads"), dtype)
-    self.o = _param(rngs, (h * d, e), ("q_heads", "embed"), dtype)
+    # 2-D [out, in] kernels (heads*head_dim fused), see `linear`; the head split is a free
+    # reshape of the activations.
+    self.q = _param(rngs, (h * d, e), ("q_heads", "embed"), dtype, scale=e)
+    self.k = _param(rngs, (k * d, e), ("kv_heads", "embed"), dtype, scale=e)
+    self.v = _param(rngs, (k * d, e), ("kv_heads", "embed"), dtype, scale=e)
+    self.o = _param(rngs, (e, h * d), ("embed", "q_heads"), dtype, scale=h * d)
     if cfg.qkv_bias:
       self.q_bias = _param(rngs, (h, d), ("q_heads", "head_dim"), dtype, init="zeros")
       self.k_bias = _param(rngs, (k, d), ("kv_heads", "head_dim"), dtype, init="zeros")
@@ -113,9 +125,9 @@ class Attention(nnx.Module):
     cfg = self.cfg
     b, t, _ = x.shape
     with jax.named_scope("qkv"):
-      q = (x @ self.q[...]).reshape(b, t, cfg.n_heads, cfg.head_dim)
-      k = (x @ self.k[...]).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
-      v = (x @ self.v[...]).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+      q = linear(x, self.q[...]).reshape(b, t, cfg.n_heads, cfg.head_dim)
+      k = linear(x, self.k[...]).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+      v = linear(x, self.v[...]).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
       if cfg.qkv_bias:
         q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
       if cfg.qk_norm:
@@ -132,7 +144,7 @@ class Attention(nnx.Module):
       k_all, v_all = k, v
     with jax.named_scope("attend"):
       o = attend(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask)
-    out = o.reshape(b, t, cfg.n_heads * cfg.head_dim) @ self.o[...]
+    out = linear(o.reshape(b, t, cfg.n_heads * cfg.head_dim), self.o[...])
     if cfg.o_bias:
       out = out + self.o_bias[...]
     return out, cache
@@ -141,14 +153,14 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
-    self.gate = _param(rngs, (cfg.dim, cfg.ffn_dim), ("embed", "mlp"), dtype)
-    self.up = _param(rngs, (cfg.dim, cfg.ffn_dim), ("embed", "mlp"), dtype)
-    self.down = _param(rngs, (cfg.ffn_dim, cfg.dim), ("mlp", "embed"), dtype)
+    self.gate = _param(rngs, (cfg.ffn_dim, cfg.dim), ("mlp", "embed"), dtype, scale=cfg.dim)
+    self.up = _param(rngs, (cfg.ffn_dim, cfg.dim), ("mlp", "embed"), dtype, scale=cfg.dim)
+    self.down = _param(rngs, (cfg.dim, cfg.ffn_dim), ("embed", "mlp"), dtype, scale=cfg.ffn_dim)
 
   def __call__(self, x):
-    g = jnp.einsum("bte,ef->btf", x, self.gate[...])
-    u = jnp.einsum("bte,ef->btf", x, self.up[...])
-    return jnp.einsum("btf,fe->bte", jax.nn.silu(g) * u, self.down[...])
+    g = linear(x, self.gate[...])
+    u = linear(x, self.up[...])
+    return linear(jax.nn.silu(g) * u, self.down[...])
 
 
 class Block(nnx.Module):
@@ -177,7 +189,7 @@ class Transformer(nnx.Module):
     self.layers = nnx.List([Block(cfg, rngs=rngs, dtype=dtype) for _ in range(cfg.n_layers)])
     self.final_norm = _param(rngs, (cfg.dim,), ("embed",), dtype, init="ones")
     if not cfg.tie_embeddings:
-      self.lm_head = _param(rngs, (cfg.dim, cfg.vocab_size), ("embed", "vocab"), dtype)
+      self.lm_head = _param(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), dtype, scale=cfg.dim)
 
   def hidden(self, tokens, positions, mask, cache=None, write_index=0):
     """Final-normed hidden states [B, T, E] and the updated cache.
@@ -197,17 +209,12 @@ class Transformer(nnx.Module):
     x = rms_norm(x, self.final_norm[...], cfg.norm_eps)
     return x, (tuple(new_cache) if cache is not None else None)
 
-  def logits(self, x, head=None):
-    """x [..., E] -> float32 logits [..., V].
-
-    `head` [E, V] overrides the output matrix: decoding passes a transposed copy of a tied
-    embedding, because x @ W[E, V] streams memory ~1.5x faster on CPU than x @ W[V, E].T.
-    """
-    if head is not None:
-      return jnp.einsum("...e,ev->...v", x, head, preferred_element_type=jnp.float32)
-    if self.cfg.tie_embeddings:
-      return jnp.einsum("...e,ve->...v", x, self.embed[...], preferred_element_type=jnp.float32)
-    return jnp.einsum("...e,ev->...v", x, self.lm_head[...], preferred_element_type=jnp.float32)
+  def logits(self, x):
+    """x [..., E] -> float32 logits [..., V] (tied: the embedding is the [V, E] kernel)."""
+    w = self.embed[...] if self.cfg.tie_embeddings else self.lm_head[...]
+    y = jax.lax.dot_general(w, x, (((1,), (x.ndim - 1,)), ((), ())),
+                            preferred_element_type=jnp.float32)
+    return jnp.moveaxis(y, 0, -1)
 
   def __call__(self, tokens, positions, mask, cache=None, write_index=0):
     x, cache = self.hidden(tokens, positions, mask, cache, write_index)

@@ -54,7 +54,7 @@ def add_tokens(model: Transformer, tokenizer, tags: Sequence[str]) -> tuple[Tran
   model_vocab_before = cfg.vocab_size
   flat[("embed",)] = grow(flat[("embed",)], 0)
   if not cfg.tie_embeddings:
-    flat[("lm_head",)] = grow(flat[("lm_head",)], 1)
+    flat[("lm_head",)] = grow(flat[("lm_head",)], 0)
   new_cfg = cfg.replace(vocab_size=new_vocab)
   new_state = nnx.from_flat_state(list(flat.items()))
   m = nnx.merge(graphdef, new_state)
