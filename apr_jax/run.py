@@ -97,7 +97,7 @@ def main(argv):
     printed[0] = text
 
   gen_stop = set(tok.stop_ids())
-  log("compiling..." if not gen._compiled else "")
+  log("compiling (cached for later runs)...")
   results = gen.generate(prompts, chat=FLAGS.chat, max_new_tokens=FLAGS.max_new_tokens,
                          sampling=sampling, seed=FLAGS.seed,
                          on_segment=on_segment if stream else None,

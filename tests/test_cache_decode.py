@@ -85,3 +85,17 @@ def test_donated_cache_is_consumed(tiny_dir):
   state2 = gen.advance(state, spec, 8)
   jax.block_until_ready(state2.tokens)
   assert old.is_deleted()  # the decode loop updated the cache in place
+
+
+def test_bfloat16_params_and_cache(tiny_dir):
+  # the accelerator dtype: same greedy path, logits close to float32
+  f32, _ = checkpoint.load(tiny_dir("qwen3_gqa8"))
+  bf16, _ = checkpoint.load(tiny_dir("qwen3_gqa8"), dtype=jnp.bfloat16)
+  assert bf16.layers[0].attn.q[...].dtype == jnp.bfloat16
+  ids = np.random.default_rng(2).integers(0, 96, (2, 16))
+  a, b = forward(f32, ids), forward(bf16, ids)
+  assert b.dtype == np.float32 and np.abs(a - b).max() < 0.05 * (a.max() - a.min())
+  gen = G.Generator(bf16)
+  assert gen.cache_dtype == jnp.bfloat16
+  tokens, n_gen, _ = gen.generate_ids([[1, 2, 3], [4, 5]], max_new_tokens=6, stop_ids=[])
+  assert tokens.shape == (2, 6) and (n_gen == 6).all()

@@ -34,6 +34,17 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, scale=None, init="normal"):
   return nnx.Param(value, axes=tuple(axes))
 
 
+def dot_f32(a, b, dims, precision=None, preferred_element_type=None, **unused):
+  """dot_general accumulating (and returning) float32 for any input dtype.
+
+  XLA:CPU has no bf16 x bf16 -> f32 dot, so on CPU the operands are upcast first; GPU/TPU
+  keep bf16 operands with f32 accumulation.
+  """
+  if jax.default_backend() == "cpu" and (a.dtype != jnp.float32 or b.dtype != jnp.float32):
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
 def linear(x, w):
   """x [..., in] times a kernel stored [out, in] (the HF layout) -> [..., out].
 
@@ -41,8 +52,10 @@ def linear(x, w):
   batch 8 (Eigen's small-M GEMM is the bottleneck there) and equally fast at batch 1; on
   accelerators the transposes of the small activation are free.
   """
-  y = jax.lax.dot_general(w, x, (((1,), (x.ndim - 1,)), ((), ())),
-                          preferred_element_type=jnp.float32 if x.dtype == jnp.float32 else None)
+  if x.dtype == jnp.float32 and w.dtype == jnp.float32:
+    y = jax.lax.dot_general(w, x, (((1,), (x.ndim - 1,)), ((), ())))
+  else:
+    y = jax.lax.dot_general(w, x.astype(w.dtype), (((1,), (x.ndim - 1,)), ((), ())))
   return jnp.moveaxis(y, 0, -1).astype(x.dtype)
 
 
@@ -92,11 +105,13 @@ def attend(q, k, v, mask):
   b, t, h, d = q.shape
   kh = k.shape[1]
   qg = q.reshape(b, t, kh, h // kh, d)
-  s = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32)
+  s = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32,
+                 _dot_general=dot_f32)
   s = s * (1.0 / math.sqrt(d))
   s = jnp.where(mask[:, None, None, :, :], s, NEG_INF)
   p = jax.nn.softmax(s, axis=-1)
-  o = jnp.einsum("bkgts,bksd->btkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  o = jnp.einsum("bkgts,bksd->btkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32,
+                 _dot_general=dot_f32)
   return o.reshape(b, t, h, d).astype(q.dtype)
 
 
@@ -212,18 +227,15 @@ class Transformer(nnx.Module):
   def logits(self, x):
     """x [..., E] -> float32 logits [..., V] (tied: the embedding is the [V, E] kernel)."""
     w = self.embed[...] if self.cfg.tie_embeddings else self.lm_head[...]
-    y = jax.lax.dot_general(w, x, (((1,), (x.ndim - 1,)), ((), ())),
-                            preferred_element_type=jnp.float32)
-    return jnp.moveaxis(y, 0, -1)
+    return jnp.moveaxis(dot_f32(w, x, (((1,), (x.ndim - 1,)), ((), ()))), 0, -1)
 
   def __call__(self, tokens, positions, mask, cache=None, write_index=0):
     x, cache = self.hidden(tokens, positions, mask, cache, write_index)
     return self.logits(x), cache
 
 
-def causal_mask(lengths_or_t, t: int | None = None):
+def causal_mask(t: int):
   """[1, T, T] causal mask for a plain full forward over T tokens."""
-  t = lengths_or_t if t is None else t
   i = jnp.arange(t)
   return (i[None, :] <= i[:, None])[None]
 
