@@ -31,7 +31,6 @@ def _log(*a):
 
 
 def bench_decode():
-  import numpy as np
   from apr_jax import checkpoint
   from apr_jax.default_model import smollm2_path
   from apr_jax.engine.generate import Generator

@@ -84,6 +84,7 @@ def main(argv):
 
   stream = not FLAGS.json and len(prompts) == 1
   printed = [""]
+  gen_stop = set(tok.stop_ids())
 
   def on_segment(state):
     import numpy as np
@@ -96,7 +97,6 @@ def main(argv):
     sys.stdout.flush()
     printed[0] = text
 
-  gen_stop = set(tok.stop_ids())
   log("compiling (cached for later runs)...")
   results = gen.generate(prompts, chat=FLAGS.chat, max_new_tokens=FLAGS.max_new_tokens,
                          sampling=sampling, seed=FLAGS.seed,

@@ -19,7 +19,7 @@ def test_cached_decode_equals_full_forward(tiny_dir):
   for r, n in enumerate(lens):
     toks[r, p - n:] = seqs[r][:n]
   pos = jnp.maximum(jnp.arange(p)[None] - pad[:, None], 0)
-  cache = kvlib.init_cache(model.cfg, 2, slots)
+  cache = kvlib.init_cache(model.cfg, 2, slots)  # eager, unsharded
   logits, cache = model(jnp.asarray(toks), pos, G.prefill_mask(pad, p, slots), cache, 0)
   steps = [np.asarray(logits[:, -1])]
   for t in range(new - 1):

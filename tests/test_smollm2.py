@@ -1,7 +1,6 @@
 """The embedded SmolLM2-135M-Instruct GGUF against `transformers` loading the same file."""
 import os
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

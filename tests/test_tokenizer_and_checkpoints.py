@@ -107,3 +107,14 @@ def test_transforms_do_not_mutate_their_input(tiny_dir, spm_model):
   build.shard_model(model, make_mesh(2, 4))
   assert model.embed[...].sharding.is_fully_replicated and len(model.embed[...].sharding.device_set) == 1
   np.testing.assert_array_equal(np.asarray(model.embed[...]), before)
+
+
+def test_added_tokens_keep_the_model_sharded(tiny_dir, spm_model):
+  mesh = make_mesh(2, 4)
+  model, _ = checkpoint.load(tiny_dir("qwen3_gqa8"), mesh=mesh)  # vocab 96 -> 96 + 2 rows
+  from tokenizers import Tokenizer, models
+  tok = toklib.HFTokenizer(Tokenizer(models.WordLevel({f"w{i}": i for i in range(96)}, unk_token="w0")))
+  grown, ids = vocab.add_tokens(model, tok, ["<Goal>", "</Goal>"])
+  assert grown.cfg.vocab_size == 98
+  for w in (grown.embed[...], grown.lm_head[...]):
+    assert len(w.sharding.device_set) == 8  # 98 rows do not split 4 ways: replicated on the mesh

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from apr_jax.model.config import ModelConfig
 from apr_jax.model.sharding import ShardingRules
@@ -26,22 +26,23 @@ class LayerKV(NamedTuple):
 KVCache = tuple  # tuple[LayerKV, ...], one per layer
 
 
+def cache_shape(cfg: ModelConfig, batch: int, slots: int) -> tuple[int, int, int, int]:
+  return (batch, cfg.n_kv_heads, slots, cfg.head_dim)
+
+
+def cache_sharding(cfg: ModelConfig, batch: int, slots: int, mesh: Mesh,
+                   rules: ShardingRules | None = None) -> NamedSharding:
+  return (rules or ShardingRules()).sharding(mesh, CACHE_AXES, cache_shape(cfg, batch, slots))
+
+
 def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32,
-               mesh: Mesh | None = None, rules: ShardingRules | None = None) -> KVCache:
-  shape = (batch, cfg.n_kv_heads, slots, cfg.head_dim)
-  if mesh is None:
-    mk = lambda: jnp.zeros(shape, dtype)
-  else:
-    sharding = (rules or ShardingRules()).sharding(mesh, CACHE_AXES, shape)
-    mk = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
-  return tuple(LayerKV(mk(), mk()) for _ in range(cfg.n_layers))
-
-
-def cache_shardings(cfg: ModelConfig, batch: int, slots: int, mesh: Mesh,
-                    rules: ShardingRules | None = None):
-  shape = (batch, cfg.n_kv_heads, slots, cfg.head_dim)
-  s = (rules or ShardingRules()).sharding(mesh, CACHE_AXES, shape)
-  return tuple(LayerKV(s, s) for _ in range(cfg.n_layers))
+               sharding: NamedSharding | None = None) -> KVCache:
+  """Zeros for every layer. Called inside the jitted prefill, so XLA allocates the buffers
+  where `sharding` says and no host-side allocation or extra program is needed."""
+  def zeros():
+    z = jnp.zeros(cache_shape(cfg, batch, slots), dtype)
+    return z if sharding is None else jax.lax.with_sharding_constraint(z, sharding)
+  return tuple(LayerKV(zeros(), zeros()) for _ in range(cfg.n_layers))
 
 
 def write(layer: LayerKV, k: jax.Array, v: jax.Array, index) -> LayerKV:

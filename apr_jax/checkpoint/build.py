@@ -29,16 +29,12 @@ class TensorSource:
   load: Callable[[], np.ndarray]
 
 
-def from_array(a: np.ndarray) -> TensorSource:
-  return TensorSource(tuple(a.shape), lambda: a)
-
-
 def hf_name_map(cfg: ModelConfig) -> dict[tuple, tuple[str, Callable[[np.ndarray], np.ndarray]]]:
   """Our param path -> (HF tensor name, HF-layout -> our-layout transform).
 
   Kernels keep the HF [out, in] layout (see transformer.linear); only biases are reshaped.
   """
-  e, h, k, d = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+  h, k, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
   ident = lambda a: a
   m: dict[tuple, tuple[str, Callable]] = {
       ("embed",): ("model.embed_tokens.weight", ident),
@@ -115,17 +111,3 @@ def shard_model(model: Transformer, mesh: Mesh, rules: ShardingRules | None = No
   flat = [(p, place(v)) for p, v in nnx.to_flat_state(state)]
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
-
-def model_to_hf(model: Transformer) -> dict[str, np.ndarray]:
-  """Inverse of `build_model` for tests and exports: our params -> HF-layout numpy arrays."""
-  cfg = model.cfg
-  names = hf_name_map(cfg)
-  out = {}
-  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    name, _ = names[path]
-    a = np.asarray(jax.device_get(var.get_value()), np.float32)
-    leaf = path[-1]
-    if leaf in ("q_bias", "k_bias", "v_bias"):
-      a = a.reshape(-1)
-    out[name] = a
-  return out

@@ -8,7 +8,6 @@ mesh axes. A dimension that the mesh axis does not divide (e.g. SmolLM2's 3 KV h
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Sequence
 
 import jax
@@ -83,6 +82,3 @@ def parse_mesh(spec: str) -> tuple[int, int]:
 def single_device_mesh() -> Mesh:
   return make_mesh(1, 1)
 
-
-def num_bytes(tree) -> int:
-  return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))

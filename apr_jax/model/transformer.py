@@ -23,26 +23,31 @@ from apr_jax.model.config import ModelConfig
 NEG_INF = -1e30  # finite, so fully-masked rows give a uniform softmax instead of NaN
 
 
-def _param(rngs: nnx.Rngs, shape, axes, dtype, scale=None, init="normal"):
+def _param(rngs: nnx.Rngs, shape, axes, dtype, std=None, init="normal"):
+  """A parameter tagged with logical `axes`; normal init defaults to std 1/sqrt(shape[-1])."""
   if init == "ones":
     value = jnp.ones(shape, dtype)
   elif init == "zeros":
     value = jnp.zeros(shape, dtype)
   else:
-    fan_in = scale if scale is not None else shape[0]
-    value = (jax.random.normal(rngs.params(), shape, jnp.float32) / math.sqrt(fan_in)).astype(dtype)
+    std = std if std is not None else 1.0 / math.sqrt(shape[-1])
+    value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
   return nnx.Param(value, axes=tuple(axes))
 
 
 def dot_f32(a, b, dims, precision=None, preferred_element_type=None, **unused):
   """dot_general accumulating (and returning) float32 for any input dtype.
 
-  XLA:CPU has no bf16 x bf16 -> f32 dot, so on CPU the operands are upcast first; GPU/TPU
-  keep bf16 operands with f32 accumulation.
+  XLA:CPU has no bf16 x bf16 -> f32 dot, so when the program is lowered for CPU the operands
+  are upcast first; GPU/TPU keep bf16 operands with f32 accumulation. (The signature lets
+  `jnp.einsum(..., _dot_general=dot_f32)` use it.)
   """
-  if jax.default_backend() == "cpu" and (a.dtype != jnp.float32 or b.dtype != jnp.float32):
-    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-  return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+  dot = lambda x, y: jax.lax.dot_general(x, y, dims, precision=precision,
+                                         preferred_element_type=jnp.float32)
+  if a.dtype == jnp.float32 and b.dtype == jnp.float32:
+    return dot(a, b)
+  return jax.lax.platform_dependent(
+      a, b, cpu=lambda x, y: dot(x.astype(jnp.float32), y.astype(jnp.float32)), default=dot)
 
 
 def linear(x, w):
@@ -52,10 +57,7 @@ def linear(x, w):
   batch 8 (Eigen's small-M GEMM is the bottleneck there) and equally fast at batch 1; on
   accelerators the transposes of the small activation are free.
   """
-  if x.dtype == jnp.float32 and w.dtype == jnp.float32:
-    y = jax.lax.dot_general(w, x, (((1,), (x.ndim - 1,)), ((), ())))
-  else:
-    y = jax.lax.dot_general(w, x.astype(w.dtype), (((1,), (x.ndim - 1,)), ((), ())))
+  y = jax.lax.dot_general(w, x.astype(w.dtype), (((1,), (x.ndim - 1,)), ((), ())))
   return jnp.moveaxis(y, 0, -1).astype(x.dtype)
 
 
@@ -84,11 +86,15 @@ def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
   return jnp.where(medium, smoothed, scaled)
 
 
-def apply_rope(x, positions, inv_freq):
-  """x [B, T, N, D]; positions [B, T] int. HF 'rotate_half' convention."""
-  ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
-  cos = jnp.cos(ang)[:, :, None, :]
-  sin = jnp.sin(ang)[:, :, None, :]
+def rope_tables(cfg: ModelConfig, positions):
+  """(cos, sin), each [B, T, 1, D/2] float32, computed once per forward for every layer."""
+  ang = positions.astype(jnp.float32)[..., None] * rope_inv_freq(cfg)  # [B, T, D/2]
+  return jnp.cos(ang)[:, :, None, :], jnp.sin(ang)[:, :, None, :]
+
+
+def apply_rope(x, rope):
+  """x [B, T, N, D]; rope = rope_tables(...). HF 'rotate_half' convention."""
+  cos, sin = rope
   xf = x.astype(jnp.float32)
   x1, x2 = jnp.split(xf, 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -122,10 +128,10 @@ class Attention(nnx.Module):
     self.cfg = cfg
     # 2-D [out, in] kernels (heads*head_dim fused), see `linear`; the head split is a free
     # reshape of the activations.
-    self.q = _param(rngs, (h * d, e), ("q_heads", "embed"), dtype, scale=e)
-    self.k = _param(rngs, (k * d, e), ("kv_heads", "embed"), dtype, scale=e)
-    self.v = _param(rngs, (k * d, e), ("kv_heads", "embed"), dtype, scale=e)
-    self.o = _param(rngs, (e, h * d), ("embed", "q_heads"), dtype, scale=h * d)
+    self.q = _param(rngs, (h * d, e), ("q_heads", "embed"), dtype)
+    self.k = _param(rngs, (k * d, e), ("kv_heads", "embed"), dtype)
+    self.v = _param(rngs, (k * d, e), ("kv_heads", "embed"), dtype)
+    self.o = _param(rngs, (e, h * d), ("embed", "q_heads"), dtype)
     if cfg.qkv_bias:
       self.q_bias = _param(rngs, (h, d), ("q_heads", "head_dim"), dtype, init="zeros")
       self.k_bias = _param(rngs, (k, d), ("kv_heads", "head_dim"), dtype, init="zeros")
@@ -136,7 +142,7 @@ class Attention(nnx.Module):
       self.q_norm = _param(rngs, (d,), ("head_dim",), dtype, init="ones")
       self.k_norm = _param(rngs, (d,), ("head_dim",), dtype, init="ones")
 
-  def __call__(self, x, positions, mask, inv_freq, cache: kvlib.LayerKV | None, write_index):
+  def __call__(self, x, rope, mask, cache: kvlib.LayerKV | None, write_index):
     cfg = self.cfg
     b, t, _ = x.shape
     with jax.named_scope("qkv"):
@@ -148,8 +154,8 @@ class Attention(nnx.Module):
       if cfg.qk_norm:
         q = rms_norm(q, self.q_norm[...], cfg.norm_eps)
         k = rms_norm(k, self.k_norm[...], cfg.norm_eps)
-      q = apply_rope(q, positions, inv_freq)
-      k = apply_rope(k, positions, inv_freq)
+      q = apply_rope(q, rope)
+      k = apply_rope(k, rope)
     k = k.transpose(0, 2, 1, 3)  # [B, K, T, D], the cache layout
     v = v.transpose(0, 2, 1, 3)
     if cache is not None:
@@ -168,9 +174,9 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
-    self.gate = _param(rngs, (cfg.ffn_dim, cfg.dim), ("mlp", "embed"), dtype, scale=cfg.dim)
-    self.up = _param(rngs, (cfg.ffn_dim, cfg.dim), ("mlp", "embed"), dtype, scale=cfg.dim)
-    self.down = _param(rngs, (cfg.dim, cfg.ffn_dim), ("embed", "mlp"), dtype, scale=cfg.ffn_dim)
+    self.gate = _param(rngs, (cfg.ffn_dim, cfg.dim), ("mlp", "embed"), dtype)
+    self.up = _param(rngs, (cfg.ffn_dim, cfg.dim), ("mlp", "embed"), dtype)
+    self.down = _param(rngs, (cfg.dim, cfg.ffn_dim), ("embed", "mlp"), dtype)
 
   def __call__(self, x):
     g = linear(x, self.gate[...])
@@ -187,9 +193,9 @@ class Block(nnx.Module):
     self.mlp_norm = _param(rngs, (cfg.dim,), ("embed",), dtype, init="ones")
     self.mlp = MLP(cfg, rngs=rngs, dtype=dtype)
 
-  def __call__(self, x, positions, mask, inv_freq, cache, write_index):
-    h, cache = self.attn(rms_norm(x, self.attn_norm[...], self.cfg.norm_eps), positions, mask,
-                         inv_freq, cache, write_index)
+  def __call__(self, x, rope, mask, cache, write_index):
+    h, cache = self.attn(rms_norm(x, self.attn_norm[...], self.cfg.norm_eps), rope, mask,
+                         cache, write_index)
     x = x + h
     x = x + self.mlp(rms_norm(x, self.mlp_norm[...], self.cfg.norm_eps))
     return x, cache
@@ -200,11 +206,11 @@ class Transformer(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
     self.cfg = cfg
-    self.embed = _param(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), dtype, scale=1.0 / 0.02**2)
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), dtype, std=0.02)
     self.layers = nnx.List([Block(cfg, rngs=rngs, dtype=dtype) for _ in range(cfg.n_layers)])
     self.final_norm = _param(rngs, (cfg.dim,), ("embed",), dtype, init="ones")
     if not cfg.tie_embeddings:
-      self.lm_head = _param(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), dtype, scale=cfg.dim)
+      self.lm_head = _param(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), dtype)
 
   def hidden(self, tokens, positions, mask, cache=None, write_index=0):
     """Final-normed hidden states [B, T, E] and the updated cache.
@@ -214,12 +220,12 @@ class Transformer(nnx.Module):
     [write_index, write_index+T) first), else T.
     """
     cfg = self.cfg
-    inv_freq = rope_inv_freq(cfg)
+    rope = rope_tables(cfg, positions)
     x = jnp.take(self.embed[...], tokens, axis=0)
     new_cache = []
     for i, layer in enumerate(self.layers):
       with jax.named_scope(f"layer{i}"):
-        x, c = layer(x, positions, mask, inv_freq, None if cache is None else cache[i], write_index)
+        x, c = layer(x, rope, mask, None if cache is None else cache[i], write_index)
       new_cache.append(c)
     x = rms_norm(x, self.final_norm[...], cfg.norm_eps)
     return x, (tuple(new_cache) if cache is not None else None)
@@ -243,7 +249,3 @@ def causal_mask(t: int):
 def abstract_model(cfg: ModelConfig, dtype=jnp.float32) -> Transformer:
   return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), dtype=dtype))
 
-
-def param_axes(model: Transformer) -> dict[tuple, tuple]:
-  """{param path: logical axes} for every parameter."""
-  return {path: var.get_metadata()["axes"] for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
