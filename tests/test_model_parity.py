@@ -44,3 +44,20 @@ def test_config_variants_are_distinct(tiny_dir):
   assert cfgs["llama_mha_tied_llama3rope"].o_bias
   assert cfgs["llama_linear_rope"].rope_scaling.kind == "linear"
   assert not cfgs["llama_gqa_untied"].tie_embeddings
+
+
+@pytest.mark.parametrize("name", ["llama_gqa_untied", "llama_mha_tied_llama3rope", "qwen2", "qwen3"])
+def test_gguf_parity(name, tmp_path):
+  # the same tiny models written as llama.cpp would (Q/K permuted, llama3 rope as rope_freqs)
+  from tests import gguf_fixtures
+  hf = hf_fixtures.make_hf_model(name)
+  path = str(tmp_path / f"{name}.gguf")
+  gguf_fixtures.write_gguf(hf, path)
+  model, tok = checkpoint.load(path)
+  assert tok.vocab_size == 96
+  ids = np.random.default_rng(3).integers(0, 96, (2, 40))
+  ref = hf_fixtures.hf_logits(hf, ids)
+  got = forward(model, ids)
+  assert np.abs(got - ref).max() < 1e-3 * (ref.max() - ref.min())
+  if "llama3" in name:
+    assert model.cfg.rope_freq_factors is not None

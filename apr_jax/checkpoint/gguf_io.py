@@ -60,16 +60,20 @@ class GGUFFile:
         scaling = RopeScaling("linear", float(a("rope.scaling.factor")))
       elif kind not in (None, "none"):
         raise UserError(f"unsupported rope scaling {kind!r} in {self.path}")
-      names = {t.name for t in self.reader.tensors}
-      if "rope_freqs.weight" in names:
-        raise UserError(f"{self.path} uses precomputed rope frequency factors (llama3 rope "
-                        "scaling in GGUF), which is not supported yet; load the HF safetensors "
-                        "checkpoint instead")
+      by_name = {t.name: t for t in self.reader.tensors}
+      names = set(by_name)
+      factors = None
+      if "rope_freqs.weight" in by_name:  # llama3 rope scaling, precomputed by llama.cpp
+        f = np.asarray(by_name["rope_freqs.weight"].data, np.float32).reshape(-1)
+        if f.shape != (head_dim // 2,):
+          raise UserError(f"{self.path}: rope_freqs has {f.size} entries, expected {head_dim // 2}")
+        factors = tuple(float(x) for x in f)
       return ModelConfig(
           arch=arch, vocab_size=vocab, dim=dim, ffn_dim=int(a("feed_forward_length")),
           n_layers=int(a("block_count")), n_heads=n_heads, n_kv_heads=int(n_kv),
           head_dim=head_dim, norm_eps=float(a("attention.layer_norm_rms_epsilon", 1e-5)),
           rope_theta=float(a("rope.freq_base", 10000.0)), rope_scaling=scaling,
+          rope_freq_factors=factors,
           tie_embeddings="output.weight" not in names,
           qkv_bias=arch == "qwen2" or "blk.0.attn_q.bias" in names,
           o_bias="blk.0.attn_output.bias" in names,

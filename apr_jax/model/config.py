@@ -38,6 +38,7 @@ class ModelConfig:
   norm_eps: float = 1e-5
   rope_theta: float = 10000.0
   rope_scaling: RopeScaling | None = None
+  rope_freq_factors: tuple[float, ...] | None = None  # GGUF `rope_freqs`: inv_freq / factor
   tie_embeddings: bool = False
   qkv_bias: bool = False    # Qwen2 (always), Llama/Qwen3 with attention_bias
   o_bias: bool = False      # Llama/Qwen3 with attention_bias (Qwen2 never)
@@ -73,6 +74,8 @@ class ModelConfig:
     if d.get("rope_scaling"):
       d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
     d["eos_ids"] = tuple(d.get("eos_ids") or ())
+    if d.get("rope_freq_factors") is not None:
+      d["rope_freq_factors"] = tuple(d["rope_freq_factors"])
     return cls(**d)
 
   def num_params(self, include_embeddings: bool = True) -> int:

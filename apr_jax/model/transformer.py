@@ -78,6 +78,8 @@ def rms_norm(x, w, eps):
 def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
   d = cfg.head_dim
   inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # [D/2]
+  if cfg.rope_freq_factors is not None:  # llama.cpp's precomputed form of llama3 scaling
+    return inv / jnp.asarray(cfg.rope_freq_factors, jnp.float32)
   sc = cfg.rope_scaling
   if sc is None:
     return inv
