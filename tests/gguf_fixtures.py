@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 
+# Written out again on purpose (not inverted from gguf_io._BLOCK): an independent spelling of
+# llama.cpp's tensor names, so a typo in the loader's table cannot hide in a shared table.
 BLOCK = {
     "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
     "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
