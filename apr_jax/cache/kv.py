@@ -46,7 +46,18 @@ def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32,
 
 
 def write(layer: LayerKV, k: jax.Array, v: jax.Array, index) -> LayerKV:
-  """Writes k/v [batch, kv_heads, T, head_dim] at slots [index, index+T) (in place)."""
+  """Writes k/v [batch, kv_heads, T, head_dim] into the cache, in place.
+
+  `index` is either a scalar (every row writes slots [index, index+T): sequential decoding)
+  or an int array [batch, T] of slot addresses, one per new token (the tree cache, where
+  each token goes to any free slot). Addresses >= slots (padding tokens) are dropped.
+  """
+  if jnp.ndim(index) == 2:
+    b = jnp.arange(k.shape[0])[:, None]
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, T, K, D]
+    def put(buf, new):
+      return buf.at[b, :, index].set(new.astype(buf.dtype), mode="drop", unique_indices=True)
+    return LayerKV(put(layer.k, kt), put(layer.v, vt))
   z = jnp.zeros((), jnp.int32)
   idx = (z, z, jnp.asarray(index, jnp.int32), z)
   return LayerKV(jax.lax.dynamic_update_slice(layer.k, k.astype(layer.k.dtype), idx),

@@ -1,0 +1,325 @@
+"""Host side of the fork/join engine: admission (continuous batching), deadlines, results.
+
+`TreeEngine.run(requests)` pushes any number of requests through `spec.lanes` lanes: a
+request enters a free lane between loop segments, runs its whole thread tree on the device,
+and leaves when its root thread finishes; the next waiting request takes the lane. A
+request's output does not depend on what it was batched with (lanes never see each other,
+PRNG keys are per request and thread).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from apr_jax.cache import kv as kvlib
+from apr_jax.engine import tree
+from apr_jax.engine.tree import TreeSpec
+from apr_jax.errors import UserError
+from apr_jax.model.sharding import ShardingRules, single_device_mesh
+from apr_jax.model.transformer import Transformer
+
+BIG = 1 << 30
+
+
+@dataclasses.dataclass
+class Request:
+  """One reasoning request. Limits default to the engine's capacity."""
+  prompt: Sequence[int]
+  seed: int = 0
+  max_threads: int | None = None        # threads in the tree, the root included
+  max_depth: int | None = None          # nesting depth (defaults to the protocol's)
+  max_total_tokens: int | None = None   # sampled tokens over all threads
+  max_critical_path: int | None = None  # sampled tokens along the longest root-to-leaf chain
+  max_thread_tokens: int | None = None  # sampled tokens per thread (the root's max_new_tokens)
+  deadline_s: float | None = None       # wall clock from admission (checked between segments)
+  script: dict | None = None            # teacher forcing: {thread path tuple: sampled tokens}
+
+
+@dataclasses.dataclass
+class ThreadInfo:
+  id: int
+  parent: int
+  path: tuple                 # ranks from the root: () is the root, (1, 0) a grandchild
+  depth: int
+  start_step: int
+  end_step: int
+  tokens: int                 # sampled by this thread
+  forced: int                 # forced tokens it wrote (prompt, prefix, re-prefill, results)
+  stop_reason: str
+  token_ids: list             # everything it wrote, in order
+  positions: list             # ... and their positions
+  text: str = ""
+
+
+@dataclasses.dataclass
+class TreeResult:
+  prompt_tokens: int
+  token_ids: list             # the flat trajectory after the prompt, in the protocol's format
+  text: str
+  stop_reason: str
+  threads: list
+  total_tokens: int           # sampled by every thread (shared prefix counted once)
+  critical_path: int          # sequential tokens + the longest thread of each parallel block
+  forks: int
+  steps: int
+  wall_s: float
+  kv_bytes: int               # the lane's KV pool
+  kv_stored_bytes: int        # high-water mark of KV actually stored
+  logits: dict | None = None  # teacher forcing with record_logits: {path: [n, V]}
+
+  def summary(self) -> dict:
+    d = dataclasses.asdict(self)
+    d.pop("logits")
+    d["threads"] = [{k: v for k, v in t.items() if k not in ("token_ids", "positions")}
+                    for t in d["threads"]]
+    for t in d["threads"]:
+      t["path"] = list(t["path"])
+    return d
+
+
+def path_code(path: Sequence[int]) -> int:
+  c = 0
+  for r in path:
+    c = c * tree.CODE_BASE + int(r) + 1
+  return c
+
+
+class TreeEngine:
+  """The fork/join engine for one model, protocol and static `TreeSpec`."""
+
+  def __init__(self, model: Transformer, tokenizer=None, spec: TreeSpec = TreeSpec(), *,
+               mesh: Mesh | None = None, rules: ShardingRules | None = None, cache_dtype=None,
+               segment_steps: int = 32):
+    self.graphdef, self.params = nnx.split(model)
+    self.cfg = model.cfg
+    self.tokenizer = tokenizer
+    self.spec = spec
+    self.mesh = mesh or single_device_mesh()
+    self.rules = rules or ShardingRules()
+    leaves = jax.tree.leaves(self.params)
+    self.cache_dtype = jnp.dtype(cache_dtype or (leaves[0].dtype if leaves else jnp.float32))
+    self.segment_steps = segment_steps
+    data = self.mesh.shape.get("data", 1)
+    if spec.lanes % data:
+      raise UserError(f"lanes ({spec.lanes}) must be a multiple of the mesh data axis ({data})")
+    self._lane_sh = NamedSharding(self.mesh, P("data"))
+    self._rep = NamedSharding(self.mesh, P())
+    self._cache_sh = kvlib.cache_sharding(self.cfg, spec.lanes, spec.slots, self.mesh, self.rules)
+    self.bytes_per_token = 2 * self.cfg.n_layers * self.cfg.n_kv_heads * self.cfg.head_dim * \
+        self.cache_dtype.itemsize
+    self.stats = {"compile_s": 0.0}
+    self._build()
+
+  # ---- compiled programs
+  def _shardings(self):
+    lane = {k: self._lane_sh for k in tree.LANE_KEYS}
+    cache = tuple(kvlib.LayerKV(self._cache_sh, self._cache_sh) for _ in range(self.cfg.n_layers))
+    return dict(lane, cache=cache, step=self._rep)
+
+  def _build(self):
+    t0 = time.perf_counter()
+    spec, cfg = self.spec, self.cfg
+    sh = self._shardings()
+    vocab = cfg.vocab_size
+
+    def init():
+      lane = tree.empty_lane(spec, vocab)
+      lanes = jax.tree.map(lambda a: jnp.broadcast_to(a, (spec.lanes,) + a.shape), lane)
+      cache = kvlib.init_cache(cfg, spec.lanes, spec.slots, self.cache_dtype, self._cache_sh)
+      return dict(lanes, cache=cache, step=jnp.zeros((), jnp.int32))
+
+    self._init = jax.jit(init, out_shardings=sh)
+    self._segment = jax.jit(tree.segment, static_argnums=(0, 4), donate_argnums=(2,),
+                            out_shardings=sh)
+    self._admit = jax.jit(functools.partial(tree._admit, spec=spec), donate_argnums=(0,),
+                          out_shardings=sh)
+    self._cancel = jax.jit(tree._cancel, donate_argnums=(0,), out_shardings=sh)
+    self.state = self._init()
+    # compile the loop now (one program for every protocol event, request and batch): a call
+    # with until_step = 0 runs no step
+    self.state = self._segment(self.graphdef, self.params, self.state, jnp.zeros((), jnp.int32), spec)
+    jax.block_until_ready(self.state["step"])
+    self.stats["compile_s"] += time.perf_counter() - t0
+
+  def loop_hlo(self) -> str:
+    """The optimized HLO of the loop program (tests look for host callbacks in it)."""
+    return self._segment.lower(self.graphdef, self.params, self.state, jnp.zeros((), jnp.int32),
+                               self.spec).compile().as_text()
+
+  def compiled_loops(self) -> int:
+    """How many loop programs have been compiled (the jit cache size): 1 whatever ran."""
+    return self._segment._cache_size()
+
+  # ---- requests
+  def _limits(self, r: Request) -> np.ndarray:
+    spec, pr = self.spec, self.spec.protocol
+    vals = [r.max_threads or spec.threads,
+            pr.max_depth if r.max_depth is None else r.max_depth,
+            r.max_total_tokens or BIG, r.max_critical_path or BIG, r.max_thread_tokens or BIG]
+    for name, v in zip(tree.LIMITS, vals):
+      if v < 0 or (v == 0 and name != "max_depth"):
+        raise UserError(f"{name} must be positive, got {v}")
+    return np.asarray(vals, np.int32)
+
+  def _check(self, r: Request):
+    spec = self.spec
+    n = len(r.prompt)
+    if n == 0:
+      raise UserError("empty prompt")
+    if n > spec.n_queue or n >= spec.slots:
+      raise UserError(f"prompt of {n} tokens does not fit the engine (queue {spec.n_queue}, "
+                      f"slots {spec.slots} per request); raise --slots")
+    bad = [t for t in r.prompt if not 0 <= int(t) < self.cfg.vocab_size]
+    if bad:
+      raise UserError(f"token id {bad[0]} is outside the model's vocab of {self.cfg.vocab_size}")
+    if r.script:
+      if not spec.script:
+        raise UserError("this engine was built without teacher forcing (TreeSpec.script)")
+      if len(r.script) > spec.script_rows:
+        raise UserError(f"{len(r.script)} scripted threads > script_rows {spec.script_rows}")
+      for p, toks in r.script.items():
+        if len(toks) > spec.script:
+          raise UserError(f"script of thread {p} has {len(toks)} tokens > {spec.script}")
+
+  def _admit_request(self, lane: int, r: Request):
+    spec, pr = self.spec, self.spec.protocol
+    prompt = [int(t) for t in r.prompt]
+    q = np.zeros((spec.n_queue,), np.int32)
+    q[:len(prompt)] = prompt
+    # the prompt may open a block and end with the fork trigger: a forced fork
+    count, mark = 0, -1
+    for i, t in enumerate(prompt):
+      if t == pr.open:
+        count, mark = 0, i
+      elif t == pr.count:
+        count += 1
+    limits = self._limits(r)
+    fork0 = pr.forks and prompt[-1] == pr.fork and count >= 1 and min(limits[1], pr.max_depth) >= 1
+    ns, j = max(spec.script_rows, 1), max(spec.script, 1)
+    sc_tok = np.zeros((ns, j), np.int32)
+    sc_len = np.zeros((ns,), np.int32)
+    sc_code = np.full((ns,), -1, np.int32)
+    for i, (p, toks) in enumerate((r.script or {}).items()):
+      sc_tok[i, :len(toks)] = toks
+      sc_len[i] = len(toks)
+      sc_code[i] = path_code(p)
+    key = jax.random.key_data(jax.random.key(r.seed))
+    self.state = self._admit(self.state, jnp.int32(lane), q, jnp.int32(len(prompt)), limits, key,
+                             sc_tok, sc_len, sc_code, jnp.int32(count), jnp.int32(mark),
+                             jnp.bool_(fork0))
+
+  def run(self, requests: Sequence[Request], on_progress: Callable | None = None) -> list[TreeResult]:
+    """Runs every request to completion; results in request order.
+
+    `on_progress(snapshot)` is called after every segment with {lane: per-thread arrays}."""
+    for r in requests:
+      self._check(r)
+    spec = self.spec
+    waiting = collections.deque(enumerate(requests))
+    in_lane: list = [None] * spec.lanes     # (request index, admitted at)
+    results: list = [None] * len(requests)
+    while waiting or any(x is not None for x in in_lane):
+      for lane in range(spec.lanes):
+        if in_lane[lane] is None and waiting:
+          i, r = waiting.popleft()
+          self._admit_request(lane, r)
+          in_lane[lane] = (i, time.perf_counter())
+      step = int(self.state["step"])
+      self.state = self._segment(self.graphdef, self.params, self.state,
+                                 jnp.int32(step + self.segment_steps), spec)
+      done = np.asarray(jax.device_get(self.state["done"]))
+      now = time.perf_counter()
+      for lane, occ in enumerate(in_lane):
+        if occ is None or done[lane]:
+          continue
+        dl = requests[occ[0]].deadline_s
+        if dl is not None and now - occ[1] > dl:
+          self.state = self._cancel(self.state, jnp.int32(lane), jnp.int32(tree.R_DEADLINE))
+          done[lane] = True
+      if on_progress is not None or done.any():
+        snap = jax.device_get({k: self.state[k] for k in tree.LANE_KEYS if k not in ("rec",)})
+      if on_progress is not None:
+        on_progress({lane: ({k: v[lane] for k, v in snap.items()}, occ[0])
+                     for lane, occ in enumerate(in_lane) if occ is not None})
+      for lane, occ in enumerate(in_lane):
+        if occ is not None and done[lane]:
+          i = occ[0]
+          lane_np = {k: v[lane] for k, v in snap.items()}
+          if spec.record_logits:
+            lane_np["rec"] = np.asarray(jax.device_get(self.state["rec"][lane]))
+          results[i] = self._result(lane_np, requests[i], time.perf_counter() - occ[1])
+          in_lane[lane] = None
+    return results
+
+  # ---- outputs
+  def _result(self, L: dict, req: Request, wall: float) -> TreeResult:
+    spec, pr, tok = self.spec, self.spec.protocol, self.tokenizer
+    n = int(L["g_n"])
+    g_tok, g_thr = L["g_tok"][:n], L["g_thread"][:n]
+    created = int(L["created"])
+    paths = {0: ()}
+    for t in range(1, created):
+      paths[t] = paths[int(L["t_parent"][t])] + (int(L["t_rank"][t]),)
+    decode = (lambda ids: tok.decode(ids)) if tok is not None else (lambda ids: "")
+    entries = {t: np.nonzero(g_thr == t)[0] for t in range(created)}
+    start = int(L["start_step"])
+    threads = []
+    for t in range(created):
+      ids = [int(x) for x in g_tok[entries[t]]]
+      threads.append(ThreadInfo(
+          id=t, parent=int(L["t_parent"][t]), path=paths[t], depth=int(L["t_depth"][t]),
+          start_step=int(L["t_start"][t]) - start, end_step=int(L["t_end"][t]) - start,
+          tokens=int(L["t_nsamp"][t]), forced=int(L["t_nwritten"][t]) - int(L["t_nsamp"][t]),
+          stop_reason=tree.REASONS[int(L["t_reason"][t])] or "running", token_ids=ids,
+          positions=[int(x) for x in L["g_pos"][:n][entries[t]]],
+          text=decode(ids)))
+    children = collections.defaultdict(list)
+    for t in range(1, created):
+      children[int(L["t_parent"][t])].append(t)
+
+    def render(t):
+      """A thread's written tokens; stitch joins insert the children where they forked."""
+      out = []
+      groups = []
+      if pr.join == "stitch":
+        by_born = collections.defaultdict(list)
+        for c in children[t]:
+          by_born[int(L["t_bornlog"][c])].append(c)
+        groups = sorted(by_born.items())
+      gi = 0
+      for e in entries[t]:
+        while gi < len(groups) and groups[gi][0] <= e:
+          for c in sorted(groups[gi][1], key=lambda c: int(L["t_rank"][c])):
+            out += render(c)
+          gi += 1
+        out.append(int(g_tok[e]))
+      for _, cs in groups[gi:]:
+        for c in sorted(cs, key=lambda c: int(L["t_rank"][c])):
+          out += render(c)
+      return out
+
+    plen = len(req.prompt)
+    traj = render(0)[plen:]
+    body = traj
+    if body and tok is not None and body[-1] in set(tok.stop_ids()):
+      body = body[:-1]
+    logits = None
+    if spec.record_logits:
+      logits = {paths[t]: np.asarray(L["rec"][t, :min(int(L["t_nsamp"][t]), spec.script)])
+                for t in range(created)}
+    return TreeResult(
+        prompt_tokens=plen, token_ids=traj, text=decode(body),
+        stop_reason=tree.REASONS[int(L["reason"])], threads=[dataclasses.asdict(x) for x in threads],
+        total_tokens=int(L["t_nsamp"][:created].sum()), critical_path=int(L["t_cp"][:created].max()),
+        forks=int(L["forks"]), steps=int(L["end_step"]) - start, wall_s=wall,
+        kv_bytes=spec.slots * self.bytes_per_token,
+        kv_stored_bytes=int(L["high_water"]) * self.bytes_per_token, logits=logits)

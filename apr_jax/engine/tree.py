@@ -1,0 +1,688 @@
+"""The fork/join engine: a tree KV cache and one compiled decode loop for every thread of
+every request.
+
+Layout. The device batch is `lanes` request lanes x `rows` thread rows. Each lane owns a pool
+of `slots` KV slots (per layer [lanes, kv_heads, slots, head_dim]) that every thread of its
+request shares: a token's KV is written once, into any free slot, with its owner thread and
+its position. A thread sees slot s iff `vis[thread, owner[s]]` (itself and, for shared
+contexts, its ancestors) and `pos[s] <= its position`. So
+
+- the prompt and every ancestor token are stored once; a child never copies its prefix;
+- fork = new rows in the thread table (and `vis` rows); no KV moves;
+- stitch join (Multiverse) = relabel the children's slots to the parent: O(slots) integer
+  work, no recompute, the paths keep their positions;
+- flat join (ThreadWeaver) = free the children's slots and queue their tokens (gathered from
+  the lane's token log on device) for re-prefill into the parent at sequential positions;
+- results join (APR) = free the spawn block and the children's slots, queue the results
+  block (children's result spans gathered on device).
+
+Memory is `slots` per lane, shared by all of a request's threads: it grows with the tokens
+stored, not with threads x max length (freed slots are reused).
+
+Every step packs up to M tokens of the lane's running threads (each running thread feeds
+>= 1 token: its last sample, or a chunk of its forced queue: prompt, forced prefix, re-prefill,
+results block), runs the model once over [lanes, M] with a per-token mask over the lane's
+slots, samples for the threads whose queue drained, and runs the protocol state machine.
+M = rows for plain decode steps; M = `chunk` when some thread has forced tokens queued (a
+`lax.cond` picks the variant; both live in the same compiled program).
+
+The host runs the loop in segments (continuous batching: requests enter free lanes and leave
+between segments; deadlines are checked there). Everything else - forks, joins, scheduling
+of waiting threads onto free rows, budgets - happens on the device.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from apr_jax.cache import kv as kvlib
+from apr_jax.engine.sampling import SamplingConfig, sample
+from apr_jax.errors import UserError
+from apr_jax.model.sharding import ShardingRules, single_device_mesh
+from apr_jax.model.transformer import Transformer
+from apr_jax.protocols import Protocol
+
+# thread states
+FREE, READY, RUN, WAIT, DONE = 0, 1, 2, 3, 4
+STATE_NAMES = ("free", "ready", "running", "waiting", "done")
+# what a thread does when its queue drains
+NEXT_SAMPLE, NEXT_FORK, NEXT_FINISH = 0, 1, 2
+# why a thread / request stopped
+REASONS = ("", "stop", "budget", "cancelled", "total_budget", "out_of_memory", "deadline",
+           "pruned", "length")
+R_STOP, R_BUDGET, R_CANCEL, R_TOTAL, R_OOM, R_DEADLINE, R_PRUNE, R_LENGTH = range(1, 9)
+# log entry kinds
+K_FORCED, K_SAMPLED = 1, 2
+# per-request limits, in this order
+LIMITS = ("max_threads", "max_depth", "max_total_tokens", "max_critical_path", "max_thread_tokens")
+CODE_BASE = 64  # thread path codes: parent_code * CODE_BASE + rank + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeSpec:
+  """Everything static about one compiled engine program."""
+  protocol: Protocol = Protocol()
+  sampling: SamplingConfig = SamplingConfig()
+  root_stop: tuple = ()        # ids that end the root thread (the tokenizer's stop ids)
+  lanes: int = 1               # requests in flight
+  rows: int = 8                # thread rows per lane (threads beyond wait for a row)
+  threads: int = 16            # thread-table entries per lane (max threads per request)
+  slots: int = 1024            # KV slots per lane
+  log: int = 0                 # token-log entries per lane (0: 2 x slots)
+  queue: int = 0               # forced-queue capacity per thread (0: slots)
+  chunk: int = 32              # tokens per step when forced tokens are queued
+  label: int = 12              # label tokens per thread
+  script: int = 0              # teacher-forcing: tokens per scripted thread (0: off)
+  script_rows: int = 0         # teacher-forcing: scripted threads per lane
+  record_logits: bool = False  # keep the logits of every scripted sample (tests)
+  race: bool = False           # a child reaching the protocol's goal cancels its siblings
+  prune_margin: float = 0.0    # >0: cancel a child whose mean log-prob trails its best sibling's by this
+  prune_min_tokens: int = 8    # ... once both have sampled at least this many tokens
+
+  def __post_init__(self):
+    for f in ("lanes", "rows", "threads", "slots", "chunk"):
+      if getattr(self, f) < 1:
+        raise UserError(f"{f} must be >= 1, got {getattr(self, f)}")
+    if self.chunk < self.rows:
+      raise UserError(f"chunk ({self.chunk}) must be >= rows ({self.rows})")
+    if self.threads >= CODE_BASE:
+      raise UserError(f"threads must be < {CODE_BASE}")
+
+  @property
+  def n_log(self):
+    return self.log or 2 * self.slots
+
+  @property
+  def n_queue(self):
+    return self.queue or self.slots
+
+
+# ----------------------------------------------------------------------------- helpers
+def compact(tokens, valid, size):
+  """The valid entries of `tokens`, in order, packed into [size] (rest 0), and their count."""
+  idx = jnp.cumsum(valid) - 1
+  idx = jnp.where(valid, idx, size + jnp.arange(tokens.shape[0]))
+  out = jnp.zeros((size,), jnp.int32).at[idx].set(tokens.astype(jnp.int32), mode="drop")
+  return out, jnp.minimum(jnp.sum(valid), size).astype(jnp.int32)
+
+
+def _const(x):
+  return jnp.asarray(x if len(x) else [-1], jnp.int32), len(x)
+
+
+def _isin(x, ids):
+  return jnp.isin(x, jnp.asarray(ids, jnp.int32)) if len(ids) else jnp.zeros_like(x, bool)
+
+
+def _sorted_tokens(tokens, keys, valid, size):
+  """tokens ordered by key (valid only), packed into [size], and their count."""
+  order = jnp.argsort(jnp.where(valid, keys, jnp.iinfo(jnp.int32).max), stable=True)
+  n = jnp.sum(valid)
+  out, _ = compact(tokens[order], jnp.arange(tokens.shape[0]) < n, size)
+  return out, jnp.minimum(n, size).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- state
+def empty_lane(spec: TreeSpec, vocab: int) -> dict:
+  """One inactive lane (no leading lane axis)."""
+  nt, w, s, lg, q = spec.threads, spec.rows, spec.slots, spec.n_log, spec.n_queue
+  i32 = lambda *shape, v=0: jnp.full(shape, v, jnp.int32)
+  ns, j = max(spec.script_rows, 1), max(spec.script, 1)
+  rec_shape = (nt, j, vocab) if spec.record_logits else (1, 1, 1)
+  return dict(
+      active=jnp.zeros((), bool), done=jnp.zeros((), bool), reason=i32(), created=i32(),
+      total=i32(), forks=i32(), ending=i32(), start_step=i32(), end_step=i32(), high_water=i32(),
+      limits=i32(len(LIMITS)), key=jax.random.key_data(jax.random.key(0)),
+      t_state=i32(nt), t_parent=i32(nt, v=-1), t_depth=i32(nt), t_rank=i32(nt), t_first=i32(nt),
+      t_nchild=i32(nt), t_kidbase=i32(nt), t_pending=i32(nt), t_pos=i32(nt), t_qhead=i32(nt), t_qlen=i32(nt),
+      t_qsamp=jnp.zeros((nt,), bool), t_after=i32(nt), t_count=i32(nt),
+      t_markpend=jnp.zeros((nt,), bool), t_marklog=i32(nt, v=-1), t_markpos=i32(nt),
+      t_nsamp=i32(nt), t_nwritten=i32(nt), t_cp=i32(nt), t_start=i32(nt), t_end=i32(nt),
+      t_reason=i32(nt), t_row=i32(nt, v=-1), t_code=i32(nt), t_script=i32(nt, v=-1),
+      t_logp=jnp.zeros((nt,), jnp.float32), t_bornlog=i32(nt), t_goal=jnp.zeros((nt,), bool),
+      t_q=i32(nt, q), t_label=i32(nt, spec.label), t_lablen=i32(nt),
+      t_vis=jnp.zeros((nt, nt), bool),
+      r_thread=i32(w, v=-1),
+      s_owner=i32(s, v=-1), s_pos=i32(s),
+      g_tok=i32(lg), g_thread=i32(lg, v=-1), g_pos=i32(lg), g_kind=i32(lg), g_step=i32(lg), g_n=i32(),
+      sc_tok=i32(ns, j), sc_len=i32(ns), sc_code=i32(ns, v=-1),
+      rec=jnp.zeros(rec_shape, jnp.float32),
+  )
+
+
+def _script_row(lane, code):
+  hit = lane["sc_code"] == code
+  return jnp.where(jnp.any(hit), jnp.argmax(hit), -1).astype(jnp.int32)
+
+
+def admit_lane(lane, prompt, plen, limits, key, sc_tok, sc_len, sc_code, step, count0, marklog0,
+               fork0, spec: TreeSpec):
+  """A fresh lane holding one request whose root thread will read `prompt` [Q]."""
+  new = empty_lane(spec, lane["rec"].shape[-1])
+  new.update(active=jnp.ones((), bool), limits=limits, key=key, created=jnp.ones((), jnp.int32),
+             start_step=step, sc_tok=sc_tok, sc_len=sc_len, sc_code=sc_code)
+  new["t_state"] = new["t_state"].at[0].set(READY)
+  new["t_q"] = new["t_q"].at[0].set(prompt)
+  new["t_qlen"] = new["t_qlen"].at[0].set(plen)
+  new["t_vis"] = new["t_vis"].at[0, 0].set(True)
+  new["t_start"] = new["t_start"].at[0].set(step)
+  new["t_count"] = new["t_count"].at[0].set(count0)
+  new["t_marklog"] = new["t_marklog"].at[0].set(marklog0)
+  new["t_markpos"] = new["t_markpos"].at[0].set(marklog0)  # the root's positions are log indices
+  new["t_after"] = new["t_after"].at[0].set(jnp.where(fork0, NEXT_FORK, NEXT_SAMPLE))
+  new["t_script"] = new["t_script"].at[0].set(_script_row(new, 0))
+  return new
+
+
+def _terminate(lane, reason, step, cond=True):
+  """Where `cond`: ends the request; every unfinished thread stops with `reason`, rows are
+  released."""
+  cond = jnp.asarray(cond) & ~lane["done"]
+  alive = (lane["t_state"] != DONE) & (lane["t_state"] != FREE) & cond
+  lane = dict(lane)
+  lane["t_reason"] = jnp.where(alive, reason, lane["t_reason"])
+  lane["t_end"] = jnp.where(alive, step, lane["t_end"])
+  lane["t_state"] = jnp.where(alive, DONE, lane["t_state"])
+  lane["t_row"] = jnp.where(cond, -1, lane["t_row"])
+  lane["r_thread"] = jnp.where(cond, -1, lane["r_thread"])
+  lane["reason"] = jnp.where(cond, reason, lane["reason"])
+  lane["end_step"] = jnp.where(cond, step, lane["end_step"])
+  lane["done"] = lane["done"] | cond
+  return lane
+
+
+# ----------------------------------------------------------------------------- scheduling
+def assign_rows(lane, spec: TreeSpec):
+  """Ready threads (lowest id first) take free rows."""
+  live = lane["active"] & ~lane["done"]
+  ready = (lane["t_state"] == READY) & live
+  free_row = lane["r_thread"] < 0
+  ready_ids = jnp.nonzero(ready, size=spec.rows, fill_value=-1)[0]
+  rank = jnp.cumsum(free_row) - 1
+  cand = jnp.where(free_row & (rank < jnp.sum(ready)), ready_ids[jnp.clip(rank, 0, spec.rows - 1)], -1)
+  r_thread = jnp.where(free_row, cand, lane["r_thread"])
+  got = cand >= 0
+  tid = jnp.where(got, cand, spec.threads + jnp.arange(spec.rows))
+  lane = dict(lane, r_thread=r_thread)
+  lane["t_state"] = lane["t_state"].at[tid].set(RUN, mode="drop")
+  lane["t_row"] = lane["t_row"].at[tid].set(jnp.arange(spec.rows), mode="drop")
+  return lane
+
+
+# ----------------------------------------------------------------------------- packing
+def pack(lane, step, spec: TreeSpec, m: int):
+  """Chooses this step's tokens for one lane and books their slots and log entries.
+
+  Returns (lane, packed) with packed = tok/pos/slot/thread [M], mask [M, S], last [W]
+  (index of each row's last token), drained [W] (the row's queue emptied: sample or act).
+  """
+  nt, w, s, lg = spec.threads, spec.rows, spec.slots, spec.n_log
+  live = lane["active"] & ~lane["done"]
+  t_w = lane["r_thread"]
+  has = (t_w >= 0) & live
+  tw = jnp.clip(t_w, 0)
+  qlen = jnp.where(has, lane["t_qlen"][tw], 0)
+  base = (qlen > 0).astype(jnp.int32)
+  n_free = jnp.sum(lane["s_owner"] < 0)
+  cap = jnp.minimum(jnp.minimum(m, n_free), lg - lane["g_n"])
+  oom = live & (jnp.sum(base) > cap)
+  extra_need = jnp.maximum(qlen - 1, 0)
+  room = jnp.maximum(cap - jnp.sum(base), 0)
+  extra = jnp.clip(room - (jnp.cumsum(extra_need) - extra_need), 0, extra_need)
+  g = jnp.where(oom, 0, base + extra)
+  cum = jnp.cumsum(g)
+  start = cum - g
+  total = cum[-1]
+  mi = jnp.arange(m)
+  row_m = jnp.clip(jnp.searchsorted(cum, mi, side="right"), 0, w - 1)
+  valid = mi < total
+  off = mi - start[row_m]
+  t_m = tw[row_m]
+  qi = jnp.clip(lane["t_qhead"][t_m] + off, 0, spec.n_queue - 1)
+  tok = jnp.where(valid, lane["t_q"][t_m, qi], 0)
+  pos = jnp.where(valid, lane["t_pos"][t_m] + off, 0)
+  kind = jnp.where((qi == 0) & lane["t_qsamp"][t_m], K_SAMPLED, K_FORCED)
+  free_slots = jnp.nonzero(lane["s_owner"] < 0, size=m, fill_value=s)[0]
+  slot = jnp.where(valid, free_slots, s + mi)
+  lane = dict(lane)
+  lane["s_owner"] = lane["s_owner"].at[slot].set(t_m, mode="drop", unique_indices=True)
+  lane["s_pos"] = lane["s_pos"].at[slot].set(pos, mode="drop", unique_indices=True)
+  li = jnp.where(valid, lane["g_n"] + mi, lg + mi)
+  for name, val in (("g_tok", tok), ("g_thread", t_m), ("g_pos", pos), ("g_kind", kind),
+                    ("g_step", jnp.full((m,), step, jnp.int32))):
+    lane[name] = lane[name].at[li].set(val, mode="drop", unique_indices=True)
+  # per-thread bookkeeping
+  tid = jnp.where(has & (g > 0), tw, nt + jnp.arange(w))
+  mark = lane["t_markpend"][tw] & (g > 0) & has
+  lane["t_marklog"] = lane["t_marklog"].at[jnp.where(mark, tw, nt + jnp.arange(w))].set(
+      lane["g_n"] + start, mode="drop")
+  lane["t_markpend"] = lane["t_markpend"].at[jnp.where(mark, tw, nt + jnp.arange(w))].set(False, mode="drop")
+  lane["g_n"] = lane["g_n"] + total
+  lane["t_pos"] = lane["t_pos"].at[tid].add(g, mode="drop")
+  lane["t_qhead"] = lane["t_qhead"].at[tid].add(g, mode="drop")
+  lane["t_qlen"] = lane["t_qlen"].at[tid].add(-g, mode="drop")
+  lane["t_nwritten"] = lane["t_nwritten"].at[tid].add(g, mode="drop")
+  lane["high_water"] = jnp.maximum(lane["high_water"], jnp.sum(lane["s_owner"] >= 0))
+  drained = has & (g > 0) & (g == qlen)
+  last = jnp.clip(cum - 1, 0, m - 1)
+  # visibility of every slot for every packed token
+  owner = lane["s_owner"]
+  vis = lane["t_vis"][t_m]                                              # [M, NT]
+  mask = jnp.take_along_axis(vis, jnp.broadcast_to(jnp.clip(owner, 0)[None, :], (m, s)), axis=1)
+  mask = mask & (owner >= 0)[None, :] & (lane["s_pos"][None, :] <= pos[:, None]) & valid[:, None]
+  lane = _terminate(lane, R_OOM, step, oom)
+  drained = drained & ~oom
+  packed = dict(tok=tok, pos=pos, slot=slot, mask=mask, last=last, drained=drained)
+  return lane, packed
+
+
+# ----------------------------------------------------------------------------- protocol
+def _child_queues(lane, spec: TreeSpec, parent, rank, valid_child):
+  """rank: the child's number within its fork (0-based): its label is rank + 1 and, for
+  fresh contexts, it reads spawn line rank + 1."""
+  """Forced queue [Q] and label for each new child (vectorised over the thread table)."""
+  pr = spec.protocol
+  pre, npre = _const(pr.child_pre)
+  post, npost = _const(pr.child_post)
+  q = spec.n_queue
+  # label: parent label + sep + digits of (rank + 1)
+  plab = lane["t_label"][parent]                                          # [NT, LBL]
+  plen = lane["t_lablen"][parent]
+  num = rank + 1
+  d_hi, d_lo = num // 10, num % 10
+  if pr.digits:
+    digits = jnp.asarray(pr.digits, jnp.int32)
+    sep, nsep = _const(pr.label_sep)
+    lab_tok = jnp.concatenate([plab, jnp.broadcast_to(sep, (plab.shape[0], sep.shape[0])),
+                               digits[d_hi][:, None], digits[d_lo][:, None]], axis=1)
+    lab_ok = jnp.concatenate([
+        jnp.arange(spec.label)[None, :] < plen[:, None],
+        jnp.broadcast_to((jnp.arange(sep.shape[0]) < nsep)[None, :], (plab.shape[0], sep.shape[0]))
+        & (plen > 0)[:, None],
+        (d_hi > 0)[:, None], jnp.ones_like(d_lo, bool)[:, None]], axis=1)
+    label, lablen = jax.vmap(lambda t, v: compact(t, v, spec.label))(lab_tok, lab_ok)
+  else:
+    label = jnp.zeros_like(plab)
+    lablen = jnp.zeros_like(plen)
+  if pr.context == "shared":
+    toks = jnp.concatenate([jnp.broadcast_to(pre, (label.shape[0], pre.shape[0])), label,
+                            jnp.broadcast_to(post, (label.shape[0], post.shape[0]))], axis=1)
+    ok = jnp.concatenate([
+        jnp.broadcast_to(jnp.arange(pre.shape[0]) < npre, (label.shape[0], pre.shape[0])),
+        jnp.arange(spec.label)[None, :] < lablen[:, None],
+        jnp.broadcast_to(jnp.arange(post.shape[0]) < npost, (label.shape[0], post.shape[0]))], axis=1)
+    queue, qlen = jax.vmap(lambda t, v: compact(t, v, q))(toks, ok)
+  else:
+    # fresh context: child_pre + the text of spawn line `rank` of the parent's block
+    e = jnp.arange(spec.n_log)
+
+    def span(p, r):
+      mine = (lane["g_thread"] == p) & (e > lane["t_marklog"][p]) & (e < lane["g_n"])
+      seg = jnp.cumsum(mine & (lane["g_tok"] == pr.count))
+      ok = mine & (seg == r + 1) & (lane["g_tok"] != pr.count) & (lane["g_tok"] != pr.fork)
+      toks = jnp.concatenate([pre, lane["g_tok"]])
+      oks = jnp.concatenate([jnp.arange(pre.shape[0]) < npre, ok])
+      return compact(toks, oks, q)
+    queue, qlen = jax.vmap(span)(parent, rank)
+  qlen = jnp.where(valid_child, qlen, 0)
+  return queue, qlen, label, lablen
+
+
+def _fork(lane, spec: TreeSpec, fork_w, step):
+  """Creates the children of every row in `fork_w` that gets >= 1; returns (lane, n_w)."""
+  pr = spec.protocol
+  nt, w = spec.threads, spec.rows
+  t_w = jnp.clip(lane["r_thread"], 0)
+  want = jnp.where(fork_w, lane["t_count"][t_w], 0)
+  avail = jnp.maximum(jnp.minimum(lane["limits"][0], nt) - lane["created"], 0)
+  n_w = jnp.clip(avail - (jnp.cumsum(want) - want), 0, want)
+  cum_n = jnp.cumsum(n_w)
+  total_new = cum_n[-1]
+
+  def do(lane):
+    lane = dict(lane)
+    j = jnp.arange(nt)
+    k = j - lane["created"]
+    is_new = (k >= 0) & (k < total_new)
+    row = jnp.clip(jnp.searchsorted(cum_n, k, side="right"), 0, w - 1)
+    parent = t_w[row]
+    idx = jnp.where(is_new, k - (cum_n[row] - n_w[row]), 0)         # number within its fork
+    rank = lane["t_kidbase"][parent] + idx                              # unique among siblings
+    queue, qlen, label, lablen = _child_queues(lane, spec, parent, idx, is_new)
+    sel = lambda new, old: jnp.where(is_new.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
+    shared = pr.context == "shared"
+    lane["t_state"] = sel(READY, lane["t_state"])
+    lane["t_parent"] = sel(parent, lane["t_parent"])
+    lane["t_depth"] = sel(lane["t_depth"][parent] + 1, lane["t_depth"])
+    lane["t_rank"] = sel(rank, lane["t_rank"])
+    lane["t_pos"] = sel(lane["t_pos"][parent] if shared else 0, lane["t_pos"])
+    lane["t_cp"] = sel(lane["t_cp"][parent], lane["t_cp"])
+    lane["t_start"] = sel(step, lane["t_start"])
+    lane["t_bornlog"] = sel(lane["g_n"], lane["t_bornlog"])
+    code = lane["t_code"][parent] * CODE_BASE + rank + 1
+    lane["t_code"] = sel(code, lane["t_code"])
+    lane["t_script"] = sel(jax.vmap(lambda c: _script_row(lane, c))(code), lane["t_script"])
+    lane["t_q"] = sel(queue, lane["t_q"])
+    lane["t_qlen"] = sel(qlen, lane["t_qlen"])
+    lane["t_qhead"] = sel(0, lane["t_qhead"])
+    lane["t_qsamp"] = sel(False, lane["t_qsamp"])
+    lane["t_label"] = sel(label, lane["t_label"])
+    lane["t_lablen"] = sel(lablen, lane["t_lablen"])
+    own = jax.nn.one_hot(j, nt, dtype=bool)
+    vis = (lane["t_vis"][parent] | own) if shared else own
+    lane["t_vis"] = sel(vis, lane["t_vis"])
+    # parents wait for their children
+    forked = n_w > 0
+    pid = jnp.where(forked, t_w, nt + jnp.arange(w))
+    first = lane["created"] + cum_n - n_w
+    lane["t_state"] = lane["t_state"].at[pid].set(WAIT, mode="drop")
+    lane["t_first"] = lane["t_first"].at[pid].set(first, mode="drop")
+    lane["t_nchild"] = lane["t_nchild"].at[pid].set(n_w, mode="drop")
+    lane["t_kidbase"] = lane["t_kidbase"].at[pid].add(n_w, mode="drop")
+    lane["t_pending"] = lane["t_pending"].at[pid].set(n_w, mode="drop")
+    lane["t_row"] = lane["t_row"].at[pid].set(-1, mode="drop")
+    lane["r_thread"] = jnp.where(forked, -1, lane["r_thread"])
+    lane["forks"] = lane["forks"] + jnp.sum(forked)
+    lane["created"] = lane["created"] + total_new
+    return lane
+
+  return do(lane), n_w
+
+
+def _join_queue(lane, spec: TreeSpec, p):
+  """The forced queue of parent p after its children's join (flat / results modes)."""
+  pr = spec.protocol
+  lg, q = spec.n_log, spec.n_queue
+  e = jnp.arange(lg)
+  c = lane["g_thread"]
+  first, n = lane["t_first"][p], lane["t_nchild"][p]
+  cc = jnp.clip(c, 0)
+  is_child = (c >= first) & (c < first + n) & (e < lane["g_n"])
+  rank = lane["t_rank"][cc]
+  aj, naj = _const(pr.after_join)
+  if pr.join == "flat":
+    toks = jnp.concatenate([lane["g_tok"], aj])
+    keys = jnp.concatenate([rank * lg + e, jnp.full(aj.shape, spec.threads * lg) + jnp.arange(aj.shape[0])])
+    valid = jnp.concatenate([is_child, jnp.arange(aj.shape[0]) < naj])
+    return _sorted_tokens(toks, keys, valid, q)
+  # results: open + per child (its span from the last result tag, or no_result) + close + after
+  tag = is_child & _isin(lane["g_tok"], pr.result_tags)
+  last_tag = jnp.full((spec.threads,), -1, jnp.int32).at[jnp.where(tag, cc, spec.threads)].max(
+      jnp.where(tag, e, -1), mode="drop")
+  stops = tuple(pr.child_stop)
+  span = is_child & (last_tag[cc] >= 0) & (e >= last_tag[cc]) & ~_isin(lane["g_tok"], stops)
+  ro, nro = _const(pr.results_open)
+  nr, nnr = _const(pr.no_result)
+  rc, nrc = _const(pr.results_close)
+  stride = lg + nr.shape[0]
+  kid = jnp.arange(spec.threads)
+  kid_ok = (kid >= first) & (kid < first + n) & (last_tag < 0)
+  v_tok = jnp.broadcast_to(nr[None, :], (spec.threads, nr.shape[0])).reshape(-1)
+  v_key = (lane["t_rank"][:, None] * stride + jnp.arange(nr.shape[0])[None, :]).reshape(-1)
+  v_ok = (kid_ok[:, None] & (jnp.arange(nr.shape[0]) < nnr)[None, :]).reshape(-1)
+  end = spec.threads * stride
+  toks = jnp.concatenate([ro, lane["g_tok"], v_tok, rc, aj])
+  keys = jnp.concatenate([jnp.arange(ro.shape[0]) - ro.shape[0], rank * stride + nr.shape[0] + e, v_key,
+                          end + jnp.arange(rc.shape[0]), end + rc.shape[0] + jnp.arange(aj.shape[0])])
+  valid = jnp.concatenate([jnp.arange(ro.shape[0]) < nro, span, v_ok, jnp.arange(rc.shape[0]) < nrc,
+                           jnp.arange(aj.shape[0]) < naj])
+  return _sorted_tokens(toks, keys, valid, q)
+
+
+def _join(lane, spec: TreeSpec, join_p, step):
+  """Joins every parent in `join_p` [NT] (all its children are done)."""
+  pr = spec.protocol
+  nt = spec.threads
+
+  def do(lane):
+    lane = dict(lane)
+    owner = lane["s_owner"]
+    oc = jnp.clip(owner, 0)
+    par = lane["t_parent"][oc]
+    pc = jnp.clip(par, 0)
+    of_joining = (owner >= 0) & (par >= 0) & join_p[pc] & (owner >= lane["t_first"][pc]) & (
+        owner < lane["t_first"][pc] + lane["t_nchild"][pc])
+    j = jnp.arange(nt)
+    kids = lambda p: (j >= lane["t_first"][p]) & (j < lane["t_first"][p] + lane["t_nchild"][p])
+    kid_pos = jax.vmap(lambda p: jnp.max(jnp.where(kids(p), lane["t_pos"], 0)))(j)
+    kid_cp = jax.vmap(lambda p: jnp.max(jnp.where(kids(p), lane["t_cp"], 0)))(j)
+    if pr.join == "stitch":
+      lane["s_owner"] = jnp.where(of_joining, par, owner)
+      new_pos = kid_pos
+      aj, naj = _const(pr.after_join)
+      queue = jnp.zeros((nt, spec.n_queue), jnp.int32).at[:, :aj.shape[0]].set(aj[None, :])
+      qlen = jnp.full((nt,), naj, jnp.int32)
+    else:
+      drop = of_joining
+      new_pos = lane["t_pos"]
+      if pr.join == "results":
+        block = (owner >= 0) & join_p[oc] & (lane["s_pos"] >= lane["t_markpos"][oc])
+        drop = drop | block
+        new_pos = lane["t_markpos"]
+      lane["s_owner"] = jnp.where(drop, -1, owner)
+      queue, qlen = jax.vmap(lambda p: _join_queue(lane, spec, p))(jnp.where(join_p, j, 0))
+    sel = lambda new, old: jnp.where(join_p.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
+    lane["t_pos"] = sel(new_pos, lane["t_pos"])
+    lane["t_cp"] = sel(kid_cp, lane["t_cp"])
+    lane["t_q"] = sel(queue, lane["t_q"])
+    lane["t_qlen"] = sel(qlen, lane["t_qlen"])
+    lane["t_qhead"] = sel(0, lane["t_qhead"])
+    lane["t_qsamp"] = sel(False, lane["t_qsamp"])
+    lane["t_count"] = sel(0, lane["t_count"])
+    lane["t_after"] = sel(NEXT_SAMPLE, lane["t_after"])
+    lane["t_state"] = sel(READY, lane["t_state"])
+    return lane
+
+  return do(lane)
+
+
+def _finish(lane, spec: TreeSpec, fin_t, step):
+  """Threads in `fin_t` [NT] are done: release rows, count down their parents. Returns
+  (lane, join_p): the parents whose children are now all done."""
+  nt = spec.threads
+  lane = dict(lane)
+  was_waiting = lane["t_state"] == WAIT
+  lane["t_state"] = jnp.where(fin_t, DONE, lane["t_state"])
+  lane["t_end"] = jnp.where(fin_t, step, lane["t_end"])
+  lane["r_thread"] = jnp.where((lane["r_thread"] >= 0) & fin_t[jnp.clip(lane["r_thread"], 0)], -1,
+                               lane["r_thread"])
+  lane["t_row"] = jnp.where(fin_t, -1, lane["t_row"])
+  par = lane["t_parent"]
+  lane["t_pending"] = lane["t_pending"].at[jnp.where(fin_t & (par >= 0), par, nt)].add(-1, mode="drop")
+  join_p = was_waiting & (lane["t_state"] == WAIT) & (lane["t_pending"] <= 0)
+  root_done = fin_t[0] & ~lane["done"]
+  lane["reason"] = jnp.where(root_done, lane["t_reason"][0], lane["reason"])
+  lane["end_step"] = jnp.where(root_done, step, lane["end_step"])
+  lane["done"] = lane["done"] | root_done
+  return lane, join_p
+
+
+def _pre(lane, drained, step):
+  """Ends requests that ran out of total budget last step; classifies the drained rows."""
+  live = lane["active"] & ~lane["done"]
+  ending = lane["ending"] > 0
+  lane = _terminate(lane, lane["ending"], step, live & ending)
+  drained = drained & live & ~ending
+  t_w = jnp.clip(lane["r_thread"], 0)
+  after = lane["t_after"][t_w]
+  return lane, drained, drained & (after == NEXT_FORK)
+
+
+def _sample_phase(lane, t_w, logits, drained, n_forked, step, spec: TreeSpec):
+  """Samples for drained rows that neither fork nor finish and runs the state machine on the
+  samples. Returns (lane, fin_t): threads that finish now."""
+  pr = spec.protocol
+  nt, w = spec.threads, spec.rows
+  live = lane["active"] & ~lane["done"]
+  lane = dict(lane)
+  after = lane["t_after"][t_w]
+  fin_w = drained & (after == NEXT_FINISH)
+  samp_w = drained & ((after == NEXT_SAMPLE) | ((after == NEXT_FORK) & (n_forked == 0)))
+  # ---- sampling
+  nsamp = lane["t_nsamp"][t_w]
+  key = jax.random.wrap_key_data(lane["key"])
+  keys = jax.vmap(lambda t, n: jax.random.fold_in(jax.random.fold_in(key, t), n))(t_w, nsamp)
+  x = sample(logits, keys, spec.sampling)
+  if spec.script:
+    srow = lane["t_script"][t_w]
+    sr = jnp.clip(srow, 0)
+    scripted = (srow >= 0) & (nsamp < lane["sc_len"][sr])
+    x = jnp.where(scripted, lane["sc_tok"][sr, jnp.clip(nsamp, 0, spec.script - 1)], x)
+    if spec.record_logits:
+      rt = jnp.where(samp_w & (nsamp < spec.script), t_w, nt + jnp.arange(w))
+      lane["rec"] = lane["rec"].at[rt, jnp.clip(nsamp, 0, spec.script - 1)].set(logits, mode="drop")
+  logp = jnp.take_along_axis(jax.nn.log_softmax(logits), x[:, None], axis=1)[:, 0]
+  # total-token budget: samples beyond it are dropped and the request ends after this step
+  lim = lane["limits"]
+  rank = jnp.cumsum(samp_w) - samp_w
+  allowed = samp_w & (lane["total"] + rank < lim[2])
+  n_ok = jnp.sum(allowed)
+  lane["total"] = lane["total"] + n_ok
+  over = jnp.any(samp_w & ~allowed) | (live & (lane["total"] >= lim[2]) & (n_ok > 0))
+  lane["ending"] = jnp.where(over & live, R_TOTAL, lane["ending"])
+  is_child = lane["t_parent"][t_w] >= 0
+  stop = jnp.where(is_child, _isin(x, tuple(pr.child_stop) + tuple(spec.root_stop)),
+                   _isin(x, spec.root_stop))
+  nsamp1 = nsamp + 1
+  cp1 = lane["t_cp"][t_w] + 1
+  budget = (nsamp1 >= lim[4]) | (cp1 >= lim[3])
+  depth_ok = lane["t_depth"][t_w] < lim[1]
+  if pr.forks:
+    count = lane["t_count"][t_w]
+    count = jnp.where(x == pr.open, 0, count + (x == pr.count))
+    fork_next = (x == pr.fork) & depth_ok & (count >= 1) & (lane["t_depth"][t_w] < pr.max_depth)
+  else:
+    count = lane["t_count"][t_w]
+    fork_next = jnp.zeros_like(stop)
+  finish = stop | budget
+  close, nclose = _const(pr.child_close)
+  add_close = is_child & budget & ~stop & (nclose > 0)
+  qtok = jnp.concatenate([x[:, None], jnp.broadcast_to(close[None, :], (w, close.shape[0]))], axis=1)
+  qok = jnp.concatenate([jnp.ones((w, 1), bool),
+                         add_close[:, None] & (jnp.arange(close.shape[0]) < nclose)[None, :]], axis=1)
+  newq, newlen = jax.vmap(lambda t, v: compact(t, v, spec.n_queue))(qtok, qok)
+  tid = jnp.where(allowed, t_w, nt + jnp.arange(w))
+  put = lambda name, val: lane[name].at[tid].set(val, mode="drop")
+  lane["t_q"] = put("t_q", newq)
+  lane["t_qlen"] = put("t_qlen", newlen)
+  lane["t_qhead"] = put("t_qhead", jnp.zeros_like(newlen))
+  lane["t_qsamp"] = put("t_qsamp", jnp.ones_like(allowed))
+  lane["t_nsamp"] = put("t_nsamp", nsamp1)
+  lane["t_cp"] = put("t_cp", cp1)
+  lane["t_logp"] = put("t_logp", lane["t_logp"][t_w] + logp)
+  lane["t_count"] = put("t_count", count)
+  if pr.forks:
+    opened = allowed & (x == pr.open)
+    oid = jnp.where(opened, t_w, nt + jnp.arange(w))
+    lane["t_markpend"] = lane["t_markpend"].at[oid].set(True, mode="drop")
+    lane["t_markpos"] = lane["t_markpos"].at[oid].set(lane["t_pos"][t_w], mode="drop")
+  lane["t_after"] = put("t_after", jnp.where(finish, NEXT_FINISH, jnp.where(fork_next, NEXT_FORK, NEXT_SAMPLE)))
+  reason = jnp.where(stop, R_STOP, jnp.where(is_child, R_BUDGET, R_LENGTH))
+  lane["t_reason"] = jnp.where(
+      jnp.zeros((nt,), bool).at[tid].set(finish, mode="drop"),
+      jnp.zeros((nt,), jnp.int32).at[tid].set(reason, mode="drop"), lane["t_reason"])
+  # ---- race: a child reaching the goal cancels its unfinished siblings
+  cancel = jnp.zeros((nt,), bool)
+  if spec.race and pr.goal:
+    won = allowed & is_child & _isin(x, pr.goal)
+    par_won = jnp.zeros((nt,), bool).at[jnp.where(won, lane["t_parent"][t_w], nt)].set(True, mode="drop")
+    j = jnp.arange(nt)
+    sib = (lane["t_parent"] >= 0) & par_won[jnp.clip(lane["t_parent"], 0)]
+    winner = jnp.zeros((nt,), bool).at[jnp.where(won, t_w, nt)].set(True, mode="drop")
+    cancel = sib & ~winner & ((lane["t_state"] == READY) | (lane["t_state"] == RUN)) & (j > 0)
+  # ---- pruning: a child whose mean log-prob trails its best running sibling's
+  if spec.prune_margin > 0:
+    j = jnp.arange(nt)
+    running = (lane["t_state"] == RUN) & (lane["t_parent"] >= 0) & (lane["t_nsamp"] >= spec.prune_min_tokens)
+    mean = lane["t_logp"] / jnp.maximum(lane["t_nsamp"], 1)
+    par = jnp.clip(lane["t_parent"], 0)
+    best = jnp.full((nt,), -jnp.inf).at[jnp.where(running, par, nt)].max(mean, mode="drop")
+    pruned = running & (mean < best[par] - spec.prune_margin)
+    lane["t_reason"] = jnp.where(pruned & ~cancel, R_PRUNE, lane["t_reason"])
+    cancel = cancel | pruned
+  lane["t_reason"] = jnp.where(cancel & (lane["t_reason"] != R_PRUNE), R_CANCEL, lane["t_reason"])
+  # ---- finishing threads (queue drained with NEXT_FINISH) and cancelled ones
+  fin_t = jnp.zeros((nt,), bool).at[jnp.where(fin_w, t_w, nt)].set(True, mode="drop") | cancel
+  return lane, fin_t
+
+
+def update(lanes, logits, drained, step, spec: TreeSpec):
+  """Acts on every drained row of every lane: fork, finish, or sample and run the protocol
+  state machine; then joins. The rare, heavier phases (fork, join) sit behind `lax.cond`s
+  taken over all lanes at once (inside a vmap they would run every step)."""
+  vm = jax.vmap
+  lanes, drained, fork_w = vm(lambda l, d: _pre(l, d, step))(lanes, drained)
+  t_w = jnp.clip(lanes["r_thread"], 0)  # before forks release rows
+  zeros = jnp.zeros(fork_w.shape, jnp.int32)
+  lanes, n_forked = jax.lax.cond(
+      jnp.any(fork_w), lambda l: vm(lambda a, f: _fork(a, spec, f, step))(l, fork_w),
+      lambda l: (dict(l), zeros), lanes)
+  lanes, fin_t = vm(lambda l, t, lo, d, n: _sample_phase(l, t, lo, d, n, step, spec))(
+      lanes, t_w, logits, drained, n_forked)
+  lanes, join_p = vm(lambda l, f: _finish(l, spec, f, step))(lanes, fin_t)
+  lanes = jax.lax.cond(jnp.any(join_p), lambda l: vm(lambda a, j: _join(a, spec, j, step))(l, join_p),
+                       lambda l: dict(l), lanes)
+  return lanes
+
+
+# ----------------------------------------------------------------------------- the loop
+LANE_KEYS = tuple(empty_lane(TreeSpec(), 1).keys())
+
+
+def _split(st):
+  return {k: st[k] for k in LANE_KEYS}
+
+
+def forward_step(model: Transformer, st, spec: TreeSpec, m: int):
+  step = st["step"]
+  lane, pk = jax.vmap(lambda l: pack(l, step, spec, m))(_split(st))
+  h, cache = model.hidden(pk["tok"], pk["pos"], pk["mask"], st["cache"], pk["slot"])
+  hl = jnp.take_along_axis(h, pk["last"][..., None], axis=1)              # [L, W, E]
+  logits = model.logits(hl)                                               # [L, W, V]
+  lane = update(lane, logits, pk["drained"], step, spec)
+  return dict(lane, cache=cache, step=step + 1)
+
+
+def segment(graphdef, params, st, until_step, spec: TreeSpec):
+  """Runs engine steps while step < until_step and some lane has work."""
+  model: Transformer = nnx.merge(graphdef, params)
+
+  def cond(st):
+    return (st["step"] < until_step) & jnp.any(st["active"] & ~st["done"])
+
+  def body(st):
+    lane = jax.vmap(lambda l: assign_rows(l, spec))(_split(st))
+    st = dict(st, **lane)
+    tw = jnp.clip(st["r_thread"], 0)
+    qlen = jnp.take_along_axis(st["t_qlen"], tw, axis=1)
+    need_chunk = jnp.any((st["r_thread"] >= 0) & (qlen > 1) & (st["active"] & ~st["done"])[:, None])
+    if spec.chunk == spec.rows:
+      return forward_step(model, st, spec, spec.rows)
+    return jax.lax.cond(need_chunk, lambda s: forward_step(model, s, spec, spec.chunk),
+                        lambda s: forward_step(model, s, spec, spec.rows), st)
+
+  return jax.lax.while_loop(cond, body, st)
+
+
+def _admit(st, lane_idx, prompt, plen, limits, key, sc_tok, sc_len, sc_code, count0, marklog0, fork0,
+           spec: TreeSpec):
+  old = jax.tree.map(lambda a: a[lane_idx], _split(st))
+  new = admit_lane(old, prompt, plen, limits, key, sc_tok, sc_len, sc_code, st["step"], count0,
+                   marklog0, fork0, spec)
+  lane = jax.tree.map(lambda a, b: a.at[lane_idx].set(b), _split(st), new)
+  return dict(st, **lane)
+
+
+def _cancel(st, lane_idx, reason):
+  old = jax.tree.map(lambda a: a[lane_idx], _split(st))
+  new = _terminate(old, reason, st["step"], old["active"])
+  lane = jax.tree.map(lambda a, b: a.at[lane_idx].set(b), _split(st), new)
+  return dict(st, **lane)

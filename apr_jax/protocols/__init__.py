@@ -1,0 +1,145 @@
+"""Fork/join protocols as data.
+
+A `Protocol` is a small, hashable description (token ids only) that one generic on-device
+state machine (`apr_jax.engine.tree`) executes. The three families of REFERENCE.md §1:
+
+- ThreadWeaver: `</Outlines>` forks one thread per `<Outline>` since the last `<Outlines>`;
+  each thread shares the parent's context and is forced `\\n<Thread>\\n{i}:`; it ends at
+  `</Thread>`; the join re-prefills the threads flat, in order, at sequential positions,
+  then `\\n` (join = "flat"). One nesting level.
+- Multiverse: `</Goal>` forks one path per `<Outline>` since `<Goal>`; paths share the
+  context and all start at the same position, forced `\\n<Path>\\n{label}:` (nested labels
+  `2.1`); they end at `</Path>`; the join keeps every path's KV where it was written
+  (join = "stitch", no recompute) and forces `<Conclusion>\\n` at max(child end positions).
+  Nesting depth <= 5.
+- APR: `<End Calling Sub Searches>` forks one child per `<Sub Search>` line since
+  `<Calling Sub Searches>`; a child starts from a fresh context (BOS + the text of its spawn
+  line, copied on device) and runs to EOS; the join drops the spawn block from the parent and
+  inserts a results block (join = "results"): `<Sub Searches>`, each child's text from its
+  last `<Goal Reached>` / `<No Solution>` tag, `<End Sub Searches>`. One level.
+
+Format variants chosen so everything can be built on device (documented in the README):
+tags are single tokens (added special tokens, or sentencepiece user-defined symbols); a
+thread's label is spelled digit by digit; APR's spawn line carries the child's whole prompt
+(`<Sub Search> Moving to Node #0,1 Current State: ...`) instead of a node id that would
+need a task-specific rewrite, and its tags are single tokens rather than
+`<Start Sub Search i at level 1>` text.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+from apr_jax.errors import UserError
+
+JOIN_MODES = ("stitch", "flat", "results")
+
+THREADWEAVER_TAGS = ("<Think>", "</Think>", "<Parallel>", "</Parallel>", "<Outlines>", "</Outlines>",
+                     "<Outline>", "</Outline>", "<Thread>", "</Thread>", "<Conclusion>",
+                     "</Conclusion>")
+MULTIVERSE_TAGS = ("<Think>", "</Think>", "<Parallel>", "</Parallel>", "<Goal>", "</Goal>",
+                   "<Outline>", "</Outline>", "<Path>", "</Path>", "<Conclusion>", "</Conclusion>")
+APR_TAGS = ("<Calling Sub Searches>", "<Sub Search>", "<End Calling Sub Searches>", "<Sub Searches>",
+            "<End Sub Searches>", "<Goal Reached>", "<No Solution>")
+TAGS = {"none": (), "threadweaver": THREADWEAVER_TAGS, "multiverse": MULTIVERSE_TAGS, "apr": APR_TAGS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+  """What the state machine needs, as token ids. `fork == -1`: the protocol never forks."""
+  name: str = "none"
+  fork: int = -1                  # trigger: written by a thread, then its children start
+  open: int = -1                  # starts a block: resets the child count, marks the block
+  count: int = -1                 # one child per occurrence after `open`
+  child_pre: tuple = ()           # forced at the start of each child, before its label
+  child_post: tuple = ()          # forced after the label
+  digits: tuple = ()              # ids of '0'..'9' to spell labels; () = no label
+  label_sep: tuple = ()           # between the parent's label and a nested child's number
+  context: str = "shared"         # "shared": child sees the parent's context; "fresh": own only
+  child_stop: tuple = ()          # a child ends after writing one of these (EOS always does)
+  child_close: tuple = ()         # forced when a child ends without a stop token (budget)
+  join: str = "stitch"            # "stitch" | "flat" | "results"
+  after_join: tuple = ()          # forced into the parent after the join
+  results_open: tuple = ()        # results join: the block's opening tokens
+  results_close: tuple = ()
+  result_tags: tuple = ()         # results join: a child's result starts at its last such tag
+  no_result: tuple = ()           # results join: used for a child that wrote no result tag
+  goal: tuple = ()                # race joins: a child writing one of these has reached the goal
+  max_depth: int = 1              # children of a thread at depth >= max_depth are not created
+
+  def __post_init__(self):
+    if self.context not in ("shared", "fresh"):
+      raise UserError(f"protocol context must be shared or fresh, got {self.context!r}")
+    if self.join not in JOIN_MODES:
+      raise UserError(f"protocol join must be one of {JOIN_MODES}, got {self.join!r}")
+    if self.fork >= 0 and self.join == "stitch" and not self.after_join:
+      raise UserError("a stitch join needs after_join tokens (the parent resumes by reading them)")
+    if self.digits and len(self.digits) != 10:
+      raise UserError("digits must list the ids of '0'..'9'")
+
+  @property
+  def forks(self) -> bool:
+    return self.fork >= 0
+
+  def label(self, parent_label: Sequence[int], i: int) -> list[int]:
+    """Label tokens of child number i (1-based) of a parent with `parent_label`."""
+    if not self.digits:
+      return []
+    own = [self.digits[int(c)] for c in str(i)]
+    return (list(parent_label) + list(self.label_sep) + own) if parent_label else own
+
+
+def _single(tok, text: str) -> int:
+  ids = tok.encode(text)
+  if len(ids) != 1:
+    raise UserError(f"the tokenizer spells {text!r} as {len(ids)} tokens; the protocol needs one")
+  return ids[0]
+
+
+def _tag(tok, tag: str) -> int:
+  i = tok.token_id(tag)
+  if i is None:
+    raise UserError(f"the tokenizer has no {tag!r} token; add the protocol tags first "
+                    f"(apr_jax.model.vocab.add_tokens, or --add_protocol_tokens)")
+  return i
+
+
+def _seq(tok, parts) -> tuple:
+  """parts: tags (looked up as single tokens) or plain text (encoded)."""
+  out = []
+  for p in parts:
+    out += [_tag(tok, p)] if p.startswith("<") and p.endswith(">") else tok.encode(p)
+  return tuple(out)
+
+
+def build(name: str, tok) -> Protocol:
+  """The named protocol for a tokenizer that already has the protocol's tags."""
+  if name == "none":
+    return Protocol()
+  digits = tuple(_single(tok, str(d)) for d in range(10))
+  eos = tuple(tok.stop_ids())
+  if name == "threadweaver":
+    return Protocol(
+        name=name, fork=_tag(tok, "</Outlines>"), open=_tag(tok, "<Outlines>"),
+        count=_tag(tok, "<Outline>"), child_pre=_seq(tok, ["\n", "<Thread>", "\n"]),
+        child_post=_seq(tok, [":"]), digits=digits, context="shared",
+        child_stop=(_tag(tok, "</Thread>"),), child_close=_seq(tok, ["\n", "</Thread>"]),
+        join="flat", after_join=_seq(tok, ["\n"]), max_depth=1)
+  if name == "multiverse":
+    return Protocol(
+        name=name, fork=_tag(tok, "</Goal>"), open=_tag(tok, "<Goal>"), count=_tag(tok, "<Outline>"),
+        child_pre=_seq(tok, ["\n", "<Path>", "\n"]), child_post=_seq(tok, [":"]), digits=digits,
+        label_sep=_seq(tok, ["."]), context="shared", child_stop=(_tag(tok, "</Path>"),),
+        child_close=_seq(tok, ["\n", "</Path>"]), join="stitch",
+        after_join=_seq(tok, ["\n", "<Conclusion>", "\n"]), max_depth=5)
+  if name == "apr":
+    bos = () if tok.bos_id() is None else (tok.bos_id(),)
+    return Protocol(
+        name=name, fork=_tag(tok, "<End Calling Sub Searches>"), open=_tag(tok, "<Calling Sub Searches>"),
+        count=_tag(tok, "<Sub Search>"), child_pre=bos, context="fresh", child_stop=eos,
+        child_close=(), join="results", results_open=_seq(tok, ["<Sub Searches>"]),
+        results_close=_seq(tok, ["<End Sub Searches>", "\n"]),
+        result_tags=(_tag(tok, "<Goal Reached>"), _tag(tok, "<No Solution>")),
+        no_result=(_tag(tok, "<No Solution>"), *_seq(tok, ["\n"])),
+        goal=(_tag(tok, "<Goal Reached>"),), max_depth=1)
+  raise UserError(f"unknown protocol {name!r}; choose from {', '.join(TAGS)}")
