@@ -138,22 +138,23 @@ class TreeEngine:
       return dict(lanes, cache=cache, step=jnp.zeros((), jnp.int32))
 
     self._init = jax.jit(init, out_shardings=sh)
-    self._segment = jax.jit(tree.segment, static_argnums=(0, 4), donate_argnums=(2,),
-                            out_shardings=sh)
+    # a partial per engine: its jit cache counts this engine's loop programs only
+    self._segment = jax.jit(functools.partial(tree.segment, spec=spec), static_argnums=(0,),
+                            donate_argnums=(2,), out_shardings=sh)
     self._admit = jax.jit(functools.partial(tree._admit, spec=spec), donate_argnums=(0,),
                           out_shardings=sh)
     self._cancel = jax.jit(tree._cancel, donate_argnums=(0,), out_shardings=sh)
     self.state = self._init()
     # compile the loop now (one program for every protocol event, request and batch): a call
     # with until_step = 0 runs no step
-    self.state = self._segment(self.graphdef, self.params, self.state, jnp.zeros((), jnp.int32), spec)
+    self.state = self._segment(self.graphdef, self.params, self.state, jnp.zeros((), jnp.int32))
     jax.block_until_ready(self.state["step"])
     self.stats["compile_s"] += time.perf_counter() - t0
 
   def loop_hlo(self) -> str:
     """The optimized HLO of the loop program (tests look for host callbacks in it)."""
-    return self._segment.lower(self.graphdef, self.params, self.state, jnp.zeros((), jnp.int32),
-                               self.spec).compile().as_text()
+    return self._segment.lower(self.graphdef, self.params, self.state,
+                               jnp.zeros((), jnp.int32)).compile().as_text()
 
   def compiled_loops(self) -> int:
     """How many loop programs have been compiled (the jit cache size): 1 whatever ran."""
@@ -235,8 +236,8 @@ class TreeEngine:
           in_lane[lane] = (i, time.perf_counter())
       step = int(self.state["step"])
       self.state = self._segment(self.graphdef, self.params, self.state,
-                                 jnp.int32(step + self.segment_steps), spec)
-      done = np.asarray(jax.device_get(self.state["done"]))
+                                 jnp.int32(step + self.segment_steps))
+      done = np.array(jax.device_get(self.state["done"]))
       now = time.perf_counter()
       for lane, occ in enumerate(in_lane):
         if occ is None or done[lane]:

@@ -48,9 +48,18 @@ class Trace:
 
 
 def simulate(pr: Protocol, prompt: Sequence[int], scripts: dict, eos_ids: Sequence[int] = (),
-             max_depth: int | None = None) -> Trace:
-  """scripts: {path: [sampled tokens]}; a thread whose script runs out stops ("script_end")."""
+             max_depth: int | None = None, max_threads: int | None = None,
+             max_thread_tokens: int | None = None) -> Trace:
+  """scripts: {path: [sampled tokens]}; a thread whose script runs out stops ("script_end").
+
+  Budgets as the engine applies them: a fork creates at most max_threads - (threads so far)
+  children (in depth-first order here, in time order in the engine: the same unless several
+  forks compete for the last threads); a thread that reaches max_thread_tokens samples
+  stops (a child writes the protocol's close tokens first; its fork trigger is ignored)."""
   max_depth = pr.max_depth if max_depth is None else min(max_depth, pr.max_depth)
+  max_threads = max_threads or 1 << 30
+  max_thread_tokens = max_thread_tokens or 1 << 30
+  created = [1]
   threads: dict = {}
   visible: dict = {}
   eos = set(eos_ids)
@@ -82,8 +91,13 @@ def simulate(pr: Protocol, prompt: Sequence[int], scripts: dict, eos_ids: Sequen
     pending_fork = bool(scan_forced and forced and forced[-1] == pr.fork and count >= 1 and
                         depth < max_depth and pr.forks)
     while True:
+      n_kids = min(count, max_threads - created[0]) if pending_fork else 0
+      if pending_fork and n_kids == 0:
+        pending_fork = False  # no thread budget left: keep decoding sequentially
       if pending_fork:
         pending_fork = False
+        count = n_kids
+        created[0] += n_kids
         kids = []
         base = sum(len(g) for _, g in th.fork_groups)  # ranks are unique per parent
         th.fork_groups.append((len(th.written) - 1, [path + (base + i,) for i in range(count)]))
@@ -135,6 +149,12 @@ def simulate(pr: Protocol, prompt: Sequence[int], scripts: dict, eos_ids: Sequen
       is_child = len(path) > 0
       if (is_child and (x in pr.child_stop or x in eos)) or (not is_child and x in eos):
         th.stop_reason = "stop"
+        break
+      if len(th.samples) >= max_thread_tokens:
+        if is_child:
+          for t in pr.child_close:
+            write(t, False)
+        th.stop_reason = "budget" if is_child else "length"
         break
       if pr.forks and x == pr.fork and count >= 1 and depth < max_depth:
         pending_fork = True

@@ -1,0 +1,190 @@
+"""The fork/join engine: exactness against the plain reference, one compiled program, batch
+invariance, sharding, budgets and robustness (hypothesis fuzzing)."""
+import re
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from apr_jax.engine import tree
+from apr_jax.engine.generate import Generator
+from apr_jax.engine.runner import Request, TreeEngine
+from apr_jax.engine.tree import TreeSpec
+from apr_jax.protocols import reference
+from tests import tree_fixtures as tf
+
+MODEL = None
+
+
+def model():
+  global MODEL
+  if MODEL is None:
+    MODEL = tf.tiny_model()
+  return MODEL
+
+
+def engine(name, **kw):
+  args = dict(protocol=tf.PROTOCOLS[name], root_stop=(tf.EOS,), lanes=2, rows=3, threads=16,
+              slots=256, chunk=8, script=64, script_rows=16, record_logits=True)
+  args.update(kw)
+  return TreeEngine(model(), None, TreeSpec(**args), segment_steps=16)
+
+
+@pytest.mark.parametrize("name", sorted(tf.PROTOCOLS))
+def test_exact_against_reference(name):
+  """Teacher-forced random trajectories: every thread's logits at every sample equal a full
+  forward over its visible context with the protocol's positions; same flat trajectory,
+  total tokens and critical path. Fewer rows than threads, so threads also wait for rows."""
+  rng = np.random.default_rng(hash(name) % 1000)
+  eng = engine(name)
+  cases = [tf.random_trajectory(name, rng, blocks=b) for b in (0, 1, 2, 2, 1)]
+  results = eng.run([Request(p, script=s) for p, s in cases])
+  forks = 0
+  for (prompt, scripts), res in zip(cases, results):
+    trace = reference.simulate(tf.PROTOCOLS[name], prompt, scripts, eos_ids=(tf.EOS,))
+    tf.check_exact(model(), res, trace, len(prompt))
+    assert res.stop_reason == "stop"
+    forks += res.forks
+  assert forks >= 3
+  assert eng.compiled_loops() == 1
+
+
+def test_prompt_forced_fork_and_one_thread_equals_sequential():
+  """A prompt that ends with the fork trigger forks at once; a one-thread fork (shared
+  context) decodes exactly what sequential decoding of the same tokens gives."""
+  pr = tf.PROTOCOLS["multiverse"]
+  prompt = [tf.BOS, 5, 6, 7, tf.OPEN, tf.COUNT, 9, 10, tf.FORK]
+  eng = engine("multiverse", script=0, script_rows=0, record_logits=False)
+  res = eng.run([Request(prompt, max_thread_tokens=12)])[0]
+  child = next(t for t in res.threads if t["path"] == (0,))
+  assert res.forks == 1 and child["tokens"] >= 1
+  # the child's context is the prompt plus its forced prefix at the next positions
+  prefix = list(pr.child_pre) + pr.label([], 1) + list(pr.child_post)
+  assert child["token_ids"][:len(prefix)] == prefix
+  gen = Generator(model(), None)
+  toks, n, _ = gen.generate_ids([prompt + prefix], max_new_tokens=child["tokens"],
+                                stop_ids=list(pr.child_stop) + [tf.EOS])
+  assert child["token_ids"][len(prefix):len(prefix) + child["tokens"]] == toks[0, :n[0]].tolist()
+
+
+def test_one_program_no_callbacks_batch_invariance():
+  """Requests that fork zero, one and several times (nested) run in one compiled loop with
+  no host callbacks; each request's greedy output is the same alone and batched, and more
+  requests than lanes wait for a free lane (continuous batching)."""
+  rng = np.random.default_rng(7)
+  cases = [tf.random_trajectory("multiverse", rng, blocks=b) for b in (0, 1, 2, 2)]
+  # script only the root's first tokens, so the rest is free greedy decoding
+  reqs = [Request(p, script={(): s[()][:12]}, max_thread_tokens=20, seed=i)
+          for i, (p, s) in enumerate(cases)]
+  eng = engine("multiverse", record_logits=False)
+  batched = eng.run(reqs)
+  alone = [eng.run([r])[0] for r in reqs]
+  for a, b in zip(alone, batched):
+    assert a.token_ids == b.token_ids
+    assert [t["token_ids"] for t in a.threads] == [t["token_ids"] for t in b.threads]
+  assert sum(r.forks for r in batched) >= 2
+  assert eng.compiled_loops() == 1
+  hlo = eng.loop_hlo()
+  targets = set(re.findall(r'custom_call_target="([^"]+)"', hlo))
+  assert not [t for t in targets if "callback" in t.lower()], targets
+  assert not re.search(r"\b(outfeed|send|recv)\(", hlo)
+
+
+def test_sharded_engine_matches_one_device():
+  """Lanes over the data axis, KV heads over the model axis: same results as one device."""
+  from apr_jax.model.sharding import make_mesh, ShardingRules
+  from apr_jax.checkpoint.build import shard_model
+  rng = np.random.default_rng(3)
+  cases = [tf.random_trajectory("threadweaver", rng, blocks=1) for _ in range(2)]
+  reqs = [Request(p, script=s) for p, s in cases]
+  one = engine("threadweaver").run(reqs)
+  mesh = make_mesh(2, 2)
+  sharded_model = shard_model(model(), mesh, ShardingRules())
+  spec = TreeSpec(protocol=tf.PROTOCOLS["threadweaver"], root_stop=(tf.EOS,), lanes=2, rows=3,
+                  threads=16, slots=256, chunk=8, script=64, script_rows=16, record_logits=True)
+  eng = TreeEngine(sharded_model, None, spec, mesh=mesh)
+  assert eng.state["cache"][0].k.sharding.spec[:2] == ("data", "model")
+  two = eng.run(reqs)
+  for a, b in zip(one, two):
+    assert a.token_ids == b.token_ids
+    for p in a.logits:
+      np.testing.assert_allclose(a.logits[p], b.logits[p], atol=1e-4)
+
+
+def test_budgets_race_deadline():
+  pr = tf.PROTOCOLS["apr"]
+  rng = np.random.default_rng(5)
+  prompt, scripts = tf.random_trajectory("apr", rng, blocks=1, max_kids=3)
+  eng = engine("apr", script=64)
+  # thread budget: only 2 threads in total -> the fork gets one child
+  res = eng.run([Request(prompt, script=scripts, max_threads=2)])[0]
+  assert len(res.threads) == 2 and res.forks == 1
+  trace = reference.simulate(pr, prompt, scripts, eos_ids=(tf.EOS,), max_threads=2)
+  tf.check_exact(model(), res, trace, len(prompt))
+  # total-token budget
+  res = eng.run([Request(prompt, script=scripts, max_total_tokens=7)])[0]
+  assert res.total_tokens <= 7 and res.stop_reason == "total_budget"
+  # critical-path budget
+  res = eng.run([Request(prompt, script=scripts, max_critical_path=5)])[0]
+  assert res.critical_path <= 5
+  # deadline: checked between segments
+  res = eng.run([Request(prompt, deadline_s=0.0, max_thread_tokens=200)])[0]
+  assert res.stop_reason == "deadline"
+  # race: the first child that writes the goal tag cancels its unfinished siblings
+  scripts = {(): [3, tf.OPEN, tf.COUNT, 4, tf.COUNT, 5, tf.COUNT, 6, tf.FORK, 7, tf.EOS],
+             (0,): [8, tf.GOAL, 9, tf.EOS], (1,): [10] * 30 + [tf.EOS], (2,): [11] * 30 + [tf.EOS]}
+  race = engine("apr", rows=4, race=True)
+  res = race.run([Request([tf.BOS, 3], script=scripts)])[0]
+  reasons = {t["path"]: t["stop_reason"] for t in res.threads}
+  assert reasons[(0,)] == "stop" and reasons[(1,)] == "cancelled" and reasons[(2,)] == "cancelled"
+  assert res.stop_reason == "stop"
+
+
+SPECIAL = [tf.OPEN, tf.COUNT, tf.FORK, tf.STOP, tf.EOS, tf.GOAL, tf.NOGOAL]
+
+
+@st.composite
+def token_streams(draw):
+  def stream(n):
+    return draw(st.lists(st.one_of(st.sampled_from(SPECIAL), st.integers(3, 39)), min_size=0, max_size=n))
+  paths = [(), (0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (2, 2), (3,)]
+  return {p: stream(24) for p in paths}
+
+
+FUZZ = {}
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(name=st.sampled_from(sorted(tf.PROTOCOLS)), scripts=token_streams(),
+       max_threads=st.integers(1, 6), max_depth=st.integers(0, 3), thread_tokens=st.integers(1, 20),
+       total=st.integers(1, 60), slots=st.sampled_from([48, 256]))
+def test_fuzz_state_machine(name, scripts, max_threads, max_depth, thread_tokens, total, slots):
+  """Random token streams (unclosed threads, too many threads for the rows, nesting too
+  deep, forks at the end of a budget, a cache that runs out): no crash, budgets hold, no row
+  or slot leaks, and - when no budget cut a fork short - exact logits against the reference."""
+  key = (name, slots)
+  if key not in FUZZ:
+    FUZZ[key] = engine(name, lanes=1, rows=2, threads=8, slots=slots, script=24, script_rows=16)
+  eng = FUZZ[key]
+  prompt = [tf.BOS, 3, 4]
+  req = Request(prompt, script=scripts, max_threads=max_threads, max_depth=max_depth,
+                max_thread_tokens=thread_tokens, max_total_tokens=total)
+  res = eng.run([req])[0]
+  lane = {k: np.asarray(v[0]) for k, v in eng.state.items() if k in tree.LANE_KEYS}
+  created = int(lane["created"])
+  assert lane["done"] and (lane["r_thread"] == -1).all()
+  assert (lane["t_state"][:created] == tree.DONE).all() and (lane["t_state"][created:] == tree.FREE).all()
+  owners = lane["s_owner"]
+  assert ((owners == -1) | ((owners >= 0) & (owners < created))).all()
+  assert (owners >= 0).sum() <= int(lane["g_n"])
+  assert created <= max_threads and res.total_tokens <= total
+  assert all(t["tokens"] <= thread_tokens for t in res.threads)
+  assert all(t["depth"] <= max_depth for t in res.threads)
+  assert res.stop_reason in ("stop", "length", "total_budget", "out_of_memory")
+  if res.stop_reason in ("stop", "length") and all(len(s) < 24 for s in scripts.values()):
+    trace = reference.simulate(tf.PROTOCOLS[name], prompt, scripts, eos_ids=(tf.EOS,),
+                               max_depth=max_depth, max_threads=max_threads,
+                               max_thread_tokens=thread_tokens)
+    if created < max_threads and all(t.stop_reason != "script_end" for t in trace.threads.values()):
+      tf.check_exact(model(), res, trace, len(prompt))
+      FUZZ["exact"] = FUZZ.get("exact", 0) + 1

@@ -1,0 +1,145 @@
+"""Shared pieces of the fork/join engine tests: a tiny random model, toy-vocab protocols,
+random well-formed trajectories, and the exactness check against the plain reference."""
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from apr_jax.engine.generate import bucket
+from apr_jax.model.config import ModelConfig
+from apr_jax.model.transformer import Transformer
+from apr_jax.protocols import Protocol
+from apr_jax.protocols import reference
+
+BOS, EOS = 1, 2
+PLAIN = (3, 40)  # ordinary tokens: ids 3..39
+OPEN, COUNT, FORK, NL, TAG_A, STOP, TAG_B, CLOSE_B, GOAL, NOGOAL = 40, 41, 42, 43, 44, 45, 46, 47, 48, 49
+DIGITS = tuple(range(50, 60))
+SEP, COLON = 60, 61
+
+PROTOCOLS = {
+    # Multiverse-like: shared context, stitch join, nesting
+    "multiverse": Protocol(name="multiverse", fork=FORK, open=OPEN, count=COUNT,
+                           child_pre=(NL, TAG_A, NL), child_post=(COLON,), digits=DIGITS,
+                           label_sep=(SEP,), child_stop=(STOP,), child_close=(NL, STOP),
+                           join="stitch", after_join=(NL, TAG_B, NL), max_depth=3),
+    # ThreadWeaver-like: shared context, flat re-prefill join, one level
+    "threadweaver": Protocol(name="threadweaver", fork=FORK, open=OPEN, count=COUNT,
+                             child_pre=(NL, TAG_A, NL), child_post=(COLON,), digits=DIGITS,
+                             child_stop=(STOP,), child_close=(NL, STOP), join="flat",
+                             after_join=(NL,), max_depth=1),
+    # APR-like: fresh contexts from spawn lines, results join, one level
+    "apr": Protocol(name="apr", fork=FORK, open=OPEN, count=COUNT, child_pre=(BOS,), context="fresh",
+                    child_stop=(EOS,), join="results", results_open=(TAG_B,),
+                    results_close=(CLOSE_B, NL), result_tags=(GOAL, NOGOAL), no_result=(NOGOAL, NL),
+                    goal=(GOAL,), max_depth=1),
+}
+
+
+def tiny_model(seed=0, vocab=64):
+  cfg = ModelConfig(arch="llama", vocab_size=vocab, dim=32, ffn_dim=64, n_layers=2, n_heads=4,
+                    n_kv_heads=2, head_dim=8, norm_eps=1e-5, rope_theta=10000.0, max_seq_len=1024,
+                    bos_id=BOS, eos_ids=(EOS,))
+  model = Transformer(cfg, rngs=nnx.Rngs(seed))
+  # larger weights than the default init, so that wrong contexts change the logits visibly
+  graphdef, state = nnx.split(model)
+  state = jax_tree_scale(state, 3.0)
+  return nnx.merge(graphdef, state)
+
+
+def jax_tree_scale(state, f):
+  import jax
+  return jax.tree.map(lambda x: x * f if x.ndim == 2 else x, state)
+
+
+def plain(rng, lo, hi):
+  return [int(x) for x in rng.integers(*PLAIN, int(rng.integers(lo, hi + 1)))]
+
+
+def random_trajectory(name: str, rng, max_kids=3, nest=True, blocks=None, max_threads=12):
+  """(prompt, scripts) of a random well-formed trajectory of the toy protocol `name` with at
+  most `max_threads` threads."""
+  while True:
+    prompt, scripts = _random_trajectory(name, rng, max_kids, nest, blocks)
+    if len(scripts) <= max_threads:
+      return prompt, scripts
+
+
+def _random_trajectory(name, rng, max_kids, nest, blocks):
+  pr = PROTOCOLS[name]
+  scripts = {}
+  prompt = [BOS] + plain(rng, 2, 6)
+
+  def thread(path, depth):
+    out = plain(rng, 1, 4)
+    nblocks = (blocks if blocks is not None else int(rng.integers(0, 3))) if depth == 0 else (
+        int(rng.integers(0, 2)) if nest and depth < pr.max_depth and name == "multiverse" else 0)
+    kid = 0
+    for _ in range(nblocks):
+      k = int(rng.integers(1, max_kids + 1))
+      out += [OPEN]
+      for _ in range(k):
+        out += [COUNT] + plain(rng, 0 if pr.context == "shared" else 1, 3)
+      out += [FORK]
+      for i in range(k):
+        child = path + (kid,)
+        kid += 1
+        if pr.context == "fresh":
+          body = plain(rng, 1, 4)
+          if rng.random() < 0.6:
+            body += [GOAL if rng.random() < 0.5 else NOGOAL] + plain(rng, 0, 3)
+          scripts[child] = body + [EOS]
+        else:
+          scripts[child] = thread(child, depth + 1) + [STOP]
+      out += plain(rng, 1, 3)
+    return out
+
+  scripts[()] = thread((), 0) + [EOS]
+  return prompt, scripts
+
+
+@functools.lru_cache(maxsize=None)
+def _fwd():
+  @nnx.jit
+  def f(model, ids, pos, mask):
+    return model(ids, pos, mask)[0]
+  return f
+
+
+def reference_logits(model, trace: reference.Trace, ctx) -> np.ndarray:
+  """Logits [V] of a plain full forward over `ctx` (padded to a bucket: few compiles)."""
+  n = len(ctx)
+  b = bucket(n)
+  ids = np.zeros((1, b), np.int32)
+  pos = np.zeros((1, b), np.int32)
+  mask = np.zeros((1, b, b), bool)
+  ids[0, :n] = [e[0] for e in ctx]
+  pos[0, :n] = [e[1] for e in ctx]
+  mask[0, :n, :n] = trace.mask(ctx)
+  mask[0, np.arange(n, b), np.arange(n, b)] = True
+  out = _fwd()(model, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(mask))
+  return np.asarray(out[0, n - 1])
+
+
+def check_exact(model, result, trace: reference.Trace, prompt_len: int, rel_tol=1e-4):
+  """Engine result (teacher-forced, record_logits) vs the reference: same trajectory, same
+  metrics, and every sample's logits equal a full forward over the thread's context."""
+  ref_traj = [e[0] for e in trace.final_context][prompt_len:]
+  assert result.token_ids == ref_traj
+  assert result.total_tokens == trace.total_tokens
+  assert result.critical_path == trace.critical_path
+  assert set(result.logits) == set(trace.threads)
+  worst, span = 0.0, 0.0
+  for path, th in trace.threads.items():
+    got = result.logits[path]
+    assert len(got) == len(th.samples), (path, len(got), len(th.samples))
+    for j, ctx in enumerate(th.contexts):
+      ref = reference_logits(model, trace, ctx)
+      worst = max(worst, float(np.abs(ref - got[j]).max()))
+      span = max(span, float(ref.max() - ref.min()))
+  assert span > 1.0, "model too weak to detect wrong contexts"
+  assert worst <= rel_tol * span, (worst, span)
+  return worst, span
