@@ -2,6 +2,11 @@
 
 decode: SmolLM2-135M decode tokens/s at batch 1 and 8, apr_jax vs transformers (CPU torch),
         measured side by side in one process, interleaved, median of --repeats.
+fork:   SmolLM2-135M, a P-token prompt, a forced fork into k threads of n tokens, a join,
+        m more tokens: apr_jax (the fork/join engine, Multiverse stitch join; also the
+        ThreadWeaver flat join as apr_jax_flat), sequential decoding of the same number of
+        tokens, and the host-orchestrated baseline (threads as separate batched requests with
+        prefix caching, re-prefill at the join). Wall time, KV bytes, join cost.
 """
 from __future__ import annotations
 
@@ -22,6 +27,10 @@ flags.DEFINE_integer("new_tokens", 64, "Tokens generated per timed run.", lower_
 flags.DEFINE_list("batches", ["1", "8"], "Batch sizes.")
 flags.DEFINE_list("systems", ["apr_jax", "transformers"], "Systems to compare.")
 flags.DEFINE_string("model", "", "GGUF model; empty = the embedded SmolLM2-135M-Instruct.")
+flags.DEFINE_list("ks", ["1", "2", "4", "8"], "fork: thread counts.")
+flags.DEFINE_integer("thread_tokens", 48, "fork: tokens per thread (n).", lower_bound=1)
+flags.DEFINE_integer("after_tokens", 16, "fork: tokens after the join (m).", lower_bound=1)
+flags.DEFINE_list("methods", ["apr_jax", "apr_jax_flat", "sequential", "host"], "fork: methods.")
 
 PROMPT = "Write a short story about a robot who learns to paint."
 
@@ -106,7 +115,158 @@ def bench_decode():
   return records
 
 
-BENCHMARKS = {"decode": bench_decode}
+def _fork_prompt(tok, tags_open, k):
+  """A chat prompt that opens a parallel block with k outlines and ends with the fork trigger."""
+  head = tok.encode(tok.apply_chat([{"role": "user", "content": "Plan a weekend trip to Paris."}]))
+  outl = [t for j in range(k) for t in tok.encode(f"<Outline>{j + 1}: part {j + 1}</Outline>\n")]
+  return head + tok.encode(tags_open) + outl
+
+
+def bench_fork():
+  import dataclasses
+  import numpy as np
+  from apr_jax import checkpoint
+  from apr_jax.default_model import smollm2_path
+  from apr_jax.engine.generate import Generator, bucket
+  from apr_jax.engine.host import HostOrchestrator
+  from apr_jax.engine.runner import Request, TreeEngine
+  from apr_jax.engine.tree import TreeSpec
+  from apr_jax.model.vocab import add_tokens
+  from apr_jax.protocols import MULTIVERSE_TAGS, THREADWEAVER_TAGS, build
+
+  n, m = FLAGS.thread_tokens, FLAGS.after_tokens
+  ks = [int(k) for k in FLAGS.ks]
+  unknown = set(FLAGS.methods) - {"apr_jax", "apr_jax_flat", "sequential", "host"}
+  if unknown:
+    raise UserError(f"unknown methods {sorted(unknown)}")
+  model, tok = checkpoint.load(FLAGS.model or smollm2_path())
+  model, _ = add_tokens(model, tok, sorted(set(MULTIVERSE_TAGS) | set(THREADWEAVER_TAGS)))
+  # threads run exactly n tokens: no stop tokens, no closing tags forced at the budget
+  mv = dataclasses.replace(build("multiverse", tok), child_stop=(), child_close=())
+  tw = dataclasses.replace(build("threadweaver", tok), child_stop=(), child_close=())
+  runners = {}
+  prompt_len = {}
+  for k in ks:
+    p_mv = _fork_prompt(tok, "<Parallel>\n<Goal>\n", k) + tok.encode("</Goal>")
+    p_tw = _fork_prompt(tok, "<Parallel>\n<Outlines>\n", k) + tok.encode("</Outlines>")
+    pre = len(mv.child_pre) + len(mv.label([], k)) + len(mv.child_post)
+    need = len(p_mv) + k * (pre + n) + len(mv.after_join) + m
+    slots = -(-need // 16) * 16
+    prompt_len[k] = len(p_mv)
+
+    def make_engine(pr, prompt, k=k, slots=slots):
+      spec = TreeSpec(protocol=pr, root_stop=(), lanes=1, rows=k, threads=k + 1, slots=slots,
+                      chunk=64)
+      eng = TreeEngine(model, tok, spec, segment_steps=1 << 20)
+      req = Request(prompt, max_thread_tokens=n, max_total_tokens=k * n + m)
+
+      def run():
+        r = eng.run([req])[0]
+        assert r.total_tokens == k * n + m, (r.total_tokens, r.stop_reason)
+        return {"wall_s": r.wall_s, "kv_bytes": r.kv_bytes, "kv_stored_bytes": r.kv_stored_bytes,
+                "steps": r.steps, "critical_path": r.critical_path, "total_tokens": r.total_tokens}
+
+      def join_cost():
+        """Per-step times (one step per segment): the steps after the last thread's final
+        write that run the join's forced tokens (stitch: `\n<Conclusion>\n`; flat: the
+        re-prefill) up to the parent's first sample, in units of the median thread-decode
+        step."""
+        eng.segment_steps = 1
+        times = []
+        orig = eng._segment
+
+        def timed(*a):
+          t0 = time.perf_counter()
+          out = orig(*a)
+          out["step"].block_until_ready()
+          times.append(time.perf_counter() - t0)
+          return out
+        eng._segment = timed
+        try:
+          r = eng.run([req])[0]
+        finally:
+          eng._segment, eng.segment_steps = orig, 1 << 20
+        kids = [t for t in r.threads if t["parent"] == 0]
+        end = max(t["end_step"] for t in kids)
+        start = max(t["start_step"] for t in kids)
+        decode = statistics.median(times[start + 2:end - 1])
+        queued = len(pr.after_join) + (k * (pre + n) if pr.join == "flat" else 0)
+        join = sum(times[end + 1:end + 1 + -(-queued // spec.chunk)])
+        return {"join_s": join, "decode_step_s": decode, "join_cost_decode_steps": join / decode}
+      return run, join_cost
+
+    if "apr_jax" in FLAGS.methods:
+      runners[("apr_jax", k)] = make_engine(mv, p_mv)
+    if "apr_jax_flat" in FLAGS.methods:
+      runners[("apr_jax_flat", k)] = make_engine(tw, p_tw)
+    if "sequential" in FLAGS.methods:
+      gen = Generator(model, tok)
+
+      def run_seq(k=k, prompt=p_mv, gen=gen):
+        gen.generate_ids([prompt], max_new_tokens=k * n + m, stop_ids=[])
+        s = gen.stats
+        slots_seq = bucket(len(prompt)) + bucket(k * n + m)
+        return {"wall_s": s["prefill_s"] + s["decode_s"], "kv_bytes": slots_seq * host_bpt,
+                "kv_stored_bytes": (len(prompt) + k * n + m) * host_bpt,
+                "critical_path": k * n + m, "total_tokens": k * n + m}
+      runners[("sequential", k)] = (run_seq, None)
+    if "host" in FLAGS.methods:
+      host = HostOrchestrator(model, slots=slots)
+      host_bpt = host.bytes_per_token
+      prefixes = [list(tw.child_pre) + tw.label([], i + 1) + list(tw.child_post) for i in range(k)]
+
+      def run_host(host=host, prompt=p_tw, prefixes=prefixes, k=k):
+        r = host.fork_join(prompt, prefixes, n, tw.after_join, m)
+        stored = (len(prompt) + k * (len(prefixes[0]) + n)) * host.bytes_per_token
+        return {"wall_s": r["wall_s"], "kv_bytes": r["kv_bytes"], "kv_stored_bytes": stored,
+                "join_s": r["join_s"], "reprefill_tokens": r["reprefill_tokens"],
+                "critical_path": n + m, "total_tokens": k * n + m}
+      runners[("host", k)] = (run_host, None)
+  host_bpt = 2 * model.cfg.n_layers * model.cfg.n_kv_heads * model.cfg.head_dim * 4
+
+  extra = {}
+  for key, (fn, jc) in runners.items():  # warm-up: compile, allocate; join cost once
+    _log(f"warm-up {key[0]} k={key[1]}")
+    fn()
+    if jc is not None:
+      extra[key] = jc()
+  samples = {key: [] for key in runners}
+  for r in range(FLAGS.repeats):
+    for key, (fn, _) in runners.items():
+      res = fn()
+      samples[key].append(res)
+      _log(f"repeat {r + 1}/{FLAGS.repeats} {key[0]:13s} k={key[1]}: {res['wall_s']:.3f} s")
+  records = []
+  for (method, k), rs in samples.items():
+    rec = {"benchmark": "fork", "method": method, "k": k, "prompt_tokens": prompt_len[k],
+           "thread_tokens": n, "after_tokens": m, "repeats": len(rs),
+           "wall_s": round(statistics.median(x["wall_s"] for x in rs), 4),
+           "wall_s_all": [round(x["wall_s"], 4) for x in rs],
+           "kv_bytes": rs[0]["kv_bytes"], "kv_stored_bytes": rs[0]["kv_stored_bytes"],
+           "total_tokens": rs[0]["total_tokens"], "critical_path": rs[0]["critical_path"]}
+    if "join_s" in rs[0]:
+      rec["join_s"] = round(statistics.median(x["join_s"] for x in rs), 4)
+    rec.update({kk: round(v, 4) for kk, v in extra.get((method, k), {}).items()})
+    records.append(rec)
+  for r in records:
+    seq = next((x for x in records if x["method"] == "sequential" and x["k"] == r["k"]), None)
+    host = next((x for x in records if x["method"] == "host" and x["k"] == r["k"]), None)
+    if seq:
+      r["wall_vs_sequential"] = round(r["wall_s"] / seq["wall_s"], 3)
+    if host:
+      r["wall_vs_host"] = round(r["wall_s"] / host["wall_s"], 3)
+    r["kv_bytes_vs_stored"] = round(r["kv_bytes"] / r["kv_stored_bytes"], 3)
+  print(f"{'method':13s} {'k':>2s} {'wall s':>8s} {'x seq':>6s} {'x host':>7s} {'KV MB':>7s} "
+        f"{'KV/stored':>9s} {'join s':>7s} {'join/decode step':>16s}")
+  for r in records:
+    print(f"{r['method']:13s} {r['k']:2d} {r['wall_s']:8.3f} {r.get('wall_vs_sequential', float('nan')):6.2f} "
+          f"{r.get('wall_vs_host', float('nan')):7.2f} {r['kv_bytes'] / 2**20:7.1f} "
+          f"{r['kv_bytes_vs_stored']:9.2f} {r.get('join_s', float('nan')):7.3f} "
+          f"{r.get('join_cost_decode_steps', float('nan')):16.2f}")
+  return records
+
+
+BENCHMARKS = {"decode": bench_decode, "fork": bench_fork}
 
 
 @cli_main

@@ -642,18 +642,35 @@ def _split(st):
 
 
 def forward_step(model: Transformer, st, spec: TreeSpec, m: int):
+  """One engine step packing at most `m` tokens per lane."""
   step = st["step"]
   lane, pk = jax.vmap(lambda l: pack(l, step, spec, m))(_split(st))
   h, cache = model.hidden(pk["tok"], pk["pos"], pk["mask"], st["cache"], pk["slot"])
-  hl = jnp.take_along_axis(h, pk["last"][..., None], axis=1)              # [L, W, E]
-  logits = model.logits(hl)                                               # [L, W, V]
+  # logits only for rows that drained (at most min(rows, m) of them)
+  r = min(spec.rows, m)
+  sel = jax.vmap(lambda d: jnp.nonzero(d, size=r, fill_value=spec.rows)[0])(pk["drained"])  # [L, R]
+  last = jnp.take_along_axis(pk["last"], jnp.clip(sel, 0, spec.rows - 1), axis=1)
+  hl = jnp.take_along_axis(h, last[..., None], axis=1)                    # [L, R, E]
+  lo = model.logits(hl)                                                   # [L, R, V]
+  b = jnp.arange(lo.shape[0])[:, None]
+  logits = jnp.zeros((lo.shape[0], spec.rows, lo.shape[-1]), lo.dtype).at[b, sel].set(lo, mode="drop")
   lane = update(lane, logits, pk["drained"], step, spec)
   return dict(lane, cache=cache, step=step + 1)
 
 
+def step_sizes(spec: TreeSpec) -> tuple:
+  """Token budgets of the step variants: 1 (one thread decoding), rows (every row decoding),
+  2 x rows (a few forced tokens: closing tags, a join's forced tokens) and chunk (prompts,
+  re-prefills). More variants cost compile time, not run time."""
+  return tuple(sorted({1, spec.rows, min(max(2 * spec.rows, 8), spec.chunk), spec.chunk}))
+
+
 def segment(graphdef, params, st, until_step, spec: TreeSpec):
-  """Runs engine steps while step < until_step and some lane has work."""
+  """Runs engine steps while step < until_step and some lane has work. Each step runs the
+  smallest variant whose token budget covers the work: one token per decoding thread, or a
+  chunk when forced tokens are queued."""
   model: Transformer = nnx.merge(graphdef, params)
+  sizes = step_sizes(spec)
 
   def cond(st):
     return (st["step"] < until_step) & jnp.any(st["active"] & ~st["done"])
@@ -663,11 +680,13 @@ def segment(graphdef, params, st, until_step, spec: TreeSpec):
     st = dict(st, **lane)
     tw = jnp.clip(st["r_thread"], 0)
     qlen = jnp.take_along_axis(st["t_qlen"], tw, axis=1)
-    need_chunk = jnp.any((st["r_thread"] >= 0) & (qlen > 1) & (st["active"] & ~st["done"])[:, None])
-    if spec.chunk == spec.rows:
-      return forward_step(model, st, spec, spec.rows)
-    return jax.lax.cond(need_chunk, lambda s: forward_step(model, s, spec, spec.chunk),
-                        lambda s: forward_step(model, s, spec, spec.rows), st)
+    busy = (st["r_thread"] >= 0) & (st["active"] & ~st["done"])[:, None]
+    need = jnp.max(jnp.sum(jnp.where(busy, jnp.minimum(qlen, spec.chunk), 0), axis=1))
+    which = jnp.sum(jnp.asarray(sizes) < need)
+    if len(sizes) == 1:
+      return forward_step(model, st, spec, sizes[0])
+    return jax.lax.switch(jnp.minimum(which, len(sizes) - 1),
+                          [functools.partial(forward_step, model, spec=spec, m=m) for m in sizes], st)
 
   return jax.lax.while_loop(cond, body, st)
 

@@ -1,0 +1,94 @@
+"""The host-orchestrated baseline, on our own model code: the ThreadWeaver way.
+
+A host loop sends each thread as a separate request (the k threads of a fork run as one
+batch, the way a serving engine batches concurrent requests), with prefix caching (the
+prompt's KV is computed once and shared by the thread requests), and re-prefills the threads
+into the parent at the join (threads 2..k; the parent's cached prefix covers the prompt and
+thread 1), then decodes the continuation. Greedy. Every phase boundary is a host round trip.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from apr_jax.cache import kv as kvlib
+from apr_jax.model.transformer import Transformer
+
+
+def _extend(graphdef, params, cache, tokens, start):
+  """Writes tokens [B, T] at slots/positions start.. (every row alike); greedy next token."""
+  model: Transformer = nnx.merge(graphdef, params)
+  b, t = tokens.shape
+  s = cache[0].k.shape[2]
+  pos = jnp.broadcast_to(start + jnp.arange(t), (b, t))
+  mask = jnp.broadcast_to(jnp.arange(s)[None, :] <= pos[0][:, None], (b, t, s))
+  h, cache = model.hidden(tokens, pos, mask, cache, start)
+  return jnp.argmax(model.logits(h[:, -1]), -1).astype(jnp.int32), cache
+
+
+def _decode(graphdef, params, cache, last, start, n: int):
+  """n greedy decode steps for every row from slot `start`: returns tokens [B, n], cache."""
+  model: Transformer = nnx.merge(graphdef, params)
+  b = last.shape[0]
+  s = cache[0].k.shape[2]
+
+  def body(i, carry):
+    cache, last, out = carry
+    p = start + i
+    mask = jnp.broadcast_to(jnp.arange(s) <= p, (b, 1, s))
+    h, cache = model.hidden(last[:, None], jnp.full((b, 1), p), mask, cache, p)
+    nxt = jnp.argmax(model.logits(h[:, 0]), -1).astype(jnp.int32)
+    return cache, nxt, out.at[:, i].set(last)
+
+  cache, last, out = jax.lax.fori_loop(0, n, body, (cache, last, jnp.zeros((b, n), jnp.int32)))
+  return out, cache
+
+
+class HostOrchestrator:
+
+  def __init__(self, model: Transformer, slots: int, cache_dtype=jnp.float32):
+    self.graphdef, self.params = nnx.split(model)
+    self.cfg = model.cfg
+    self.slots = slots
+    self.cache_dtype = cache_dtype
+    self._extend = jax.jit(_extend, static_argnums=(0,), donate_argnums=(2,))
+    self._decode = jax.jit(_decode, static_argnums=(0, 5), donate_argnums=(2,))
+    self.bytes_per_token = 2 * self.cfg.n_layers * self.cfg.n_kv_heads * self.cfg.head_dim * \
+        jnp.dtype(cache_dtype).itemsize
+
+  def fork_join(self, prompt: Sequence[int], prefixes: Sequence[Sequence[int]], n: int,
+                after_join: Sequence[int], m: int) -> dict:
+    """prompt -> k threads (forced prefix each, then n tokens) -> flat join -> m tokens."""
+    g, p = self.graphdef, self.params
+    k = len(prefixes)
+    t0 = time.perf_counter()
+    cache = kvlib.init_cache(self.cfg, 1, self.slots, self.cache_dtype)
+    _, cache = self._extend(g, p, cache, jnp.asarray([prompt], jnp.int32), 0)
+    # fork: k thread requests hit the prompt's prefix cache
+    cache_k = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), cache)
+    pre = jnp.asarray(prefixes, jnp.int32)
+    start = len(prompt)
+    first, cache_k = self._extend(g, p, cache_k, pre, start)
+    toks, cache_k = self._decode(g, p, cache_k, first, start + pre.shape[1], n)
+    threads = np.asarray(jax.device_get(toks))   # host round trip: the orchestrator joins
+    t1 = time.perf_counter()
+    # join: the parent's cached prefix is prompt + thread 1; re-prefill threads 2..k
+    parent = jax.tree.map(lambda x: x[:1], cache_k)
+    del cache_k
+    rest = [t for i in range(1, k) for t in list(prefixes[i]) + threads[i].tolist()] + list(after_join)
+    first, parent = self._extend(g, p, parent, jnp.asarray([rest], jnp.int32),
+                                 start + pre.shape[1] + n)
+    jax.block_until_ready(first)
+    t2 = time.perf_counter()
+    out, parent = self._decode(g, p, parent, first, start + pre.shape[1] + n + len(rest), m)
+    jax.block_until_ready(out)
+    t3 = time.perf_counter()
+    return {"wall_s": t3 - t0, "join_s": t2 - t1, "threads_s": t1 - t0, "after_s": t3 - t2,
+            "kv_bytes": k * self.slots * self.bytes_per_token, "threads": threads,
+            "continuation": np.asarray(out)[0], "reprefill_tokens": len(rest)}
