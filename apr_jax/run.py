@@ -1,6 +1,8 @@
 """Generate text with a model: `python -m apr_jax.run --prompt "What is 2+3?"`.
 
 The default model is the embedded SmolLM2-135M-Instruct. `--json` prints one JSON object.
+`--protocol threadweaver|multiverse|apr` runs the fork/join engine: the model forks by
+writing the protocol's tags, the thread tree is shown live, and the summary at the end.
 """
 from __future__ import annotations
 
@@ -29,6 +31,22 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and ca
 flags.DEFINE_string("mesh", "1x1", "Device mesh DATAxMODEL, e.g. 2x4.")
 flags.DEFINE_integer("stream_every", 16, "Decode steps per streamed segment (text mode).",
                      lower_bound=1)
+flags.DEFINE_enum("protocol", "none", ["none", "threadweaver", "multiverse", "apr"],
+                  "Fork/join protocol; none = plain sequential decoding.")
+flags.DEFINE_string("assistant_prefix", "", "Text placed after the prompt (after the chat "
+                    "template's assistant header): e.g. a block ending in the fork trigger "
+                    "forces a fork.")
+flags.DEFINE_integer("rows", 8, "Fork/join: thread rows per request (more threads wait).", lower_bound=1)
+flags.DEFINE_integer("max_threads", 16, "Fork/join: threads per request, the root included.",
+                     lower_bound=1)
+flags.DEFINE_integer("max_depth", None, "Fork/join: nesting depth (default: the protocol's).",
+                     lower_bound=0)
+flags.DEFINE_integer("max_total_tokens", 0, "Fork/join: sampled tokens over all threads "
+                     "(0 = max_threads x max_new_tokens).", lower_bound=0)
+flags.DEFINE_integer("max_critical_path", 0, "Fork/join: critical-path tokens (0 = off).",
+                     lower_bound=0)
+flags.DEFINE_float("deadline_s", 0.0, "Fork/join: wall-clock deadline per request (0 = off).",
+                   lower_bound=0.0)
 config_flags.DEFINE_config_file("config", None, "Optional ml_collections config file from "
                                 "configs/ whose values fill flags not given explicitly.")
 flags.register_validator("top_p", lambda v: 0 < v <= 1, "--top_p must be in (0, 1]")
@@ -82,6 +100,11 @@ def main(argv):
   if mesh.shape["data"] > 1 and len(prompts) % mesh.shape["data"]:
     raise UserError(f"{len(prompts)} prompts do not split over a data axis of {mesh.shape['data']}")
 
+  if FLAGS.protocol != "none":
+    return _run_tree(model, tok, mesh, prompts, sampling, path, log, t0)
+  if FLAGS.assistant_prefix:
+    raise UserError("--assistant_prefix needs --protocol (or put the text in --prompt with --nochat)")
+
   stream = not FLAGS.json and len(prompts) == 1
   printed = [""]
   gen_stop = set(tok.stop_ids())
@@ -120,6 +143,102 @@ def main(argv):
   log(f"[{stats['generated_tokens']} tokens | decode {stats['decode_tokens_per_s']} tok/s | "
       f"prefill {stats['prefill_s']:.3f} s | compile {stats['compile_s']:.1f} s | "
       f"stop: {results[0].stop_reason}]")
+  return 0
+
+
+_MARK = {"free": " ", "ready": "·", "running": "▸", "waiting": "⋯", "done": "✓"}
+
+
+def _tree_lines(lane: dict, prompt_no: int) -> list[str]:
+  """A compact per-thread view of one request: id, state, sampled tokens."""
+  from apr_jax.engine import tree
+  n = int(lane["created"])
+  cells = []
+  for t in range(n):
+    state = tree.STATE_NAMES[int(lane["t_state"][t])]
+    par = int(lane["t_parent"][t])
+    cells.append(f"T{t}{'<' + str(par) if par >= 0 else ''} {_MARK[state]}{int(lane['t_nsamp'][t])}")
+  lines = [f"[{prompt_no}] " + "  ".join(cells[:8])]
+  for i in range(8, len(cells), 8):
+    lines.append("    " + "  ".join(cells[i:i + 8]))
+  return lines
+
+
+def _run_tree(model, tok, mesh, prompts, sampling, path, log, t0):
+  import jax.numpy as jnp
+  from apr_jax.engine.generate import bucket
+  from apr_jax.engine.runner import Request, TreeEngine
+  from apr_jax.engine.tree import TreeSpec
+  from apr_jax.model.vocab import add_tokens
+  from apr_jax.protocols import TAGS, build
+
+  name = FLAGS.protocol
+  missing = [t for t in TAGS[name] if tok.token_id(t) is None]
+  if missing:
+    log(f"note: the model has no {name} tags; adding {len(missing)} (rows = mean of the tag "
+        f"word's pieces). It was not trained to fork, so forks come from --assistant_prefix.")
+    model, _ = add_tokens(model, tok, TAGS[name])
+  pr = build(name, tok)
+  ids = []
+  for p in prompts:
+    text = tok.apply_chat([{"role": "user", "content": p}]) if FLAGS.chat else p
+    ids.append(tok.encode(text + FLAGS.assistant_prefix))
+  n_new = FLAGS.max_new_tokens
+  total = FLAGS.max_total_tokens or FLAGS.max_threads * n_new
+  longest = max(len(i) for i in ids)
+  if longest + n_new > model.cfg.max_seq_len:
+    raise UserError(f"prompt ({longest} tokens) + max_new_tokens ({n_new}) exceeds the model's "
+                    f"context of {model.cfg.max_seq_len} tokens")
+  # every sampled token, plus forced tokens (prefixes, joins) of up to max_threads threads
+  slots = bucket(longest + total + FLAGS.max_threads * 16)
+  data = mesh.shape["data"]
+  lanes = max(data, -(-min(len(ids), 4) // data) * data)
+  spec = TreeSpec(protocol=pr, sampling=sampling, root_stop=tuple(tok.stop_ids()), lanes=lanes,
+                  rows=FLAGS.rows, threads=FLAGS.max_threads, slots=slots, chunk=32)
+  log(f"compiling the fork/join loop ({name}, {lanes} lane(s) x {FLAGS.rows} rows, {slots} KV "
+      f"slots per request)...")
+  eng = TreeEngine(model, tok, spec, mesh=mesh, segment_steps=FLAGS.stream_every)
+  reqs = [Request(i, seed=FLAGS.seed + k, max_threads=FLAGS.max_threads, max_depth=FLAGS.max_depth,
+                  max_total_tokens=total, max_critical_path=FLAGS.max_critical_path or None,
+                  max_thread_tokens=n_new, deadline_s=FLAGS.deadline_s or None)
+          for k, i in enumerate(ids)]
+  live = sys.stderr.isatty() and not FLAGS.json
+  shown = [0]
+
+  def progress(snap):
+    lines = []
+    for lane, (data_, k) in sorted(snap.items()):
+      lines += _tree_lines(data_, k)
+    if shown[0]:
+      sys.stderr.write(f"\x1b[{shown[0]}F\x1b[J")
+    sys.stderr.write("\n".join(lines) + "\n")
+    sys.stderr.flush()
+    shown[0] = len(lines)
+
+  results = eng.run(reqs, on_progress=progress if live else None)
+  wall = time.perf_counter() - t0
+  if FLAGS.json:
+    out = {"protocol": name, "model": path, "results": [r.summary() for r in results],
+           "stats": {"compile_s": round(eng.stats["compile_s"], 3), "wall_s": round(wall, 3)}}
+    if len(results) == 1:
+      out.update(out.pop("results")[0])
+    print(json.dumps(out))
+    return 0
+  for k, r in enumerate(results):
+    if len(results) > 1:
+      print(f"--- [{k}] {prompts[k]!r}")
+    print(r.text)
+    log(f"thread tree [{k}]:")
+    for t in r.threads:
+      label = "root" if not t["path"] else ".".join(str(x + 1) for x in t["path"])
+      snippet = " ".join(t["text"].split())[:60]
+      log(f"  T{t['id']:<2d} {label:8s} parent {t['parent']:>2d}  steps {t['start_step']:>4d}-"
+          f"{t['end_step']:<4d} {t['tokens']:>4d} tok  {t['stop_reason']:12s} {snippet!r}")
+    eta = 1 - r.critical_path / r.total_tokens if r.total_tokens else 0.0
+    log(f"[{r.total_tokens} tokens | critical path {r.critical_path} (eta {eta:.2f}) | "
+        f"{r.forks} forks | {len(r.threads)} threads | {r.wall_s:.2f} s | "
+        f"{r.total_tokens / max(r.wall_s, 1e-9):.1f} tok/s | stop: {r.stop_reason} | "
+        f"KV {r.kv_stored_bytes / 2**20:.1f}/{r.kv_bytes / 2**20:.1f} MiB]")
   return 0
 
 

@@ -89,3 +89,28 @@ def test_json_output_is_one_object():
   d = json.loads(out)
   assert d["text"].startswith("2 + 3 = 5") and d["token_ids"][:1] == [34]
   assert d["stats"]["decode_tokens_per_s"] > 0 and d["stop_reason"] == "stop_token"
+
+
+def test_protocol_run_shows_the_thread_tree():
+  prefix = "<Parallel>\n<Goal>\n<Outline>1: a</Outline>\n<Outline>2: b</Outline>\n</Goal>"
+  rc, out, err = run("--json", "--protocol", "multiverse", "--max_new_tokens", "6",
+                     "--assistant_prefix", prefix)
+  assert rc == 0, err
+  d = json.loads(out)
+  assert d["forks"] == 1 and len(d["threads"]) == 3
+  assert [t["parent"] for t in d["threads"]] == [-1, 0, 0]
+  assert all(t["tokens"] <= 6 for t in d["threads"])
+  assert d["total_tokens"] == sum(t["tokens"] for t in d["threads"])
+  assert d["text"].startswith("\n<Path>\n1:") and "<Conclusion>" in d["text"]
+  rc, out, err = run("--protocol", "multiverse", "--max_new_tokens", "4", "--assistant_prefix", prefix)
+  assert rc == 0 and "thread tree" in err and "critical path" in err, err
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--protocol", "bogus"], "protocol"),
+    (["--assistant_prefix", "x"], "--assistant_prefix needs --protocol"),
+    (["--protocol", "apr", "--rows", "0"], "rows"),
+])
+def test_bad_protocol_flags(flags, needle):
+  rc, out, err = run(*flags, "--max_new_tokens", "2")
+  assert_clean_error(rc, err, needle)

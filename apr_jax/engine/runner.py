@@ -272,16 +272,20 @@ class TreeEngine:
       paths[t] = paths[int(L["t_parent"][t])] + (int(L["t_rank"][t]),)
     decode = (lambda ids: tok.decode(ids)) if tok is not None else (lambda ids: "")
     entries = {t: np.nonzero(g_thr == t)[0] for t in range(created)}
+    plen = len(req.prompt)
+    own = dict(entries)
+    own[0] = entries[0][plen:]  # the root's own tokens start after the prompt
     start = int(L["start_step"])
     threads = []
     for t in range(created):
-      ids = [int(x) for x in g_tok[entries[t]]]
+      ids = [int(x) for x in g_tok[own[t]]]
       threads.append(ThreadInfo(
           id=t, parent=int(L["t_parent"][t]), path=paths[t], depth=int(L["t_depth"][t]),
           start_step=int(L["t_start"][t]) - start, end_step=int(L["t_end"][t]) - start,
-          tokens=int(L["t_nsamp"][t]), forced=int(L["t_nwritten"][t]) - int(L["t_nsamp"][t]),
+          tokens=int(L["t_nsamp"][t]),
+          forced=int(L["t_nwritten"][t]) - int(L["t_nsamp"][t]) - (plen if t == 0 else 0),
           stop_reason=tree.REASONS[int(L["t_reason"][t])] or "running", token_ids=ids,
-          positions=[int(x) for x in L["g_pos"][:n][entries[t]]],
+          positions=[int(x) for x in L["g_pos"][:n][own[t]]],
           text=decode(ids)))
     children = collections.defaultdict(list)
     for t in range(1, created):
@@ -308,7 +312,6 @@ class TreeEngine:
           out += render(c)
       return out
 
-    plen = len(req.prompt)
     traj = render(0)[plen:]
     body = traj
     if body and tok is not None and body[-1] in set(tok.stop_ids()):
