@@ -140,6 +140,20 @@ def test_budgets_race_deadline():
   assert res.stop_reason == "stop"
 
 
+def test_prune_trailing_siblings():
+  """With a tiny margin, every child whose mean log-prob trails its best sibling's is
+  cancelled once both have sampled prune_min_tokens; the best one runs to its stop."""
+  scripts = {(): [3, tf.OPEN, tf.COUNT, tf.COUNT, tf.COUNT, tf.FORK, 7, tf.EOS]}
+  for i in range(3):
+    scripts[(i,)] = [int(x) for x in np.random.default_rng(i).integers(3, 40, 12)] + [tf.STOP]
+  eng = engine("multiverse", rows=4, prune_margin=1e-6, prune_min_tokens=4, record_logits=False)
+  res = eng.run([Request([tf.BOS, 3], script=scripts)])[0]
+  reasons = sorted(t["stop_reason"] for t in res.threads if t["parent"] == 0)
+  assert reasons == ["pruned", "pruned", "stop"], reasons
+  assert all(t["tokens"] >= 4 for t in res.threads if t["stop_reason"] == "pruned")
+  assert res.stop_reason == "stop"
+
+
 SPECIAL = [tf.OPEN, tf.COUNT, tf.FORK, tf.STOP, tf.EOS, tf.GOAL, tf.NOGOAL]
 
 
