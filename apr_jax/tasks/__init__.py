@@ -1,0 +1,1 @@
+"""Tasks: problem generators, solvers that write training trajectories, verifiers."""
