@@ -1,0 +1,159 @@
+"""Packing fork/join trajectories for training: a whole thread tree as one sequence.
+
+Every token any thread writes appears once, in the order the plain reference
+(`apr_jax.protocols.reference`) writes them (depth-first), at the position the protocol
+gives it. Tokens are grouped into runs (a thread's tokens between two forks or joins); a
+token attends to the earlier tokens of its own run, and to whole other runs as listed in a
+small `[G, G]` table. The attention mask is computed from these ids on the device, never
+stored as a dense N x N array (`tree_mask`); it reproduces exactly what each token saw when
+the engine wrote it (ThreadWeaver's trie, Multiverse's sibling-masked paths, APR's separate
+thread contexts). Loss is on sampled tokens only (prompts, forced prefixes, re-prefills and
+results blocks are context).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from apr_jax.protocols import Protocol, reference
+
+
+@dataclasses.dataclass
+class Packed:
+  tokens: np.ndarray      # [n] int32
+  positions: np.ndarray   # [n] int32
+  groups: np.ndarray      # [n] int32 run ids 0..G-1
+  vis: np.ndarray         # [G, G] bool: run g attends every token of run h
+  labels: np.ndarray      # [n] int32: the token sampled after this one, or -1
+
+  def __len__(self):
+    return len(self.tokens)
+
+
+def pack_trace(trace: reference.Trace) -> Packed:
+  """One trajectory (a reference trace) as a packed sequence."""
+  entries = {}  # uid -> (token, position, thread path)
+  for path, th in trace.threads.items():
+    for t, p, u in th.written:
+      entries[u] = (t, p, path)
+  n = len(entries)
+  assert sorted(entries) == list(range(n))
+  tokens = np.array([entries[u][0] for u in range(n)], np.int32)
+  positions = np.array([entries[u][1] for u in range(n)], np.int32)
+  groups = np.zeros((n,), np.int32)
+  last_of_thread, g = {}, -1
+  for u in range(n):
+    path = entries[u][2]
+    prev = last_of_thread.get(path)
+    same = prev == u - 1 and trace.visible[u] == trace.visible[prev] | {u}
+    if not same:
+      g += 1
+    groups[u] = g
+    last_of_thread[path] = u
+  # refine: a run that another run sees only in part (APR's dropped spawn block) is split
+  while True:
+    ng = int(groups.max()) + 1
+    members = [np.nonzero(groups == k)[0] for k in range(ng)]
+    firsts = [int(m[0]) for m in members]
+    split = None
+    for k in range(ng):
+      base = trace.visible[firsts[k]]
+      for h in range(ng):
+        if h == k:
+          continue
+        inside = np.array([u in base for u in members[h]])
+        if inside.any() and not inside.all():
+          split = (h, members[h][~inside])
+          break
+      if split:
+        break
+    if split is None:
+      break
+    groups[split[1]] = ng
+    groups = _renumber(groups)
+  vis = np.zeros((ng, ng), bool)
+  for k in range(ng):
+    base = trace.visible[firsts[k]]
+    for h in range(ng):
+      vis[k, h] = h != k and int(members[h][0]) in base
+  labels = np.full((n,), -1, np.int32)
+  for th in trace.threads.values():
+    for ctx, x in zip(th.contexts, th.samples):
+      labels[ctx[-1][2]] = x
+  return Packed(tokens, positions, groups, vis, labels)
+
+
+def _renumber(groups):
+  """Run ids in order of first appearance."""
+  order, out = {}, np.empty_like(groups)
+  for i, g in enumerate(groups):
+    out[i] = order.setdefault(int(g), len(order))
+  return out
+
+
+def trajectory(pr: Protocol, prompt: Sequence[int], scripts: dict, eos_ids=()) -> Packed:
+  return pack_trace(reference.simulate(pr, prompt, scripts, eos_ids=eos_ids))
+
+
+@dataclasses.dataclass
+class Rows:
+  """A batch of packed rows: [R, N] ids and [R, G, G] run tables."""
+  tokens: np.ndarray
+  positions: np.ndarray
+  groups: np.ndarray      # -1 = padding
+  vis: np.ndarray
+  labels: np.ndarray
+
+
+def pack_rows(items: Sequence[Packed], seq_len: int, max_groups: int) -> tuple[Rows, int]:
+  """Greedy in-order packing of trajectories into rows of `seq_len` tokens and at most
+  `max_groups` runs. Returns (rows, number of trajectories skipped as too long)."""
+  rows, cur, skipped = [], [], 0
+  used_t = used_g = 0
+  for it in items:
+    if len(it) > seq_len or it.vis.shape[0] > max_groups:
+      skipped += 1
+      continue
+    if used_t + len(it) > seq_len or used_g + it.vis.shape[0] > max_groups:
+      rows.append(cur)
+      cur, used_t, used_g = [], 0, 0
+    cur.append(it)
+    used_t += len(it)
+    used_g += it.vis.shape[0]
+  if cur:
+    rows.append(cur)
+  r = len(rows)
+  out = Rows(tokens=np.zeros((r, seq_len), np.int32), positions=np.zeros((r, seq_len), np.int32),
+             groups=np.full((r, seq_len), -1, np.int32), vis=np.zeros((r, max_groups, max_groups), bool),
+             labels=np.full((r, seq_len), -1, np.int32))
+  for i, row in enumerate(rows):
+    t = g = 0
+    for it in row:
+      n, ng = len(it), it.vis.shape[0]
+      out.tokens[i, t:t + n] = it.tokens
+      out.positions[i, t:t + n] = it.positions
+      out.groups[i, t:t + n] = it.groups + g
+      out.labels[i, t:t + n] = it.labels
+      out.vis[i, g:g + ng, g:g + ng] = it.vis
+      t += n
+      g += ng
+  return out, skipped
+
+
+def tree_mask(groups, vis):
+  """The attention mask [B, N, N] from run ids [B, N] and run tables [B, G, G] (inside jit):
+  i attends j iff same run and j <= i, or run(i) attends run(j). Padding attends itself."""
+  import jax.numpy as jnp
+  n = groups.shape[1]
+  gi, gj = groups[:, :, None], groups[:, None, :]
+  idx = jnp.arange(n)
+  causal = idx[None, :, None] >= idx[None, None, :]
+  g0 = jnp.maximum(groups, 0)
+  cross = jnp.take_along_axis(
+      jnp.take_along_axis(vis, g0[:, :, None], axis=1),  # [B, N, G]: the run table row of i
+      jnp.broadcast_to(g0[:, None, :], (groups.shape[0], n, n)), axis=2)
+  real = (gi >= 0) & (gj >= 0)
+  pad_self = (gi < 0) & (idx[None, :, None] == idx[None, None, :])
+  return ((gi == gj) & causal & real) | (cross & real) | pad_self
