@@ -133,7 +133,7 @@ def build(name: str, tok) -> Protocol:
         child_close=_seq(tok, ["\n", "</Path>"]), join="stitch",
         after_join=_seq(tok, ["\n", "<Conclusion>", "\n"]), max_depth=5)
   if name == "apr":
-    bos = () if tok.bos_id() is None else (tok.bos_id(),)
+    bos = () if tok.bos_id is None else (tok.bos_id,)
     return Protocol(
         name=name, fork=_tag(tok, "<End Calling Sub Searches>"), open=_tag(tok, "<Calling Sub Searches>"),
         count=_tag(tok, "<Sub Search>"), child_pre=bos, context="fresh", child_stop=eos,

@@ -113,6 +113,10 @@ class Tokenizer:
       if pid is not None and self._encode(t) == [pid]:  # already one token of the backend
         ids.append(pid)
         continue
+      if pid is not None:  # a backend piece its encoder cannot produce from text (e.g. a
+        self.added[t] = pid  # sentencepiece user symbol with a space): route text to it
+        ids.append(pid)
+        continue
       self.added[t] = self.vocab_size
       ids.append(self.added[t])
     if self.added:
@@ -275,7 +279,9 @@ class SentencePieceTokenizer(Tokenizer):
   def save(self, path: str):
     import shutil
     os.makedirs(path, exist_ok=True)
-    shutil.copy(self.model_file, os.path.join(path, "tokenizer.model"))
+    dst = os.path.join(path, "tokenizer.model")
+    if os.path.abspath(self.model_file) != os.path.abspath(dst):
+      shutil.copy(self.model_file, dst)
     self.save_extra(path)
 
 

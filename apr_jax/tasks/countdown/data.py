@@ -1,0 +1,71 @@
+"""Countdown trajectories as token ids: a sentencepiece tokenizer trained on the traces, and
+each format turned into (prompt ids, per-thread sampled ids, protocol) - exactly the token
+stream the engine's protocol expects, so training packs what inference will run."""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Sequence
+
+from apr_jax.protocols import TAGS, Protocol, build
+from apr_jax.tasks import countdown as cd
+
+FORMATS = ("sos", "apr", "threadweaver", "multiverse")
+PROTOCOL_OF = {"sos": "none", "apr": "apr", "threadweaver": "threadweaver", "multiverse": "multiverse"}
+ALL_TAGS = tuple(dict.fromkeys(TAGS["apr"] + TAGS["threadweaver"] + TAGS["multiverse"]))
+
+
+def train_tokenizer(texts: Sequence[str], out_dir: str, vocab_size: int = 320):
+  """BPE sentencepiece on the trace lines: protocol tags and newline as user-defined
+  symbols, digits split, no normalisation (text round-trips exactly). Saved as
+  out_dir/tokenizer.model; returns the loaded tokenizer."""
+  import sentencepiece as spm
+  from apr_jax.tokenizer import SentencePieceTokenizer
+  os.makedirs(out_dir, exist_ok=True)
+  lines = [l for t in texts for l in t.split("\n") if l]
+  with tempfile.TemporaryDirectory() as tmp:
+    prefix = os.path.join(tmp, "sp")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=prefix, vocab_size=vocab_size, model_type="bpe",
+        user_defined_symbols=list(ALL_TAGS) + ["\n"], split_digits=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0, num_threads=2,
+        minloglevel=2, hard_vocab_limit=False)
+    with open(prefix + ".model", "rb") as f:
+      data = f.read()
+  path = os.path.join(out_dir, "tokenizer.model")
+  with open(path, "wb") as f:
+    f.write(data)
+  tok = SentencePieceTokenizer(path)
+  tok.add_special_tokens(ALL_TAGS)  # multi-word tags: text is split at them before sentencepiece
+  tok.save(out_dir)
+  return tok
+
+
+def protocol_for(fmt: str, tok) -> Protocol:
+  return build(PROTOCOL_OF[fmt], tok)
+
+
+def encode(tok, fmt: str, problem: cd.Problem, setting: cd.Setting = cd.SMALL):
+  """(prompt ids, scripts {thread path: sampled ids}, solved) for one problem."""
+  bos, eos = tok.bos_id, tok.eos_id
+  if fmt == "sos":
+    prompt, completion, solved = cd.solve_sos(problem, setting)
+    return [bos] + tok.encode(prompt), {(): tok.encode(completion) + [eos]}, solved
+  tr = cd.solve_parallel(problem, fmt, setting)
+  scripts = {(): tok.encode(tr.threads[()]) + [eos]}
+  for path, text in tr.threads.items():
+    if path:
+      scripts[path] = tok.encode(text) + ([eos] if fmt == "apr" else [])
+  return [bos] + tok.encode(tr.prompt), scripts, tr.solved
+
+
+def texts_for_tokenizer(problems, setting: cd.Setting = cd.SMALL) -> list[str]:
+  out = []
+  for p in problems:
+    prompt, completion, _ = cd.solve_sos(p, setting)
+    out.append(prompt + completion)
+    for fmt in ("apr", "threadweaver"):
+      tr = cd.solve_parallel(p, fmt, setting)
+      out.extend(tr.threads.values())
+  return out
