@@ -36,6 +36,11 @@ def test_packed_tree_forward_matches_reference(name):
     assert (pk.labels >= 0).sum() == t.total_tokens
   rows, skipped = packing.pack_rows(packed, seq_len=512, max_groups=64)
   assert skipped == 0 and rows.tokens.shape[0] == 1  # all three share one row
+  # fresh-context threads (APR) split into independent sequences; shared ones do not
+  parts = packing.split_components(packed[0])
+  assert (len(parts) > 1) == (pr.context == "fresh")
+  assert sum(len(x) for x in parts) == len(packed[0])
+  assert sum((x.labels >= 0).sum() for x in parts) == (packed[0].labels >= 0).sum()
   logits = np.asarray(_packed_logits(nnx.split(model), jnp.asarray(rows.tokens), jnp.asarray(rows.positions),
                                      jnp.asarray(rows.groups), jnp.asarray(rows.vis)))[0]
   offset, worst, span = 0, 0.0, 0.0

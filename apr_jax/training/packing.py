@@ -85,6 +85,33 @@ def pack_trace(trace: reference.Trace) -> Packed:
   return Packed(tokens, positions, groups, vis, labels)
 
 
+def split_components(pk: Packed) -> list[Packed]:
+  """Splits a packed tree into independent sequences where runs never see each other (APR's
+  children start from fresh contexts: each thread its own sequence, as APR trains)."""
+  ng = pk.vis.shape[0]
+  parent = list(range(ng))
+
+  def find(a):
+    while parent[a] != a:
+      parent[a] = parent[parent[a]]
+      a = parent[a]
+    return a
+  for a, b in zip(*np.nonzero(pk.vis)):
+    parent[find(int(a))] = find(int(b))
+  roots = sorted({find(g) for g in range(ng)}, key=lambda r: min(g for g in range(ng) if find(g) == r))
+  if len(roots) == 1:
+    return [pk]
+  out = []
+  for r in roots:
+    gs = [g for g in range(ng) if find(g) == r]
+    sel = np.isin(pk.groups, gs)
+    remap = {g: i for i, g in enumerate(gs)}
+    out.append(Packed(tokens=pk.tokens[sel], positions=pk.positions[sel],
+                      groups=np.array([remap[int(g)] for g in pk.groups[sel]], np.int32),
+                      vis=pk.vis[np.ix_(gs, gs)], labels=pk.labels[sel]))
+  return out
+
+
 def _renumber(groups):
   """Run ids in order of first appearance."""
   order, out = {}, np.empty_like(groups)
