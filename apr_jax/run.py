@@ -31,6 +31,12 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and ca
 flags.DEFINE_string("mesh", "1x1", "Device mesh DATAxMODEL, e.g. 2x4.")
 flags.DEFINE_integer("stream_every", 16, "Decode steps per streamed segment (text mode).",
                      lower_bound=1)
+flags.DEFINE_enum("task", "none", ["none", "countdown"], "countdown: solve a Countdown problem "
+                  "with a shipped model (prints the thread tree and the verifier's verdict).")
+flags.DEFINE_string("problem", "", "countdown: 'N1,N2,N3:TARGET'; empty = a random held-out "
+                    "problem (--seed).")
+flags.DEFINE_enum("method", "parallel", ["parallel", "sequential"], "countdown: the shipped APR "
+                  "fork/join model or the sequential Stream-of-Search model.")
 flags.DEFINE_enum("protocol", "none", ["none", "threadweaver", "multiverse", "apr"],
                   "Fork/join protocol; none = plain sequential decoding.")
 flags.DEFINE_string("assistant_prefix", "", "Text placed after the prompt (after the chat "
@@ -84,6 +90,8 @@ def main(argv):
   from apr_jax.model.sharding import make_mesh, parse_mesh
 
   t0 = time.perf_counter()
+  if FLAGS.task == "countdown":
+    return _run_countdown(t0)
   prompts = list(FLAGS.prompt)
   if not prompts or any(not p for p in prompts):
     raise UserError("--prompt must not be empty")
@@ -143,6 +151,69 @@ def main(argv):
   log(f"[{stats['generated_tokens']} tokens | decode {stats['decode_tokens_per_s']} tok/s | "
       f"prefill {stats['prefill_s']:.3f} s | compile {stats['compile_s']:.1f} s | "
       f"stop: {results[0].stop_reason}]")
+  return 0
+
+
+def _parse_problem(text):
+  from apr_jax.tasks import countdown as cd
+  try:
+    nums, target = text.split(":")
+    nums = tuple(int(x) for x in nums.split(","))
+    target = int(target)
+  except ValueError:
+    raise UserError(f"--problem must look like '3,12,27:31', got {text!r}") from None
+  if not 2 <= len(nums) <= 6 or min(nums) < 1 or target < 1:
+    raise UserError(f"--problem needs 2-6 positive numbers and a positive target, got {text!r}")
+  return cd.Problem(nums, target)
+
+
+def _run_countdown(t0):
+  import numpy as np
+  from apr_jax import checkpoint
+  from apr_jax.evaluation import countdown as ev
+  from apr_jax.engine.runner import Request
+  from apr_jax.shipped import resolve
+  from apr_jax.tasks import countdown as cd
+  name = {"parallel": "countdown_small_apr", "sequential": "countdown_small_sos"}[FLAGS.method]
+  path = resolve(FLAGS.model or name)
+  extra = json.load(open(f"{path}/apr_config.json"))
+  fmt = extra.get("format", "sos")
+  if FLAGS.problem:
+    p = _parse_problem(FLAGS.problem)
+  else:
+    _, test = cd.splits(cd.SETTINGS[extra.get("setting", "small")], 12000, 1000, seed=0)
+    p = test[int(np.random.default_rng(FLAGS.seed).integers(len(test)))]
+  model, tok = checkpoint.load(path)
+  eng = ev.make_engine(model, tok, fmt, lanes=1, rows=FLAGS.rows, slots=4096 if len(p.nums) > 3 else 2048)
+  live = sys.stderr.isatty() and not FLAGS.json
+  shown = [0]
+
+  def progress(snap):
+    lines = [l for lane, (d, k) in snap.items() for l in _tree_lines(d, k)]
+    if shown[0]:
+      sys.stderr.write(f"\x1b[{shown[0]}F\x1b[J")
+    sys.stderr.write("\n".join(lines) + "\n")
+    shown[0] = len(lines)
+
+  prompt = cd.prompt_text(p)
+  req = Request([tok.bos_id] + tok.encode(prompt), max_thread_tokens=1536, max_total_tokens=6000,
+                seed=FLAGS.seed)
+  r = eng.run([req], on_progress=progress if live else None)[0]
+  ok, why = cd.verify(p, ev.thread_texts(r, tok, fmt, prompt))
+  if FLAGS.json:
+    out = dict(r.summary(), problem={"nums": list(p.nums), "target": p.target}, correct=ok, why=why,
+               method=FLAGS.method, model=path)
+    print(json.dumps(out))
+    return 0
+  print(f"problem: reach {p.target} from {list(p.nums)}  ({FLAGS.method} model, {fmt} format)\n")
+  print(prompt + tok.decode(r.threads[0]["token_ids"]))
+  for t in r.threads[1:]:
+    print(f"--- thread {t['id']} (child {t['path'][-1] + 1} of T{t['parent']}) ---")
+    print(tok.decode(t["token_ids"]))
+  print(f"verdict: {'CORRECT' if ok else 'wrong'} ({why})")
+  eta = 1 - r.critical_path / r.total_tokens if r.total_tokens else 0.0
+  print(f"[{r.total_tokens} tokens | critical path {r.critical_path} (eta {eta:.2f}) | {r.forks} forks "
+        f"| {len(r.threads)} threads | {r.wall_s:.2f} s | stop: {r.stop_reason}]", file=sys.stderr)
   return 0
 
 

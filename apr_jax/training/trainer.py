@@ -46,7 +46,7 @@ def make_step(graphdef, rest, tx):
   def step(params, opt_state, batch):
     loss, grads = jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p, rest), batch))(params)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss, optax.global_norm(grads)
+    return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
   return step
 
 
@@ -81,6 +81,8 @@ def train(model: Transformer, rows: packing.Rows, tc: TrainConfig, workdir: str,
   metrics appended to workdir/metrics.jsonl. Returns (trained model, losses of this call)."""
   import orbax.checkpoint as ocp
   log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+  if rows.tokens.shape[0] == 0:
+    raise UserError("no training sequence fits: raise seq_len (or max_groups)")
   os.makedirs(workdir, exist_ok=True)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx, sched = make_optimizer(tc.lr, tc.warmup, tc.steps, tc.weight_decay, tc.clip)

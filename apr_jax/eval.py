@@ -1,0 +1,89 @@
+"""Evaluation: `python -m apr_jax.eval --config configs/eval_countdown_small.py --num_problems N
+--seed S --out DIR`.
+
+Pushes held-out problems through the fork/join engine (continuous batching, progress line)
+for every method of the config (e.g. the shipped sequential and parallel models) and writes
+DIR/results.json (per method: accuracy, total tokens, critical path, context, forks, wall
+clock, problems/s; APR's three curves), DIR/results.md and the curves as PNG plots.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from apr_jax.errors import UserError, cli_main
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "An evaluation config from configs/.")
+flags.DEFINE_integer("num_problems", 100, "Held-out problems to evaluate.", lower_bound=1)
+flags.DEFINE_integer("seed", 0, "Which held-out problems (a permutation of the test split).")
+flags.DEFINE_string("out", "", "Output directory (created).")
+
+
+def _log(*a):
+  print(*a, file=sys.stderr, flush=True)
+
+
+@cli_main
+def main(argv):
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  c = FLAGS.config
+  if c is None:
+    raise UserError("--config is required, e.g. --config configs/eval_countdown_small.py")
+  if not FLAGS.out:
+    raise UserError("--out DIR is required")
+  from apr_jax import utils
+  utils.quiet_logs()
+  utils.setup_jax()
+  import numpy as np
+  from apr_jax import checkpoint
+  from apr_jax.checkpoint import orbax_io
+  from apr_jax.evaluation import countdown as ev
+  from apr_jax.shipped import resolve
+  from apr_jax.tasks import countdown as cd
+
+  setting = cd.SETTINGS[c.setting]
+  _, test = cd.splits(setting, c.n_train, c.n_test, seed=c.data_seed)
+  if FLAGS.num_problems > len(test):
+    raise UserError(f"--num_problems {FLAGS.num_problems} > the {len(test)} held-out problems")
+  order = np.random.default_rng(FLAGS.seed).permutation(len(test))[:FLAGS.num_problems]
+  problems = [test[i] for i in order]
+  os.makedirs(FLAGS.out, exist_ok=True)
+  results, summary = {}, {}
+  for name, m in c.methods.items():
+    path = resolve(m.path)
+    extra = json.load(open(os.path.join(path, "apr_config.json")))
+    fmt = extra.get("format", "sos")
+    _log(f"{name}: {path} ({fmt})")
+    model, tok = checkpoint.load(path)
+    eng = ev.make_engine(model, tok, fmt, lanes=c.lanes, rows=c.rows, slots=c.slots)
+    t0 = time.perf_counter()
+    rs = ev.evaluate(eng, tok, fmt, problems, max_thread_tokens=c.max_thread_tokens,
+                     max_total_tokens=c.max_total_tokens, batch=c.batch)
+    wall = time.perf_counter() - t0
+    results[name] = rs
+    summary[name] = dict(ev.summarize(rs, wall), format=fmt, path=m.path,
+                         compile_s=round(eng.stats["compile_s"], 2))
+  cs = ev.curves(results)
+  plots = ev.plot(cs, FLAGS.out)
+  out = {"task": c.task, "setting": c.setting, "num_problems": len(problems), "seed": FLAGS.seed,
+         "methods": summary, "curves": cs, "plots": [os.path.basename(p) for p in plots],
+         "per_problem": {k: [vars(x) for x in v] for k, v in results.items()}}
+  with open(os.path.join(FLAGS.out, "results.json"), "w") as f:
+    json.dump(out, f, indent=1)
+  md = ev.markdown(summary)
+  with open(os.path.join(FLAGS.out, "results.md"), "w") as f:
+    f.write(md)
+  print(md)
+  _log(f"wrote {FLAGS.out}/results.json, results.md, {', '.join(os.path.basename(p) for p in plots)}")
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)

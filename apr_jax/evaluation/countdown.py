@@ -1,0 +1,144 @@
+"""Countdown evaluation through the fork/join engine: accuracy, tokens, critical path,
+wall clock, forks, and APR's three curves (accuracy vs context window, vs total-token budget,
+vs latency).
+
+Curves are computed from one greedy run per problem with generous budgets: with greedy
+decoding, a run under a limit is identical to the unlimited run until the limit is hit, and
+hitting it ends that thread without its answer. So a problem counts as solved under a
+context window C iff it was solved and no thread's context exceeded C (conservative for the
+parallel model: a parent might still succeed from its other children), under a token budget
+B iff solved with total tokens <= B, and under a latency L iff solved within L seconds.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Sequence
+
+import numpy as np
+
+from apr_jax.tasks import countdown as cd
+from apr_jax.tasks.countdown import data
+
+
+@dataclasses.dataclass
+class ProblemResult:
+  problem: tuple
+  correct: bool
+  why: str
+  total_tokens: int
+  critical_path: int
+  max_context: int
+  forks: int
+  threads: int
+  wall_s: float
+  stop_reason: str
+
+
+def thread_texts(res, tok, fmt: str, prompt_text: str) -> list[str]:
+  """The verifier's view of an engine result: the root's text (prompt included) first, then
+  each child's text (APR children after their spawn line, which is their prompt)."""
+  root = prompt_text + tok.decode(res.threads[0]["token_ids"])
+  out = [root]
+  for t in res.threads[1:]:
+    out.append(tok.decode(t["token_ids"]))
+  return out
+
+
+def make_engine(model, tok, fmt: str, lanes: int = 8, rows: int = 8, slots: int = 2048,
+                max_threads: int = 16):
+  from apr_jax.engine.runner import TreeEngine
+  from apr_jax.engine.tree import TreeSpec
+  pr = data.protocol_for(fmt, tok)
+  spec = TreeSpec(protocol=pr, root_stop=(tok.eos_id,), lanes=lanes, rows=rows, threads=max_threads,
+                  slots=slots, chunk=32)
+  return TreeEngine(model, tok, spec, segment_steps=64)
+
+
+def evaluate(engine, tok, fmt: str, problems: Sequence[cd.Problem], max_thread_tokens: int = 1536,
+             max_total_tokens: int = 6000, batch: int = 64, log=None) -> list[ProblemResult]:
+  from apr_jax.engine.runner import Request
+  log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+  out = []
+  t0 = time.perf_counter()
+  for i in range(0, len(problems), batch):
+    chunk = problems[i:i + batch]
+    reqs = [Request([tok.bos_id] + tok.encode(cd.prompt_text(p)), max_thread_tokens=max_thread_tokens,
+                    max_total_tokens=max_total_tokens) for p in chunk]
+    for p, r in zip(chunk, engine.run(reqs)):
+      texts = thread_texts(r, tok, fmt, cd.prompt_text(p))
+      ok, why = cd.verify(p, texts)
+      ctx = max((max(t["positions"]) + 1 if t["positions"] else 0) for t in r.threads)
+      out.append(ProblemResult(problem=(p.nums, p.target), correct=ok, why=why,
+                               total_tokens=r.total_tokens, critical_path=r.critical_path,
+                               max_context=ctx, forks=r.forks, threads=len(r.threads),
+                               wall_s=r.wall_s, stop_reason=r.stop_reason))
+    done = len(out)
+    dt = time.perf_counter() - t0
+    acc = sum(x.correct for x in out) / done
+    bar = "#" * int(20 * done / len(problems))
+    log(f"[{bar:20s}] {done}/{len(problems)} problems | accuracy {acc:.3f} | "
+        f"{done / dt:.2f} problems/s | ETA {(len(problems) - done) * dt / done / 60:.1f} min")
+  return out
+
+
+def summarize(rs: Sequence[ProblemResult], wall: float) -> dict:
+  m = lambda f: float(statistics.mean(f(x) for x in rs)) if rs else 0.0
+  return {"problems": len(rs), "accuracy": m(lambda x: x.correct), "total_tokens_mean": m(lambda x: x.total_tokens),
+          "critical_path_mean": m(lambda x: x.critical_path), "max_context_mean": m(lambda x: x.max_context),
+          "forks_mean": m(lambda x: x.forks), "threads_mean": m(lambda x: x.threads),
+          "wall_s_mean": m(lambda x: x.wall_s), "problems_per_s": len(rs) / wall if wall else None}
+
+
+def curve(rs, key, limits):
+  return [float(np.mean([x.correct and getattr(x, key) <= lim for x in rs])) for lim in limits]
+
+
+def curves(results: dict) -> dict:
+  """APR's three curves for every method: accuracy vs context window, token budget, latency."""
+  allr = [x for rs in results.values() for x in rs]
+  hi = lambda key: max(getattr(x, key) for x in allr) if allr else 1
+  ctx = sorted({int(v) for v in np.linspace(64, hi("max_context"), 12)})
+  tok = sorted({int(v) for v in np.linspace(64, hi("total_tokens"), 12)})
+  lat = sorted({float(round(v, 3)) for v in np.linspace(0, hi("wall_s"), 12)[1:]})
+  return {"context_window": {"limits": ctx, **{k: curve(v, "max_context", ctx) for k, v in results.items()}},
+          "total_tokens": {"limits": tok, **{k: curve(v, "total_tokens", tok) for k, v in results.items()}},
+          "latency_s": {"limits": lat, **{k: curve(v, "wall_s", lat) for k, v in results.items()}}}
+
+
+def plot(cs: dict, out_dir: str) -> list[str]:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  paths = []
+  for name, c in cs.items():
+    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=110)
+    for k, ys in c.items():
+      if k != "limits":
+        ax.plot(c["limits"], ys, marker="o", ms=3, label=k)
+    ax.set_xlabel({"context_window": "context window (tokens)", "total_tokens": "total-token budget",
+                   "latency_s": "latency (s)"}[name])
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    p = os.path.join(out_dir, f"accuracy_vs_{name}.png")
+    fig.savefig(p)
+    plt.close(fig)
+    paths.append(p)
+  return paths
+
+
+def markdown(summary: dict) -> str:
+  keys = ["accuracy", "total_tokens_mean", "critical_path_mean", "max_context_mean", "forks_mean",
+          "wall_s_mean", "problems_per_s"]
+  lines = ["| method | " + " | ".join(keys) + " |", "| --- |" + " ---: |" * len(keys)]
+  for name, s in summary.items():
+    lines.append(f"| {name} | " + " | ".join(f"{s[k]:.3f}" if isinstance(s[k], float) else str(s[k])
+                                             for k in keys) + " |")
+  return "\n".join(lines) + "\n"

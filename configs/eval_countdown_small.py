@@ -1,0 +1,21 @@
+"""Evaluate the shipped sequential and parallel Countdown models on held-out problems of the
+small setting: `python -m apr_jax.eval --config configs/eval_countdown_small.py --num_problems 500 --seed 0 --out eval_out`."""
+from ml_collections import ConfigDict
+
+
+def get_config():
+  c = ConfigDict()
+  c.task = "countdown"
+  c.setting = "small"
+  c.n_train = 12000        # the training split's size and seed: the test split is disjoint
+  c.n_test = 1000
+  c.data_seed = 0
+  c.methods = ConfigDict({"sequential": {"path": "countdown_small_sos"},
+                          "parallel": {"path": "countdown_small_apr"}})
+  c.lanes = 8
+  c.rows = 8
+  c.slots = 2048
+  c.batch = 64
+  c.max_thread_tokens = 1536
+  c.max_total_tokens = 6000
+  return c
