@@ -2,6 +2,7 @@
 
 decode: SmolLM2-135M decode tokens/s at batch 1 and 8, apr_jax vs transformers (CPU torch),
         measured side by side in one process, interleaved, median of --repeats.
+train:  training tokens/s and MFU of a Countdown config against the measured matmul peak.
 fork:   SmolLM2-135M, a P-token prompt, a forced fork into k threads of n tokens, a join,
         m more tokens: apr_jax (the fork/join engine, Multiverse stitch join; also the
         ThreadWeaver flat join as apr_jax_flat), sequential decoding of the same number of
@@ -30,6 +31,7 @@ flags.DEFINE_string("model", "", "GGUF model; empty = the embedded SmolLM2-135M-
 flags.DEFINE_list("ks", ["1", "2", "4", "8"], "fork: thread counts.")
 flags.DEFINE_integer("thread_tokens", 48, "fork: tokens per thread (n).", lower_bound=1)
 flags.DEFINE_integer("after_tokens", 16, "fork: tokens after the join (m).", lower_bound=1)
+flags.DEFINE_string("train_config", "configs/countdown_small_sos.py", "train: the config to measure.")
 flags.DEFINE_list("methods", ["apr_jax", "apr_jax_flat", "sequential", "host"], "fork: methods.")
 
 PROMPT = "Write a short story about a robot who learns to paint."
@@ -266,7 +268,73 @@ def bench_fork():
   return records
 
 
-BENCHMARKS = {"decode": bench_decode, "fork": bench_fork}
+def bench_train():
+  """Training tokens/s of the small Countdown config (packed rows of random tokens with a
+  tree mask, the config's shapes) and model FLOP utilisation against this machine's measured
+  float32 matmul peak (a 2048^3 matmul), both measured in this process."""
+  import importlib.util
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+  from apr_jax.model.config import ModelConfig
+  from apr_jax.model.transformer import Transformer
+  from apr_jax.training import packing
+  from apr_jax.training.trainer import make_optimizer, make_step
+
+  spec = importlib.util.spec_from_file_location("cfg", FLAGS.train_config)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  m = dict(c.model)
+  cfg = ModelConfig(arch=m.pop("arch", "llama"), vocab_size=c.vocab_size, **m)
+  b, n = c.train.batch_size, c.seq_len
+  x = jnp.ones((2048, 2048), jnp.float32)
+  mm = jax.jit(lambda a: a @ a)
+  mm(x).block_until_ready()
+  peaks = []
+  for _ in range(5):
+    t0 = time.perf_counter()
+    mm(x).block_until_ready()
+    peaks.append(2 * 2048 ** 3 / (time.perf_counter() - t0))
+  peak = statistics.median(peaks)
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx, _ = make_optimizer(1e-3, 10, 100, 0.0, 1.0)
+  opt = tx.init(params)
+  step = make_step(graphdef, rest, tx)
+  rng = np.random.default_rng(0)
+  # rows of 4 packed sequences each (block-diagonal runs), labels everywhere
+  groups = np.repeat(np.arange(4), n // 4)[None].repeat(b, 0).astype(np.int32)
+  vis = np.zeros((b, c.max_groups, c.max_groups), bool)
+  batch = {"tokens": jnp.asarray(rng.integers(3, c.vocab_size, (b, n)), jnp.int32),
+           "positions": jnp.asarray(np.tile(np.arange(n // 4), 4)[None].repeat(b, 0), jnp.int32),
+           "groups": jnp.asarray(groups), "vis": jnp.asarray(vis),
+           "labels": jnp.asarray(rng.integers(3, c.vocab_size, (b, n)), jnp.int32)}
+  params, opt, loss, _ = step(params, opt, batch)
+  loss.block_until_ready()
+  times = []
+  for _ in range(FLAGS.repeats):
+    t0 = time.perf_counter()
+    params, opt, loss, _ = step(params, opt, batch)
+    loss.block_until_ready()
+    times.append(time.perf_counter() - t0)
+  dt = statistics.median(times)
+  tokens = b * n
+  dense = cfg.num_params(include_embeddings=False)
+  # 6 N per token for the weights (fwd + bwd), the output layer, and attention over the row
+  flops = tokens * (6 * dense + 6 * cfg.vocab_size * cfg.dim + 6 * 2 * cfg.n_layers * n * cfg.n_heads * cfg.head_dim)
+  rec = {"benchmark": "train", "config": FLAGS.train_config, "params": cfg.num_params(),
+         "batch": b, "seq_len": n, "step_s": round(dt, 4), "tokens_per_s": round(tokens / dt, 1),
+         "model_flops_per_step": flops, "achieved_gflops": round(flops / dt / 1e9, 2),
+         "peak_matmul_gflops": round(peak / 1e9, 2), "mfu": round(flops / dt / peak, 4)}
+  print(f"{'config':40s} {'tok/s':>9s} {'GFLOP/s':>8s} {'peak':>8s} {'MFU':>6s}")
+  print(f"{FLAGS.train_config:40s} {rec['tokens_per_s']:9.0f} {rec['achieved_gflops']:8.1f} "
+        f"{rec['peak_matmul_gflops']:8.1f} {rec['mfu']:6.1%}")
+  return [rec]
+
+
+BENCHMARKS = {"decode": bench_decode, "fork": bench_fork, "train": bench_train}
 
 
 @cli_main
