@@ -62,15 +62,28 @@ def main(argv):
     fmt = extra.get("format", "sos")
     _log(f"{name}: {path} ({fmt})")
     model, tok = checkpoint.load(path)
+    if m.get("engine", "tree") == "host":
+      from apr_jax.engine.host import HostAPR
+      from apr_jax.tasks.countdown import data
+      if fmt != "apr":
+        raise UserError(f"method {name}: the host baseline runs APR-format models, not {fmt}")
+      host = HostAPR(model, tok, data.protocol_for(fmt, tok))
+      host.solve([[tok.bos_id] + tok.encode(cd.prompt_text(problems[0]))], c.max_thread_tokens)  # compile
+      t0 = time.perf_counter()
+      rs = ev.evaluate_host(host, tok, problems, max_thread_tokens=c.max_thread_tokens, batch=c.batch)
+      wall = time.perf_counter() - t0
+      results[name] = rs
+      summary[name] = dict(ev.summarize(rs, wall), format=fmt, path=m.path, engine="host")
+      continue
     eng = ev.make_engine(model, tok, fmt, lanes=c.lanes, rows=c.rows, slots=c.slots)
     t0 = time.perf_counter()
     rs = ev.evaluate(eng, tok, fmt, problems, max_thread_tokens=c.max_thread_tokens,
                      max_total_tokens=c.max_total_tokens, batch=c.batch)
     wall = time.perf_counter() - t0
     results[name] = rs
-    summary[name] = dict(ev.summarize(rs, wall), format=fmt, path=m.path,
+    summary[name] = dict(ev.summarize(rs, wall), format=fmt, path=m.path, engine="tree",
                          compile_s=round(eng.stats["compile_s"], 2))
-  cs = ev.curves(results)
+  cs = ev.curves({k: v for k, v in results.items() if summary[k].get("engine") == "tree"})
   plots = ev.plot(cs, FLAGS.out)
   out = {"task": c.task, "setting": c.setting, "num_problems": len(problems), "seed": FLAGS.seed,
          "methods": summary, "curves": cs, "plots": [os.path.basename(p) for p in plots],

@@ -11,7 +11,9 @@ def get_config():
   c.n_test = 1000
   c.data_seed = 0
   c.methods = ConfigDict({"sequential": {"path": "countdown_small_sos"},
-                          "parallel": {"path": "countdown_small_apr"}})
+                          "parallel": {"path": "countdown_small_apr"},
+                          # the parallel model through the host-orchestrated baseline
+                          "parallel_host": {"path": "countdown_small_apr", "engine": "host"}})
   c.lanes = 8
   c.rows = 8
   c.slots = 2048

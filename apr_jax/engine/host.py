@@ -92,3 +92,66 @@ class HostOrchestrator:
     return {"wall_s": t3 - t0, "join_s": t2 - t1, "threads_s": t1 - t0, "after_s": t3 - t2,
             "kv_bytes": k * self.slots * self.bytes_per_token, "threads": threads,
             "continuation": np.asarray(out)[0], "reprefill_tokens": len(rest)}
+
+
+class HostAPR:
+  """APR's reference orchestration on our model code: the host decodes the parents until
+  they call sub searches, sends every child as a separate request (batched, fresh contexts),
+  builds the results block on the host and re-prefills each parent's new context to go on.
+  Greedy. Used as the baseline for the engine's evaluation throughput."""
+
+  def __init__(self, model: Transformer, tokenizer, protocol):
+    from apr_jax.engine.generate import Generator
+    self.gen = Generator(model, tokenizer)
+    self.pr = protocol
+    self.eos = tokenizer.eos_id
+
+  def _decode(self, prompts, max_new, stops):
+    toks, n, done = self.gen.generate_ids(prompts, max_new_tokens=max_new, stop_ids=stops)
+    return [toks[i, :n[i]].tolist() for i in range(len(prompts))]
+
+  def solve(self, prompts: Sequence[Sequence[int]], max_thread_tokens: int = 1536,
+            max_forks: int = 2) -> list[dict]:
+    pr = self.pr
+    ctx = [list(p) for p in prompts]              # each parent's current context
+    out = [{"tokens": [], "total_tokens": 0, "forks": 0, "children": []} for _ in prompts]
+    active = list(range(len(prompts)))
+    while active:
+      gen = self._decode([ctx[i] for i in active], max_thread_tokens, [self.eos, pr.fork])
+      spawn = []
+      for i, g in zip(active, gen):
+        out[i]["total_tokens"] += len(g)
+        out[i]["tokens"] += g
+        ctx[i] += g
+        if g and g[-1] == pr.fork and out[i]["forks"] < max_forks and pr.open in ctx[i]:
+          spawn.append(i)
+      active = []
+      if not spawn:
+        break
+      # children: one request per spawn line, fresh context = child_pre + the line's text
+      kids, owner = [], []
+      for i in spawn:
+        c = ctx[i]
+        start = len(c) - 1 - c[::-1].index(pr.open)
+        line = []
+        for t in c[start + 1:-1] + [pr.count]:
+          if t == pr.count:
+            if line:
+              kids.append(list(pr.child_pre) + line)
+              owner.append(i)
+            line = []
+          else:
+            line.append(t)
+        out[i]["forks"] += 1
+        ctx[i] = c[:start]                          # the spawn block is dropped
+      res = self._decode(kids, max_thread_tokens, [self.eos]) if kids else []
+      blocks = {i: list(pr.results_open) for i in spawn}
+      for i, k, g in zip(owner, kids, res):
+        out[i]["total_tokens"] += len(g)
+        out[i]["children"].append(k[len(pr.child_pre):] + g)
+        tags = [j for j, t in enumerate(g) if t in pr.result_tags]
+        blocks[i] += [t for t in g[tags[-1]:] if t not in pr.child_stop] if tags else list(pr.no_result)
+      for i in spawn:
+        ctx[i] += blocks[i] + list(pr.results_close) + list(pr.after_join)  # re-prefilled next round
+        active.append(i)
+    return out

@@ -142,3 +142,30 @@ def markdown(summary: dict) -> str:
     lines.append(f"| {name} | " + " | ".join(f"{s[k]:.3f}" if isinstance(s[k], float) else str(s[k])
                                              for k in keys) + " |")
   return "\n".join(lines) + "\n"
+
+
+def evaluate_host(host, tok, problems: Sequence[cd.Problem], max_thread_tokens: int = 1536,
+                  batch: int = 64, log=None) -> list[ProblemResult]:
+  """The APR model through the host-orchestrated baseline (`engine.host.HostAPR`); a
+  problem's latency is its batch's wall time (the host waits for the whole batch)."""
+  log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+  out = []
+  t0 = time.perf_counter()
+  for i in range(0, len(problems), batch):
+    chunk = problems[i:i + batch]
+    prompts = [[tok.bos_id] + tok.encode(cd.prompt_text(p)) for p in chunk]
+    tb = time.perf_counter()
+    rs = host.solve(prompts, max_thread_tokens=max_thread_tokens)
+    wall = time.perf_counter() - tb
+    for p, pr_ids, r in zip(chunk, prompts, rs):
+      texts = [cd.prompt_text(p) + tok.decode(r["tokens"])] + [tok.decode(c) for c in r["children"]]
+      ok, why = cd.verify(p, texts)
+      out.append(ProblemResult(problem=(p.nums, p.target), correct=ok, why=why,
+                               total_tokens=r["total_tokens"], critical_path=-1, max_context=-1,
+                               forks=r["forks"], threads=1 + len(r["children"]), wall_s=wall,
+                               stop_reason=""))
+    done = len(out)
+    dt = time.perf_counter() - t0
+    log(f"[host] {done}/{len(problems)} problems | accuracy {sum(x.correct for x in out) / done:.3f} | "
+        f"{done / dt:.2f} problems/s")
+  return out
