@@ -21,6 +21,8 @@ from apr_jax.errors import UserError, cli_main
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A training config from configs/.")
+flags.DEFINE_boolean("export_only", False, "Write the latest checkpoint of WORKDIR as an apr_jax "
+                     "model in WORKDIR/model without training (e.g. while a run is going).")
 
 
 def _log(*a):
@@ -103,9 +105,16 @@ def main(argv):
   with open(os.path.join(c.workdir, "config.json"), "w") as f:
     f.write(c.to_json_best_effort(indent=1))
   model, tok = build_model(c)
-  rows, pr = build_data(c, tok)
-  tc = TrainConfig(**dict(c.train))
-  model, _ = train(model, rows, tc, c.workdir)
+  if FLAGS.export_only:
+    from apr_jax.tasks.countdown import data
+    from apr_jax.training.trainer import restore_latest
+    model, step = restore_latest(model, TrainConfig(**dict(c.train)), c.workdir)
+    _log(f"exporting step {step}")
+    pr = data.protocol_for(c.format, tok)
+  else:
+    rows, pr = build_data(c, tok)
+    tc = TrainConfig(**dict(c.train))
+    model, _ = train(model, rows, tc, c.workdir)
   out = os.path.join(c.workdir, "model")
   orbax_io.save(out, model, tok, extra={"task": c.task, "setting": c.setting, "format": c.format,
                                         "protocol": pr.name})

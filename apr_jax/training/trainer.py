@@ -127,3 +127,18 @@ def train(model: Transformer, rows: packing.Rows, tc: TrainConfig, workdir: str,
     mgr.save(s, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
   mgr.wait_until_finished()
   return nnx.merge(graphdef, params, rest), losses
+
+
+def restore_latest(model: Transformer, tc: TrainConfig, workdir: str):
+  """(model with the latest checkpoint's params, its step)."""
+  import orbax.checkpoint as ocp
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx, _ = make_optimizer(tc.lr, tc.warmup, tc.steps, tc.weight_decay, tc.clip)
+  mgr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "ckpt")))
+  step = mgr.latest_step()
+  if step is None:
+    raise UserError(f"no checkpoint in {workdir}/ckpt")
+  target = {"params": params, "opt_state": tx.init(params)}
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  restored = mgr.restore(step, args=ocp.args.StandardRestore(abstract))
+  return nnx.merge(graphdef, restored["params"], rest), step
