@@ -133,14 +133,14 @@ class HostAPR:
       for i in spawn:
         c = ctx[i]
         start = len(c) - 1 - c[::-1].index(pr.open)
-        line = []
+        line = None  # text before the first spawn tag is not a child
         for t in c[start + 1:-1] + [pr.count]:
           if t == pr.count:
-            if line:
+            if line is not None:
               kids.append(list(pr.child_pre) + line)
               owner.append(i)
             line = []
-          else:
+          elif line is not None:
             line.append(t)
         out[i]["forks"] += 1
         ctx[i] = c[:start]                          # the spawn block is dropped

@@ -28,7 +28,8 @@ from apr_jax.tasks.countdown import data
 @dataclasses.dataclass
 class ProblemResult:
   problem: tuple
-  correct: bool
+  correct: bool            # the claimed solution replays to [target]
+  trace_valid: bool        # and every line of every thread is right
   why: str
   total_tokens: int
   critical_path: int
@@ -71,9 +72,11 @@ def evaluate(engine, tok, fmt: str, problems: Sequence[cd.Problem], max_thread_t
                     max_total_tokens=max_total_tokens) for p in chunk]
     for p, r in zip(chunk, engine.run(reqs)):
       texts = thread_texts(r, tok, fmt, cd.prompt_text(p))
-      ok, why = cd.verify(p, texts)
+      ok, why = cd.verify(p, texts, check_lines=False)
+      valid, why_t = cd.verify(p, texts)
+      why = why if not ok else why_t
       ctx = max((max(t["positions"]) + 1 if t["positions"] else 0) for t in r.threads)
-      out.append(ProblemResult(problem=(p.nums, p.target), correct=ok, why=why,
+      out.append(ProblemResult(problem=(p.nums, p.target), correct=ok, trace_valid=valid, why=why,
                                total_tokens=r.total_tokens, critical_path=r.critical_path,
                                max_context=ctx, forks=r.forks, threads=len(r.threads),
                                wall_s=r.wall_s, stop_reason=r.stop_reason))
@@ -88,7 +91,8 @@ def evaluate(engine, tok, fmt: str, problems: Sequence[cd.Problem], max_thread_t
 
 def summarize(rs: Sequence[ProblemResult], wall: float) -> dict:
   m = lambda f: float(statistics.mean(f(x) for x in rs)) if rs else 0.0
-  return {"problems": len(rs), "accuracy": m(lambda x: x.correct), "total_tokens_mean": m(lambda x: x.total_tokens),
+  return {"problems": len(rs), "accuracy": m(lambda x: x.correct),
+          "trace_valid": m(lambda x: x.trace_valid), "total_tokens_mean": m(lambda x: x.total_tokens),
           "critical_path_mean": m(lambda x: x.critical_path), "max_context_mean": m(lambda x: x.max_context),
           "forks_mean": m(lambda x: x.forks), "threads_mean": m(lambda x: x.threads),
           "wall_s_mean": m(lambda x: x.wall_s), "problems_per_s": len(rs) / wall if wall else None}
@@ -135,7 +139,7 @@ def plot(cs: dict, out_dir: str) -> list[str]:
 
 
 def markdown(summary: dict) -> str:
-  keys = ["accuracy", "total_tokens_mean", "critical_path_mean", "max_context_mean", "forks_mean",
+  keys = ["accuracy", "trace_valid", "total_tokens_mean", "critical_path_mean", "max_context_mean", "forks_mean",
           "wall_s_mean", "problems_per_s"]
   lines = ["| method | " + " | ".join(keys) + " |", "| --- |" + " ---: |" * len(keys)]
   for name, s in summary.items():
@@ -159,9 +163,10 @@ def evaluate_host(host, tok, problems: Sequence[cd.Problem], max_thread_tokens: 
     wall = time.perf_counter() - tb
     for p, pr_ids, r in zip(chunk, prompts, rs):
       texts = [cd.prompt_text(p) + tok.decode(r["tokens"])] + [tok.decode(c) for c in r["children"]]
-      ok, why = cd.verify(p, texts)
-      out.append(ProblemResult(problem=(p.nums, p.target), correct=ok, why=why,
-                               total_tokens=r["total_tokens"], critical_path=-1, max_context=-1,
+      ok, why = cd.verify(p, texts, check_lines=False)
+      valid, why_t = cd.verify(p, texts)
+      out.append(ProblemResult(problem=(p.nums, p.target), correct=ok, trace_valid=valid,
+                               why=why if not ok else why_t, total_tokens=r["total_tokens"], critical_path=-1, max_context=-1,
                                forks=r["forks"], threads=1 + len(r["children"]), wall_s=wall,
                                stop_reason=""))
     done = len(out)

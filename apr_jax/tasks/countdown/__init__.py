@@ -299,16 +299,19 @@ def replay(p: Problem, ops: Sequence[str]) -> list[int]:
   return cur
 
 
-def verify(p: Problem, text: str | Sequence[str]) -> tuple[bool, str]:
+def verify(p: Problem, text: str | Sequence[str], check_lines: bool = True) -> tuple[bool, str]:
   """(correct, why). `text` is one thread's trace, or a list of thread traces (the root's
   first; each thread's text must start with the state it searches from: for APR children,
   their spawn line). Every operation line is replayed (operands available as a multiset,
   arithmetic exact, resulting numbers right, node states consistent, goal claims true), and
   the root's last `Solution:` line, replayed from the problem's numbers, must end in
-  [target]. False goal claims, wrong arithmetic, and reused or invented numbers are rejected."""
+  [target]. False goal claims, wrong arithmetic, and reused or invented numbers are rejected.
+
+  check_lines=False checks the claimed solution only (a search that made a slip in a branch
+  it abandoned still counts if its answer is right: the accuracy APR reports)."""
   texts = [text] if isinstance(text, str) else list(text)
   try:
-    for t in texts:
+    for t in texts if check_lines else ():
       _check_lines(p, t)
     sols = [m[1] for m in (RE_SOLUTION.search(re.sub(r"<[^<>]*>", " ", l))
                            for l in texts[0].splitlines()) if m]
