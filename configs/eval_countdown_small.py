@@ -14,10 +14,10 @@ def get_config():
                           "parallel": {"path": "countdown_small_apr"},
                           # the parallel model through the host-orchestrated baseline
                           "parallel_host": {"path": "countdown_small_apr", "engine": "host"}})
-  c.lanes = 8
+  c.lanes = 32
   c.rows = 8
-  c.slots = 2048
-  c.batch = 64
+  c.slots = 1536
+  c.batch = 128
   c.max_thread_tokens = 1536
   c.max_total_tokens = 6000
   return c
