@@ -18,7 +18,7 @@ def get_config():
   c.data_seed = 0
   c.init_from = ""
   c.vocab_size = 1024
-  c.model = ConfigDict(dict(arch="llama", dim=1024, ffn_dim=4096, n_layers=18, n_heads=16,
+  c.model = ConfigDict(dict(arch="llama", dim=1024, ffn_dim=2816, n_layers=18, n_heads=16,
                             n_kv_heads=16, head_dim=64, norm_eps=1e-5, rope_theta=10000.0,
                             max_seq_len=4096, tie_embeddings=False))
   c.seq_len = 4096
