@@ -126,7 +126,6 @@ def _fork_prompt(tok, tags_open, k):
 
 def bench_fork():
   import dataclasses
-  import numpy as np
   from apr_jax import checkpoint
   from apr_jax.default_model import smollm2_path
   from apr_jax.engine.generate import Generator, bucket
@@ -279,7 +278,6 @@ def bench_train():
   from flax import nnx
   from apr_jax.model.config import ModelConfig
   from apr_jax.model.transformer import Transformer
-  from apr_jax.training import packing
   from apr_jax.training.trainer import make_optimizer, make_step
 
   spec = importlib.util.spec_from_file_location("cfg", FLAGS.train_config)

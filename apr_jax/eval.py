@@ -43,7 +43,6 @@ def main(argv):
   utils.setup_jax()
   import numpy as np
   from apr_jax import checkpoint
-  from apr_jax.checkpoint import orbax_io
   from apr_jax.evaluation import countdown as ev
   from apr_jax.shipped import resolve
   from apr_jax.tasks import countdown as cd

@@ -240,7 +240,6 @@ def _tree_lines(lane: dict, prompt_no: int) -> list[str]:
 
 
 def _run_tree(model, tok, mesh, prompts, sampling, path, log, t0):
-  import jax.numpy as jnp
   from apr_jax.engine.generate import bucket
   from apr_jax.engine.runner import Request, TreeEngine
   from apr_jax.engine.tree import TreeSpec

@@ -9,7 +9,6 @@ Any config value can be overridden: `--config.train.steps=100 --config.workdir=/
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time

@@ -8,7 +8,6 @@ thread 1), then decodes the continuation. Greedy. Every phase boundary is a host
 """
 from __future__ import annotations
 
-import functools
 import time
 from typing import Sequence
 

@@ -34,19 +34,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from apr_jax.cache import kv as kvlib
 from apr_jax.engine.sampling import SamplingConfig, sample
 from apr_jax.errors import UserError
-from apr_jax.model.sharding import ShardingRules, single_device_mesh
 from apr_jax.model.transformer import Transformer
 from apr_jax.protocols import Protocol
 

@@ -12,7 +12,6 @@ B iff solved with total tokens <= B, and under a latency L iff solved within L s
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import statistics
 import sys

@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+import numpy as np
+
 from apr_jax.protocols import Protocol
 
 
@@ -40,9 +42,8 @@ class Trace:
   critical_path: int       # sequential samples + the longest child of every fork, recursively
   visible: dict            # uid -> frozenset of uids that token attended to
 
-  def mask(self, context) -> "np.ndarray":
+  def mask(self, context) -> np.ndarray:
     """[n, n] bool: entry i attends entry j."""
-    import numpy as np
     uids = [u for _, _, u in context]
     return np.array([[u in self.visible[a] for u in uids] for a in uids], bool)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -21,7 +20,6 @@ import optax
 from flax import nnx
 
 from apr_jax.errors import UserError
-from apr_jax.model.config import ModelConfig
 from apr_jax.model.transformer import Transformer
 from apr_jax.training import packing
 
