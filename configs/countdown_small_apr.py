@@ -1,25 +1,17 @@
-"""APR fork/join model (the parent spawns sub searches with fresh contexts) for the small Countdown setting (3 numbers in 1..30),
-trained from scratch on this CPU: `python -m apr_jax.train --config configs/countdown_small_apr.py`."""
-from ml_collections import ConfigDict
+"""APR fork/join model for the small Countdown setting (the parent spawns sub searches with
+fresh contexts): the sequential config with the APR format and shorter rows (each thread is
+its own sequence). `python -m apr_jax.train --config configs/countdown_small_apr.py`."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from countdown_small_sos import get_config as _sos  # noqa: E402
 
 
 def get_config():
-  c = ConfigDict()
+  c = _sos()
   c.workdir = "runs/countdown_small_apr"
-  c.task = "countdown"
-  c.setting = "small"
-  c.beam = 0              # 0: the setting's default
-  c.format = "apr"        # sos | apr | threadweaver | multiverse
-  c.n_train = 12000
-  c.n_test = 1000
-  c.data_seed = 0
-  c.init_from = ""        # "" (from scratch), "smollm2", or an apr_jax checkpoint
-  c.vocab_size = 256
-  c.model = ConfigDict(dict(arch="llama", dim=192, ffn_dim=512, n_layers=4, n_heads=4, n_kv_heads=4,
-                            head_dim=48, norm_eps=1e-5, rope_theta=10000.0, max_seq_len=4096,
-                            tie_embeddings=True))
+  c.format = "apr"
   c.seq_len = 512
-  c.max_groups = 64
-  c.train = ConfigDict(dict(steps=600, batch_size=16, lr=2e-3, warmup=100, weight_decay=0.01,
-                            clip=1.0, seed=0, ckpt_every=100, keep=3, log_every=10))
+  c.train.batch_size = 16
   return c

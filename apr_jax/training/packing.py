@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from apr_jax.protocols import Protocol, reference
+from apr_jax.protocols import reference
 
 
 @dataclasses.dataclass
@@ -118,10 +118,6 @@ def _renumber(groups):
   for i, g in enumerate(groups):
     out[i] = order.setdefault(int(g), len(order))
   return out
-
-
-def trajectory(pr: Protocol, prompt: Sequence[int], scripts: dict, eos_ids=()) -> Packed:
-  return pack_trace(reference.simulate(pr, prompt, scripts, eos_ids=eos_ids))
 
 
 @dataclasses.dataclass
