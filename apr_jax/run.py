@@ -42,7 +42,8 @@ flags.DEFINE_enum("protocol", "none", ["none", "threadweaver", "multiverse", "ap
 flags.DEFINE_string("assistant_prefix", "", "Text placed after the prompt (after the chat "
                     "template's assistant header): e.g. a block ending in the fork trigger "
                     "forces a fork.")
-flags.DEFINE_integer("rows", 8, "Fork/join: thread rows per request (more threads wait).", lower_bound=1)
+flags.DEFINE_integer("rows", 8, "Fork/join: thread rows, one pool shared by the requests (more "
+                     "threads wait for a row).", lower_bound=1)
 flags.DEFINE_integer("max_threads", 16, "Fork/join: threads per request, the root included.",
                      lower_bound=1)
 flags.DEFINE_integer("max_depth", None, "Fork/join: nesting depth (default: the protocol's).",
@@ -188,8 +189,8 @@ def _run_countdown(t0):
   live = sys.stderr.isatty() and not FLAGS.json
   shown = [0]
 
-  def progress(snap):
-    lines = [l for lane, (d, k) in snap.items() for l in _tree_lines(d, k)]
+  def progress(views):
+    lines = [l for k, v in sorted(views.items()) for l in _tree_lines(v, k)]
     if shown[0]:
       sys.stderr.write(f"\x1b[{shown[0]}F\x1b[J")
     sys.stderr.write("\n".join(lines) + "\n")
@@ -224,15 +225,12 @@ def _run_countdown(t0):
 _MARK = {"free": " ", "ready": "·", "running": "▸", "waiting": "⋯", "done": "✓"}
 
 
-def _tree_lines(lane: dict, prompt_no: int) -> list[str]:
+def _tree_lines(threads: list, prompt_no: int) -> list[str]:
   """A compact per-thread view of one request: id, state, sampled tokens."""
-  from apr_jax.engine import tree
-  n = int(lane["created"])
   cells = []
-  for t in range(n):
-    state = tree.STATE_NAMES[int(lane["t_state"][t])]
-    par = int(lane["t_parent"][t])
-    cells.append(f"T{t}{'<' + str(par) if par >= 0 else ''} {_MARK[state]}{int(lane['t_nsamp'][t])}")
+  for t in threads:
+    par = t["parent"]
+    cells.append(f"T{t['id']}{'<' + str(par) if par >= 0 else ''} {_MARK[t['state']]}{t['tokens']}")
   lines = [f"[{prompt_no}] " + "  ".join(cells[:8])]
   for i in range(8, len(cells), 8):
     lines.append("    " + "  ".join(cells[i:i + 8]))
@@ -265,12 +263,14 @@ def _run_tree(model, tok, mesh, prompts, sampling, path, log, t0):
                     f"context of {model.cfg.max_seq_len} tokens")
   # every sampled token, plus forced tokens (prefixes, joins) of up to max_threads threads
   slots = bucket(longest + total + FLAGS.max_threads * 16)
-  data = mesh.shape["data"]
-  lanes = max(data, -(-min(len(ids), 4) // data) * data)
+  # one lane per device of the data axis; its requests share its rows, thread table and KV
+  lanes = mesh.shape["data"]
+  per_lane = -(-min(len(ids), 8) // lanes)
   spec = TreeSpec(protocol=pr, sampling=sampling, root_stop=tuple(tok.stop_ids()), lanes=lanes,
-                  rows=FLAGS.rows, threads=FLAGS.max_threads, slots=slots, chunk=32)
-  log(f"compiling the fork/join loop ({name}, {lanes} lane(s) x {FLAGS.rows} rows, {slots} KV "
-      f"slots per request)...")
+                  requests=per_lane, rows=FLAGS.rows, threads=FLAGS.max_threads * per_lane,
+                  slots=slots * per_lane, chunk=max(32, FLAGS.rows))
+  log(f"compiling the fork/join loop ({name}, {lanes} lane(s) x {per_lane} request(s) sharing "
+      f"{FLAGS.rows} rows and {slots * per_lane} KV slots)...")
   eng = TreeEngine(model, tok, spec, mesh=mesh, segment_steps=FLAGS.stream_every)
   reqs = [Request(i, seed=FLAGS.seed + k, max_threads=FLAGS.max_threads, max_depth=FLAGS.max_depth,
                   max_total_tokens=total, max_critical_path=FLAGS.max_critical_path or None,
@@ -279,10 +279,10 @@ def _run_tree(model, tok, mesh, prompts, sampling, path, log, t0):
   live = sys.stderr.isatty() and not FLAGS.json
   shown = [0]
 
-  def progress(snap):
+  def progress(views):
     lines = []
-    for lane, (data_, k) in sorted(snap.items()):
-      lines += _tree_lines(data_, k)
+    for k, v in sorted(views.items()):
+      lines += _tree_lines(v, k)
     if shown[0]:
       sys.stderr.write(f"\x1b[{shown[0]}F\x1b[J")
     sys.stderr.write("\n".join(lines) + "\n")

@@ -30,15 +30,24 @@ def engine(name, **kw):
   return TreeEngine(model(), None, TreeSpec(**args), segment_steps=16)
 
 
+# two layouts: a lane per request; one lane whose rows, thread table, log and KV pool are
+# shared by three requests at a time (entries are reused as requests come and go)
+LAYOUTS = {"lanes": {}, "shared": dict(lanes=1, requests=3, rows=3, threads=48, slots=768)}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("name", sorted(tf.PROTOCOLS))
-def test_exact_against_reference(name):
+def test_exact_against_reference(name, layout):
   """Teacher-forced random trajectories: every thread's logits at every sample equal a full
   forward over its visible context with the protocol's positions; same flat trajectory,
   total tokens and critical path. Fewer rows than threads, so threads also wait for rows."""
   rng = np.random.default_rng(hash(name) % 1000)
-  eng = engine(name)
+  eng = engine(name, **LAYOUTS[layout])
   cases = [tf.random_trajectory(name, rng, blocks=b) for b in (0, 1, 2, 2, 1)]
+  step0 = int(eng.state["step"])
   results = eng.run([Request(p, script=s) for p, s in cases])
+  if layout == "shared":  # the requests really ran side by side on the shared rows
+    assert int(eng.state["step"]) - step0 < sum(r.steps for r in results)
   forks = 0
   for (prompt, scripts), res in zip(cases, results):
     trace = reference.simulate(tf.PROTOCOLS[name], prompt, scripts, eos_ids=(tf.EOS,))
@@ -79,11 +88,14 @@ def test_one_program_no_callbacks_batch_invariance():
   eng = engine("multiverse", record_logits=False)
   batched = eng.run(reqs)
   alone = [eng.run([r])[0] for r in reqs]
-  for a, b in zip(alone, batched):
-    assert a.token_ids == b.token_ids
-    assert [t["token_ids"] for t in a.threads] == [t["token_ids"] for t in b.threads]
+  shared = engine("multiverse", record_logits=False, **LAYOUTS["shared"])
+  in_shared = shared.run(reqs)
+  for a, b, c in zip(alone, batched, in_shared):
+    assert a.token_ids == b.token_ids == c.token_ids
+    assert [t["token_ids"] for t in a.threads] == [t["token_ids"] for t in b.threads] == \
+        [t["token_ids"] for t in c.threads]
   assert sum(r.forks for r in batched) >= 2
-  assert eng.compiled_loops() == 1
+  assert eng.compiled_loops() == 1 and shared.compiled_loops() == 1
   hlo = eng.loop_hlo()
   targets = set(re.findall(r'custom_call_target="([^"]+)"', hlo))
   assert not [t for t in targets if "callback" in t.lower()], targets
@@ -109,6 +121,33 @@ def test_sharded_engine_matches_one_device():
     assert a.token_ids == b.token_ids
     for p in a.logits:
       np.testing.assert_allclose(a.logits[p], b.logits[p], atol=1e-4)
+
+
+def test_shared_lane_sampling_budgets_and_memory():
+  """Requests sharing one lane: sampled (temperature 1) outputs and per-request budgets are
+  the same as alone; when the shared KV pool runs out, the request that hit it restarts alone
+  and still produces its own output (never `out_of_memory` while it fits alone)."""
+  from apr_jax.engine.sampling import SamplingConfig
+  samp = SamplingConfig(temperature=1.0)
+  rng = np.random.default_rng(11)
+  cases = [tf.random_trajectory("multiverse", rng, blocks=b) for b in (2, 2, 1, 2)]
+  reqs = [Request(p, script={(): s[()][:10]}, max_thread_tokens=16, seed=i,
+                  max_total_tokens=6 if i == 1 else None) for i, (p, s) in enumerate(cases)]
+  big = engine("multiverse", record_logits=False, sampling=samp, lanes=1, requests=1, rows=3,
+               threads=16, slots=512)
+  alone = [big.run([r])[0] for r in reqs]
+  assert alone[1].stop_reason == "total_budget" and alone[1].total_tokens <= 6
+  assert sum(r.forks for r in alone) >= 2
+  high = [r.kv_stored_bytes // big.bytes_per_token for r in alone]
+  slots = max(high) + 8
+  assert sum(high) > slots  # the four cannot all be stored at once
+  shared = engine("multiverse", record_logits=False, sampling=samp, lanes=1, requests=4, rows=3,
+                  threads=64, slots=slots)
+  got = shared.run(reqs)
+  assert shared.stats["restarts"] >= 1
+  for a, b in zip(alone, got):
+    assert a.stop_reason == b.stop_reason and a.token_ids == b.token_ids
+    assert [t["token_ids"] for t in a.threads] == [t["token_ids"] for t in b.threads]
 
 
 def test_budgets_race_deadline():
@@ -184,13 +223,13 @@ def test_fuzz_state_machine(name, scripts, max_threads, max_depth, thread_tokens
   req = Request(prompt, script=scripts, max_threads=max_threads, max_depth=max_depth,
                 max_thread_tokens=thread_tokens, max_total_tokens=total)
   res = eng.run([req])[0]
+  # the request is over and released: nothing of it is left in the lane
   lane = {k: np.asarray(v[0]) for k, v in eng.state.items() if k in tree.LANE_KEYS}
-  created = int(lane["created"])
-  assert lane["done"] and (lane["r_thread"] == -1).all()
-  assert (lane["t_state"][:created] == tree.DONE).all() and (lane["t_state"][created:] == tree.FREE).all()
-  owners = lane["s_owner"]
-  assert ((owners == -1) | ((owners >= 0) & (owners < created))).all()
-  assert (owners >= 0).sum() <= int(lane["g_n"])
+  assert (lane["r_thread"] == -1).all() and (lane["t_req"] == -1).all()
+  assert (lane["t_state"] == tree.FREE).all() and (lane["s_owner"] == -1).all()
+  assert int(lane["g_n"]) == 0 and not lane["req_active"].any()
+  created = len(res.threads)
+  assert all(t["stop_reason"] != "running" for t in res.threads)
   assert created <= max_threads and res.total_tokens <= total
   assert all(t["tokens"] <= thread_tokens for t in res.threads)
   assert all(t["depth"] <= max_depth for t in res.threads)

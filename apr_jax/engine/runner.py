@@ -1,10 +1,19 @@
 """Host side of the fork/join engine: admission (continuous batching), deadlines, results.
 
-`TreeEngine.run(requests)` pushes any number of requests through `spec.lanes` lanes: a
-request enters a free lane between loop segments, runs its whole thread tree on the device,
-and leaves when its root thread finishes; the next waiting request takes the lane. A
-request's output does not depend on what it was batched with (lanes never see each other,
-PRNG keys are per request and thread).
+`TreeEngine.run(requests)` pushes any number of requests through `spec.lanes` lanes of
+`spec.requests` request slots each: between loop segments a waiting request takes a free
+slot (in the least busy lane), runs its whole thread tree on the device, its threads sharing
+the lane's rows, thread table and KV pool with the lane's other requests, and leaves when its
+root thread finishes.
+
+Batch independence. A request's tokens do not depend on what it was batched with: PRNG keys
+derive from the request's seed and each thread's path, a thread sees only its own request's
+KV, and each request reserves its share of the thread table (`max_threads` entries) when it
+is admitted, so its forks are never cut short by other requests. KV slots are not reserved:
+a request that runs out of slots while sharing its lane is restarted, alone in a lane (its
+output is the same; the restart costs time). Only a request that runs out of slots alone ends
+with `out_of_memory`. (Floating-point sums over a shared pool visit slots in a different
+order, so logits can differ in the last bits; greedy decoding flips only on exact near-ties.)
 """
 from __future__ import annotations
 
@@ -72,7 +81,7 @@ class TreeResult:
   forks: int
   steps: int
   wall_s: float
-  kv_bytes: int               # the lane's KV pool
+  kv_bytes: int               # the lane's KV pool (shared by the lane's requests)
   kv_stored_bytes: int        # high-water mark of KV actually stored
   logits: dict | None = None  # teacher forcing with record_logits: {path: [n, V]}
 
@@ -116,8 +125,13 @@ class TreeEngine:
     self._cache_sh = kvlib.cache_sharding(self.cfg, spec.lanes, spec.slots, self.mesh, self.rules)
     self.bytes_per_token = 2 * self.cfg.n_layers * self.cfg.n_kv_heads * self.cfg.head_dim * \
         self.cache_dtype.itemsize
-    self.stats = {"compile_s": 0.0}
+    self.stats = {"compile_s": 0.0, "restarts": 0}
     self._build()
+
+  @property
+  def capacity(self) -> int:
+    """Requests in flight at once."""
+    return self.spec.lanes * self.spec.requests
 
   # ---- compiled programs
   def _shardings(self):
@@ -143,7 +157,10 @@ class TreeEngine:
                             donate_argnums=(2,), out_shardings=sh)
     self._admit = jax.jit(functools.partial(tree._admit, spec=spec), donate_argnums=(0,),
                           out_shardings=sh)
-    self._cancel = jax.jit(tree._cancel, donate_argnums=(0,), out_shardings=sh)
+    self._cancel = jax.jit(functools.partial(tree._cancel, spec=spec), donate_argnums=(0,),
+                           out_shardings=sh)
+    self._release = jax.jit(functools.partial(tree._release, spec=spec), donate_argnums=(0,),
+                            out_shardings=sh)
     self.state = self._init()
     # compile the loop now (one program for every protocol event, request and batch): a call
     # with until_step = 0 runs no step
@@ -163,7 +180,7 @@ class TreeEngine:
   # ---- requests
   def _limits(self, r: Request) -> np.ndarray:
     spec, pr = self.spec, self.spec.protocol
-    vals = [r.max_threads or spec.threads,
+    vals = [min(r.max_threads or spec.request_threads, spec.threads, tree.CODE_BASE - 1),
             pr.max_depth if r.max_depth is None else r.max_depth,
             r.max_total_tokens or BIG, r.max_critical_path or BIG, r.max_thread_tokens or BIG]
     for name, v in zip(tree.LIMITS, vals):
@@ -191,7 +208,7 @@ class TreeEngine:
         if len(toks) > spec.script:
           raise UserError(f"script of thread {p} has {len(toks)} tokens > {spec.script}")
 
-  def _admit_request(self, lane: int, r: Request):
+  def _admit_request(self, lane: int, slot: int, r: Request):
     spec, pr = self.spec, self.spec.protocol
     prompt = [int(t) for t in r.prompt]
     q = np.zeros((spec.n_queue,), np.int32)
@@ -214,81 +231,142 @@ class TreeEngine:
       sc_len[i] = len(toks)
       sc_code[i] = path_code(p)
     key = jax.random.key_data(jax.random.key(r.seed))
-    self.state = self._admit(self.state, jnp.int32(lane), q, jnp.int32(len(prompt)), limits, key,
-                             sc_tok, sc_len, sc_code, jnp.int32(count), jnp.int32(mark),
+    self.state = self._admit(self.state, jnp.int32(lane), jnp.int32(slot), q, jnp.int32(len(prompt)),
+                             limits, key, sc_tok, sc_len, sc_code, jnp.int32(count), jnp.int32(mark),
                              jnp.bool_(fork0))
+    return int(limits[0])
 
   def run(self, requests: Sequence[Request], on_progress: Callable | None = None) -> list[TreeResult]:
     """Runs every request to completion; results in request order.
 
-    `on_progress(snapshot)` is called after every segment with {lane: per-thread arrays}."""
+    `on_progress(views)` is called after every segment with {request index: [thread dicts
+    (id, parent, state, tokens)]} for the requests in flight."""
     for r in requests:
       self._check(r)
     spec = self.spec
-    waiting = collections.deque(enumerate(requests))
-    in_lane: list = [None] * spec.lanes     # (request index, admitted at)
+    L, R = spec.lanes, spec.requests
+    # waiting: (request index, first admission time or None, must run alone)
+    waiting = collections.deque((i, None, False) for i in range(len(requests)))
+    occ: list = [[None] * R for _ in range(L)]   # per lane and slot: dict(i, t0, threads, shared)
+    free_kv = [spec.slots] * L                     # free KV slots per lane, as of the last segment
     results: list = [None] * len(requests)
-    while waiting or any(x is not None for x in in_lane):
-      for lane in range(spec.lanes):
-        if in_lane[lane] is None and waiting:
-          i, r = waiting.popleft()
-          self._admit_request(lane, r)
-          in_lane[lane] = (i, time.perf_counter())
+
+    def admit():
+      while waiting:
+        i, t0, alone = waiting[0]
+        r = requests[i]
+        need = self._limits(r)[0]
+        best = None
+        for lane in range(L):
+          used = [o for o in occ[lane] if o is not None]
+          if len(used) == R or sum(o["threads"] for o in used) + need > spec.threads:
+            continue
+          if used and (alone or free_kv[lane] < len(r.prompt) + spec.chunk):
+            continue
+          if best is None or len(used) < best[1]:
+            best = (lane, len(used))
+        if best is None:
+          return  # first come, first served: the head waits for room
+        lane = best[0]
+        waiting.popleft()
+        slot = occ[lane].index(None)
+        shared = any(o is not None for o in occ[lane])
+        for o in occ[lane]:
+          if o is not None:
+            o["shared"] = True
+        occ[lane][slot] = dict(i=i, t0=time.perf_counter() if t0 is None else t0,
+                               threads=self._admit_request(lane, slot, r), shared=shared)
+        free_kv[lane] -= len(r.prompt)
+
+    while waiting or any(o is not None for lane in occ for o in lane):
+      admit()
       step = int(self.state["step"])
       self.state = self._segment(self.graphdef, self.params, self.state,
                                  jnp.int32(step + self.segment_steps))
-      done = np.array(jax.device_get(self.state["done"]))
+      done, free = jax.device_get((self.state["req_done"], jnp.sum(self.state["s_owner"] < 0, axis=1)))
+      done = np.array(done)
+      free_kv = [int(x) for x in free]
       now = time.perf_counter()
-      for lane, occ in enumerate(in_lane):
-        if occ is None or done[lane]:
-          continue
-        dl = requests[occ[0]].deadline_s
-        if dl is not None and now - occ[1] > dl:
-          self.state = self._cancel(self.state, jnp.int32(lane), jnp.int32(tree.R_DEADLINE))
-          done[lane] = True
-      if on_progress is not None or done.any():
+      for lane in range(L):
+        for slot, o in enumerate(occ[lane]):
+          if o is None or done[lane, slot]:
+            continue
+          dl = requests[o["i"]].deadline_s
+          if dl is not None and now - o["t0"] > dl:
+            self.state = self._cancel(self.state, jnp.int32(lane), jnp.int32(slot),
+                                      jnp.int32(tree.R_DEADLINE))
+            done[lane, slot] = True
+      finished = [(lane, slot) for lane in range(L) for slot in range(R)
+                  if occ[lane][slot] is not None and done[lane, slot]]
+      if on_progress is not None or finished:
         snap = jax.device_get({k: self.state[k] for k in tree.LANE_KEYS if k not in ("rec",)})
       if on_progress is not None:
-        on_progress({lane: ({k: v[lane] for k, v in snap.items()}, occ[0])
-                     for lane, occ in enumerate(in_lane) if occ is not None})
-      for lane, occ in enumerate(in_lane):
-        if occ is not None and done[lane]:
-          i = occ[0]
-          lane_np = {k: v[lane] for k, v in snap.items()}
-          if spec.record_logits:
-            lane_np["rec"] = np.asarray(jax.device_get(self.state["rec"][lane]))
-          results[i] = self._result(lane_np, requests[i], time.perf_counter() - occ[1])
-          in_lane[lane] = None
+        on_progress({o["i"]: self._view({k: v[lane] for k, v in snap.items()}, slot)
+                     for lane in range(L) for slot, o in enumerate(occ[lane]) if o is not None})
+      requeue = []
+      for lane, slot in finished:
+        o = occ[lane][slot]
+        lane_np = {k: v[lane] for k, v in snap.items()}
+        if spec.record_logits:
+          lane_np["rec"] = np.asarray(jax.device_get(self.state["rec"][lane]))
+        res = self._result(lane_np, slot, requests[o["i"]], time.perf_counter() - o["t0"])
+        if res.stop_reason == "out_of_memory" and o["shared"]:
+          requeue.append((o["i"], o["t0"], True))  # run it again, alone in a lane
+          self.stats["restarts"] += 1
+        else:
+          results[o["i"]] = res
+        self.state = self._release(self.state, jnp.int32(lane), jnp.int32(slot))
+        occ[lane][slot] = None
+      waiting.extendleft(reversed(requeue))
     return results
 
   # ---- outputs
-  def _result(self, L: dict, req: Request, wall: float) -> TreeResult:
+  @staticmethod
+  def _order(L: dict, slot: int) -> list:
+    """The request's thread-table entries in creation order (root first)."""
+    mine = np.nonzero(L["t_req"] == slot)[0]
+    return sorted(mine.tolist(), key=lambda t: (int(L["t_bornlog"][t]), int(L["t_code"][t])))
+
+  def _view(self, L: dict, slot: int) -> list:
+    order = self._order(L, slot)
+    local = {t: k for k, t in enumerate(order)}
+    return [dict(id=local[t], parent=local.get(int(L["t_parent"][t]), -1),
+                 state=tree.STATE_NAMES[int(L["t_state"][t])], tokens=int(L["t_nsamp"][t]))
+            for t in order]
+
+  # ---- outputs
+  def _result(self, L: dict, slot: int, req: Request, wall: float) -> TreeResult:
+    """The result of the request in `slot` of lane arrays `L`. Threads are numbered in
+    creation order (the root is 0) whatever table entries they used."""
     spec, pr, tok = self.spec, self.spec.protocol, self.tokenizer
     n = int(L["g_n"])
     g_tok, g_thr = L["g_tok"][:n], L["g_thread"][:n]
-    created = int(L["created"])
-    paths = {0: ()}
-    for t in range(1, created):
+    order = self._order(L, slot)
+    root = order[0]
+    local = {t: k for k, t in enumerate(order)}
+    paths = {root: ()}
+    for t in order[1:]:
       paths[t] = paths[int(L["t_parent"][t])] + (int(L["t_rank"][t]),)
     decode = (lambda ids: tok.decode(ids)) if tok is not None else (lambda ids: "")
-    entries = {t: np.nonzero(g_thr == t)[0] for t in range(created)}
+    entries = {t: np.nonzero(g_thr == t)[0] for t in order}
     plen = len(req.prompt)
     own = dict(entries)
-    own[0] = entries[0][plen:]  # the root's own tokens start after the prompt
-    start = int(L["start_step"])
+    own[root] = entries[root][plen:]  # the root's own tokens start after the prompt
+    start = int(L["req_start"][slot])
     threads = []
-    for t in range(created):
+    for t in order:
       ids = [int(x) for x in g_tok[own[t]]]
       threads.append(ThreadInfo(
-          id=t, parent=int(L["t_parent"][t]), path=paths[t], depth=int(L["t_depth"][t]),
+          id=local[t], parent=local.get(int(L["t_parent"][t]), -1), path=paths[t],
+          depth=int(L["t_depth"][t]),
           start_step=int(L["t_start"][t]) - start, end_step=int(L["t_end"][t]) - start,
           tokens=int(L["t_nsamp"][t]),
-          forced=int(L["t_nwritten"][t]) - int(L["t_nsamp"][t]) - (plen if t == 0 else 0),
+          forced=int(L["t_nwritten"][t]) - int(L["t_nsamp"][t]) - (plen if t == root else 0),
           stop_reason=tree.REASONS[int(L["t_reason"][t])] or "running", token_ids=ids,
           positions=[int(x) for x in L["g_pos"][:n][own[t]]],
           text=decode(ids)))
     children = collections.defaultdict(list)
-    for t in range(1, created):
+    for t in order[1:]:
       children[int(L["t_parent"][t])].append(t)
 
     def render(t):
@@ -312,18 +390,19 @@ class TreeEngine:
           out += render(c)
       return out
 
-    traj = render(0)[plen:]
+    traj = render(root)[plen:]
     body = traj
     if body and tok is not None and body[-1] in set(tok.stop_ids()):
       body = body[:-1]
     logits = None
     if spec.record_logits:
       logits = {paths[t]: np.asarray(L["rec"][t, :min(int(L["t_nsamp"][t]), spec.script)])
-                for t in range(created)}
+                for t in order}
     return TreeResult(
         prompt_tokens=plen, token_ids=traj, text=decode(body),
-        stop_reason=tree.REASONS[int(L["reason"])], threads=[dataclasses.asdict(x) for x in threads],
-        total_tokens=int(L["t_nsamp"][:created].sum()), critical_path=int(L["t_cp"][:created].max()),
-        forks=int(L["forks"]), steps=int(L["end_step"]) - start, wall_s=wall,
+        stop_reason=tree.REASONS[int(L["req_reason"][slot])],
+        threads=[dataclasses.asdict(x) for x in threads],
+        total_tokens=int(L["t_nsamp"][order].sum()), critical_path=int(L["t_cp"][order].max()),
+        forks=int(L["req_forks"][slot]), steps=int(L["req_end"][slot]) - start, wall_s=wall,
         kv_bytes=spec.slots * self.bytes_per_token,
-        kv_stored_bytes=int(L["high_water"]) * self.bytes_per_token, logits=logits)
+        kv_stored_bytes=int(L["req_high"][slot]) * self.bytes_per_token, logits=logits)

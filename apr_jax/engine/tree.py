@@ -1,14 +1,17 @@
 """The fork/join engine: a tree KV cache and one compiled decode loop for every thread of
 every request.
 
-Layout. The device batch is `lanes` request lanes x `rows` thread rows. Each lane owns a pool
-of `slots` KV slots (per layer [lanes, kv_heads, slots, head_dim]) that every thread of its
-request shares: a token's KV is written once, into any free slot, with its owner thread and
-its position. A thread sees slot s iff `vis[thread, owner[s]]` (itself and, for shared
-contexts, its ancestors) and `pos[s] <= its position`. So
+Layout. The device batch is `lanes` lanes x `rows` thread rows. A lane holds up to
+`requests` requests that share its rows (the threads of every request in the lane are
+scheduled onto one pool of rows), its thread table, its token log and its pool of `slots` KV
+slots (per layer [lanes, kv_heads, slots, head_dim]). A token's KV is written once, into any
+free slot, with its owner thread and its position. A thread sees slot s iff
+`vis[thread, owner[s]]` (itself and, for shared contexts, its ancestors: never another
+request's threads) and `pos[s] <= its position`. So
 
 - the prompt and every ancestor token are stored once; a child never copies its prefix;
-- fork = new rows in the thread table (and `vis` rows); no KV moves;
+- fork = new entries in the thread table (taken from its free entries) and `vis` rows; no KV
+  moves;
 - stitch join (Multiverse) = relabel the children's slots to the parent: O(slots) integer
   work, no recompute, the paths keep their positions;
 - flat join (ThreadWeaver) = free the children's slots and queue their tokens (gathered from
@@ -16,8 +19,11 @@ contexts, its ancestors) and `pos[s] <= its position`. So
 - results join (APR) = free the spawn block and the children's slots, queue the results
   block (children's result spans gathered on device).
 
-Memory is `slots` per lane, shared by all of a request's threads: it grows with the tokens
-stored, not with threads x max length (freed slots are reused).
+Memory is `slots` per lane, shared by all the threads of all its requests: it grows with the
+tokens stored, not with threads x max length (freed slots are reused; a request's slots are
+freed the step it ends). `lanes=1` is one pool of rows, threads and KV for every request;
+more lanes bound the attention work (a token scans only its own lane's slots) and shard
+over the mesh's data axis.
 
 Every step packs up to M tokens of the lane's running threads (each running thread feeds
 >= 1 token: its last sample, or a chunk of its forced queue: prompt, forced prefix, re-prefill,
@@ -26,8 +32,8 @@ slots, samples for the threads whose queue drained, and runs the protocol state 
 M = rows for plain decode steps; M = `chunk` when some thread has forced tokens queued (a
 `lax.cond` picks the variant; both live in the same compiled program).
 
-The host runs the loop in segments (continuous batching: requests enter free lanes and leave
-between segments; deadlines are checked there). Everything else - forks, joins, scheduling
+The host runs the loop in segments (continuous batching: requests enter free request slots
+of a lane and leave between segments; deadlines are checked there). Everything else - forks, joins, scheduling
 of waiting threads onto free rows, budgets - happens on the device.
 """
 from __future__ import annotations
@@ -66,9 +72,10 @@ class TreeSpec:
   protocol: Protocol = Protocol()
   sampling: SamplingConfig = SamplingConfig()
   root_stop: tuple = ()        # ids that end the root thread (the tokenizer's stop ids)
-  lanes: int = 1               # requests in flight
+  lanes: int = 1               # lanes (each with its own rows, thread table, log and KV pool)
+  requests: int = 1            # requests in flight per lane (they share the lane's pools)
   rows: int = 8                # thread rows per lane (threads beyond wait for a row)
-  threads: int = 16            # thread-table entries per lane (max threads per request)
+  threads: int = 16            # thread-table entries per lane, shared by its requests
   slots: int = 1024            # KV slots per lane
   log: int = 0                 # token-log entries per lane (0: 2 x slots)
   queue: int = 0               # forced-queue capacity per thread (0: slots)
@@ -82,13 +89,13 @@ class TreeSpec:
   prune_min_tokens: int = 8    # ... once both have sampled at least this many tokens
 
   def __post_init__(self):
-    for f in ("lanes", "rows", "threads", "slots", "chunk"):
+    for f in ("lanes", "requests", "rows", "threads", "slots", "chunk"):
       if getattr(self, f) < 1:
         raise UserError(f"{f} must be >= 1, got {getattr(self, f)}")
     if self.chunk < self.rows:
       raise UserError(f"chunk ({self.chunk}) must be >= rows ({self.rows})")
-    if self.threads >= CODE_BASE:
-      raise UserError(f"threads must be < {CODE_BASE}")
+    if self.threads < self.requests:
+      raise UserError(f"threads ({self.threads}) must be >= requests per lane ({self.requests})")
 
   @property
   def n_log(self):
@@ -97,6 +104,11 @@ class TreeSpec:
   @property
   def n_queue(self):
     return self.queue or self.slots
+
+  @property
+  def request_threads(self):
+    """Default (and largest) max_threads of one request: its share of the thread table."""
+    return min(self.threads // self.requests, CODE_BASE - 1)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -125,79 +137,161 @@ def _sorted_tokens(tokens, keys, valid, size):
 
 
 # ----------------------------------------------------------------------------- state
-def empty_lane(spec: TreeSpec, vocab: int) -> dict:
-  """One inactive lane (no leading lane axis)."""
-  nt, w, s, lg, q = spec.threads, spec.rows, spec.slots, spec.n_log, spec.n_queue
-  i32 = lambda *shape, v=0: jnp.full(shape, v, jnp.int32)
+def _req_fields(spec: TreeSpec) -> dict:
+  """Per-request fields of a lane, indexed by the request's slot in the lane."""
+  r = spec.requests
+  i32 = lambda *shape: jnp.zeros(shape, jnp.int32)
   ns, j = max(spec.script_rows, 1), max(spec.script, 1)
-  rec_shape = (nt, j, vocab) if spec.record_logits else (1, 1, 1)
   return dict(
-      active=jnp.zeros((), bool), done=jnp.zeros((), bool), reason=i32(), created=i32(),
-      total=i32(), forks=i32(), ending=i32(), start_step=i32(), end_step=i32(), high_water=i32(),
-      limits=i32(len(LIMITS)), key=jax.random.key_data(jax.random.key(0)),
-      t_state=i32(nt), t_parent=i32(nt, v=-1), t_depth=i32(nt), t_rank=i32(nt), t_first=i32(nt),
+      req_active=jnp.zeros((r,), bool), req_done=jnp.zeros((r,), bool), req_reason=i32(r),
+      req_created=i32(r), req_total=i32(r), req_forks=i32(r), req_ending=i32(r), req_start=i32(r),
+      req_end=i32(r), req_high=i32(r), req_limits=i32(r, len(LIMITS)),
+      req_key=jnp.zeros((r,) + jax.random.key_data(jax.random.key(0)).shape, jnp.uint32),
+      sc_tok=i32(r, ns, j), sc_len=i32(r, ns), sc_code=jnp.full((r, ns), -1, jnp.int32))
+
+
+def _thread_fields(spec: TreeSpec) -> dict:
+  """The thread table of a lane: every entry free."""
+  nt, q = spec.threads, spec.n_queue
+  i32 = lambda *shape, v=0: jnp.full(shape, v, jnp.int32)
+  return dict(
+      t_req=i32(nt, v=-1), t_state=i32(nt), t_parent=i32(nt, v=-1), t_depth=i32(nt), t_rank=i32(nt),
       t_nchild=i32(nt), t_kidbase=i32(nt), t_pending=i32(nt), t_pos=i32(nt), t_qhead=i32(nt), t_qlen=i32(nt),
       t_qsamp=jnp.zeros((nt,), bool), t_after=i32(nt), t_count=i32(nt),
       t_markpend=jnp.zeros((nt,), bool), t_marklog=i32(nt, v=-1), t_markpos=i32(nt),
       t_nsamp=i32(nt), t_nwritten=i32(nt), t_cp=i32(nt), t_start=i32(nt), t_end=i32(nt),
       t_reason=i32(nt), t_row=i32(nt, v=-1), t_code=i32(nt), t_script=i32(nt, v=-1),
-      t_logp=jnp.zeros((nt,), jnp.float32), t_bornlog=i32(nt), t_goal=jnp.zeros((nt,), bool),
+      t_logp=jnp.zeros((nt,), jnp.float32), t_bornlog=i32(nt),
       t_q=i32(nt, q), t_label=i32(nt, spec.label), t_lablen=i32(nt),
-      t_vis=jnp.zeros((nt, nt), bool),
+      t_vis=jnp.zeros((nt, nt), bool))
+
+
+def empty_lane(spec: TreeSpec, vocab: int) -> dict:
+  """One lane with no request (no leading lane axis)."""
+  nt, w, s, lg = spec.threads, spec.rows, spec.slots, spec.n_log
+  i32 = lambda *shape, v=0: jnp.full(shape, v, jnp.int32)
+  j = max(spec.script, 1)
+  rec_shape = (nt, j, vocab) if spec.record_logits else (1, 1, 1)
+  return dict(
+      **_req_fields(spec), **_thread_fields(spec),
       r_thread=i32(w, v=-1),
       s_owner=i32(s, v=-1), s_pos=i32(s),
       g_tok=i32(lg), g_thread=i32(lg, v=-1), g_pos=i32(lg), g_kind=i32(lg), g_step=i32(lg), g_n=i32(),
-      sc_tok=i32(ns, j), sc_len=i32(ns), sc_code=i32(ns, v=-1),
       rec=jnp.zeros(rec_shape, jnp.float32),
   )
 
 
-def _script_row(lane, code):
-  hit = lane["sc_code"] == code
-  return jnp.where(jnp.any(hit), jnp.argmax(hit), -1).astype(jnp.int32)
+def _live_threads(lane):
+  """[NT] bool: the entry holds a thread of a request that is still running."""
+  q = jnp.clip(lane["t_req"], 0)
+  return (lane["t_req"] >= 0) & lane["req_active"][q] & ~lane["req_done"][q]
 
 
-def admit_lane(lane, prompt, plen, limits, key, sc_tok, sc_len, sc_code, step, count0, marklog0,
+def _per_request(lane, idx, vals, n_req, op="add"):
+  """Scatter `vals` onto requests `idx` (entries with idx < 0 dropped)."""
+  idx = jnp.where(idx >= 0, idx, n_req)
+  z = jnp.zeros((n_req,), vals.dtype)
+  return getattr(z.at[idx], op)(vals, mode="drop")
+
+
+def _script_row(lane, req, code):
+  hit = lane["sc_code"][jnp.clip(req, 0)] == code
+  return jnp.where(jnp.any(hit) & (req >= 0), jnp.argmax(hit), -1).astype(jnp.int32)
+
+
+def admit_lane(lane, r, prompt, plen, limits, key, sc_tok, sc_len, sc_code, step, count0, mark0,
                fork0, spec: TreeSpec):
-  """A fresh lane holding one request whose root thread will read `prompt` [Q]."""
-  new = empty_lane(spec, lane["rec"].shape[-1])
-  new.update(active=jnp.ones((), bool), limits=limits, key=key, created=jnp.ones((), jnp.int32),
-             start_step=step, sc_tok=sc_tok, sc_len=sc_len, sc_code=sc_code)
-  new["t_state"] = new["t_state"].at[0].set(READY)
-  new["t_q"] = new["t_q"].at[0].set(prompt)
-  new["t_qlen"] = new["t_qlen"].at[0].set(plen)
-  new["t_vis"] = new["t_vis"].at[0, 0].set(True)
-  new["t_start"] = new["t_start"].at[0].set(step)
-  new["t_count"] = new["t_count"].at[0].set(count0)
-  new["t_marklog"] = new["t_marklog"].at[0].set(marklog0)
-  new["t_markpos"] = new["t_markpos"].at[0].set(marklog0)  # the root's positions are log indices
-  new["t_after"] = new["t_after"].at[0].set(jnp.where(fork0, NEXT_FORK, NEXT_SAMPLE))
-  new["t_script"] = new["t_script"].at[0].set(_script_row(new, 0))
-  return new
-
-
-def _terminate(lane, reason, step, cond=True):
-  """Where `cond`: ends the request; every unfinished thread stops with `reason`, rows are
-  released."""
-  cond = jnp.asarray(cond) & ~lane["done"]
-  alive = (lane["t_state"] != DONE) & (lane["t_state"] != FREE) & cond
+  """Request slot `r` (free) takes a request whose root thread, in the lowest free entry of
+  the thread table, will read `prompt` [Q]."""
   lane = dict(lane)
-  lane["t_reason"] = jnp.where(alive, reason, lane["t_reason"])
+  fresh = _req_fields(spec)
+  for k, v in fresh.items():
+    lane[k] = lane[k].at[r].set(v[0])
+  lane.update({k: lane[k].at[r].set(v) for k, v in dict(
+      req_active=True, req_limits=limits, req_key=key, req_created=1, req_start=step,
+      sc_tok=sc_tok, sc_len=sc_len, sc_code=sc_code).items()})
+  t = jnp.argmax(lane["t_req"] < 0)
+  sets = dict(t_req=r, t_state=READY, t_q=prompt, t_qlen=plen, t_start=step, t_count=count0,
+              t_markpend=mark0 >= 0, t_markpos=mark0,
+              t_after=jnp.where(fork0, NEXT_FORK, NEXT_SAMPLE), t_script=_script_row(lane, r, 0),
+              t_bornlog=lane["g_n"])
+  for k, v in sets.items():
+    lane[k] = lane[k].at[t].set(v)
+  lane["t_vis"] = lane["t_vis"].at[t, t].set(True)
+  return lane
+
+
+def _close(lane, cond_r, reason_r, step, spec: TreeSpec):
+  """Ends the requests in `cond_r` [R] (running ones only): their unfinished threads stop
+  with `reason_r` [R], their rows and KV slots are freed. The thread table and the token log
+  keep their entries until the host has read them (`release`)."""
+  cond_r = cond_r & lane["req_active"] & ~lane["req_done"]
+  q = jnp.clip(lane["t_req"], 0)
+  mine = (lane["t_req"] >= 0) & cond_r[q]                                  # [NT]
+  alive = mine & (lane["t_state"] != DONE) & (lane["t_state"] != FREE)
+  lane = dict(lane)
+  lane["t_reason"] = jnp.where(alive, reason_r[q], lane["t_reason"])
   lane["t_end"] = jnp.where(alive, step, lane["t_end"])
   lane["t_state"] = jnp.where(alive, DONE, lane["t_state"])
-  lane["t_row"] = jnp.where(cond, -1, lane["t_row"])
-  lane["r_thread"] = jnp.where(cond, -1, lane["r_thread"])
-  lane["reason"] = jnp.where(cond, reason, lane["reason"])
-  lane["end_step"] = jnp.where(cond, step, lane["end_step"])
-  lane["done"] = lane["done"] | cond
+  lane["t_row"] = jnp.where(mine, -1, lane["t_row"])
+  rt = lane["r_thread"]
+  lane["r_thread"] = jnp.where((rt >= 0) & mine[jnp.clip(rt, 0)], -1, rt)
+  ow = lane["s_owner"]
+  lane["s_owner"] = jnp.where((ow >= 0) & mine[jnp.clip(ow, 0)], -1, ow)
+  lane["req_reason"] = jnp.where(cond_r, reason_r, lane["req_reason"])
+  lane["req_end"] = jnp.where(cond_r, step, lane["req_end"])
+  lane["req_done"] = lane["req_done"] | cond_r
+  return lane
+
+
+def _terminate(lane, reason, step, cond_r, spec: TreeSpec):
+  """Where `cond_r` [R]: ends the request with `reason` (scalar or [R])."""
+  return _close(lane, cond_r, jnp.broadcast_to(jnp.asarray(reason, jnp.int32), cond_r.shape), step,
+                spec)
+
+
+def release(lane, r, spec: TreeSpec):
+  """Frees request slot `r` after the host has read its result: its thread-table entries,
+  KV slots, script rows and recorded logits; its token-log entries are compacted away (the
+  other requests' log indices are remapped)."""
+  lane = dict(lane)
+  mine = lane["t_req"] == r
+  ow = lane["s_owner"]
+  lane["s_owner"] = jnp.where((ow >= 0) & mine[jnp.clip(ow, 0)], -1, ow)
+  rt = lane["r_thread"]
+  lane["r_thread"] = jnp.where((rt >= 0) & mine[jnp.clip(rt, 0)], -1, rt)
+  # compact the log
+  lg = spec.n_log
+  e = jnp.arange(lg)
+  gt = lane["g_thread"]
+  keep = (e < lane["g_n"]) & ~((gt >= 0) & mine[jnp.clip(gt, 0)])
+  new_idx = jnp.cumsum(keep) - 1
+  dest = jnp.where(keep, new_idx, lg + e)
+  for k in ("g_tok", "g_thread", "g_pos", "g_kind", "g_step"):
+    fill = -1 if k == "g_thread" else 0
+    lane[k] = jnp.full((lg,), fill, jnp.int32).at[dest].set(lane[k], mode="drop", unique_indices=True)
+  remap = lambda i: jnp.where(i >= 0, new_idx[jnp.clip(i, 0, lg - 1)] + (~keep[jnp.clip(i, 0, lg - 1)]), i)
+  lane["t_marklog"] = remap(lane["t_marklog"])
+  lane["t_bornlog"] = jnp.where(lane["t_bornlog"] < lane["g_n"], remap(lane["t_bornlog"]),
+                                lane["t_bornlog"] - (lane["g_n"] - jnp.sum(keep)))
+  lane["g_n"] = jnp.sum(keep).astype(jnp.int32)
+  # the thread table
+  fresh = _thread_fields(spec)
+  for k, v in fresh.items():
+    m = mine.reshape((-1,) + (1,) * (v.ndim - 1))
+    lane[k] = jnp.where(m, v, lane[k])
+  lane["t_vis"] = lane["t_vis"] & ~mine[None, :]
+  if spec.record_logits:
+    lane["rec"] = jnp.where(mine[:, None, None], 0.0, lane["rec"])
+  for k, v in _req_fields(spec).items():
+    lane[k] = lane[k].at[r].set(v[0])
   return lane
 
 
 # ----------------------------------------------------------------------------- scheduling
 def assign_rows(lane, spec: TreeSpec):
   """Ready threads (lowest id first) take free rows."""
-  live = lane["active"] & ~lane["done"]
-  ready = (lane["t_state"] == READY) & live
+  ready = (lane["t_state"] == READY) & _live_threads(lane)
   free_row = lane["r_thread"] < 0
   ready_ids = jnp.nonzero(ready, size=spec.rows, fill_value=-1)[0]
   rank = jnp.cumsum(free_row) - 1
@@ -218,20 +312,22 @@ def pack(lane, step, spec: TreeSpec, m: int):
   Returns (lane, packed) with packed = tok/pos/slot/thread [M], mask [M, S], last [W]
   (index of each row's last token), drained [W] (the row's queue emptied: sample or act).
   """
-  nt, w, s, lg = spec.threads, spec.rows, spec.slots, spec.n_log
-  live = lane["active"] & ~lane["done"]
+  nt, w, s, lg, nr = spec.threads, spec.rows, spec.slots, spec.n_log, spec.requests
   t_w = lane["r_thread"]
-  has = (t_w >= 0) & live
   tw = jnp.clip(t_w, 0)
+  has = (t_w >= 0) & _live_threads(lane)[tw]
+  q_w = jnp.where(has, lane["t_req"][tw], -1)
   qlen = jnp.where(has, lane["t_qlen"][tw], 0)
   base = (qlen > 0).astype(jnp.int32)
   n_free = jnp.sum(lane["s_owner"] < 0)
   cap = jnp.minimum(jnp.minimum(m, n_free), lg - lane["g_n"])
-  oom = live & (jnp.sum(base) > cap)
-  extra_need = jnp.maximum(qlen - 1, 0)
+  # out of memory (KV slots or log): the requests of the rows past the capacity end
+  oom_r = _per_request(lane, jnp.where(jnp.cumsum(base) > cap, q_w, -1), base, nr, "max") > 0
+  base = jnp.where(oom_r[jnp.clip(q_w, 0)], 0, base)
+  extra_need = jnp.where(base > 0, jnp.maximum(qlen - 1, 0), 0)
   room = jnp.maximum(cap - jnp.sum(base), 0)
   extra = jnp.clip(room - (jnp.cumsum(extra_need) - extra_need), 0, extra_need)
-  g = jnp.where(oom, 0, base + extra)
+  g = base + extra
   cum = jnp.cumsum(g)
   start = cum - g
   total = cum[-1]
@@ -253,18 +349,21 @@ def pack(lane, step, spec: TreeSpec, m: int):
   for name, val in (("g_tok", tok), ("g_thread", t_m), ("g_pos", pos), ("g_kind", kind),
                     ("g_step", jnp.full((m,), step, jnp.int32))):
     lane[name] = lane[name].at[li].set(val, mode="drop", unique_indices=True)
-  # per-thread bookkeeping
+  # per-thread bookkeeping; a pending mark (an opening tag) gets the log index of its token
   tid = jnp.where(has & (g > 0), tw, nt + jnp.arange(w))
-  mark = lane["t_markpend"][tw] & (g > 0) & has
-  lane["t_marklog"] = lane["t_marklog"].at[jnp.where(mark, tw, nt + jnp.arange(w))].set(
-      lane["g_n"] + start, mode="drop")
-  lane["t_markpend"] = lane["t_markpend"].at[jnp.where(mark, tw, nt + jnp.arange(w))].set(False, mode="drop")
+  hit = valid & lane["t_markpend"][t_m] & (pos == lane["t_markpos"][t_m])
+  hid = jnp.where(hit, t_m, nt + mi)
+  lane["t_marklog"] = lane["t_marklog"].at[hid].set(li, mode="drop")
+  lane["t_markpend"] = lane["t_markpend"].at[hid].set(False, mode="drop")
   lane["g_n"] = lane["g_n"] + total
   lane["t_pos"] = lane["t_pos"].at[tid].add(g, mode="drop")
   lane["t_qhead"] = lane["t_qhead"].at[tid].add(g, mode="drop")
   lane["t_qlen"] = lane["t_qlen"].at[tid].add(-g, mode="drop")
   lane["t_nwritten"] = lane["t_nwritten"].at[tid].add(g, mode="drop")
-  lane["high_water"] = jnp.maximum(lane["high_water"], jnp.sum(lane["s_owner"] >= 0))
+  ow = lane["s_owner"]
+  held = _per_request(lane, jnp.where(ow >= 0, lane["t_req"][jnp.clip(ow, 0)], -1),
+                      jnp.ones_like(ow), nr)
+  lane["req_high"] = jnp.maximum(lane["req_high"], held)
   drained = has & (g > 0) & (g == qlen)
   last = jnp.clip(cum - 1, 0, m - 1)
   # visibility of every slot for every packed token
@@ -272,8 +371,8 @@ def pack(lane, step, spec: TreeSpec, m: int):
   vis = lane["t_vis"][t_m]                                              # [M, NT]
   mask = jnp.take_along_axis(vis, jnp.broadcast_to(jnp.clip(owner, 0)[None, :], (m, s)), axis=1)
   mask = mask & (owner >= 0)[None, :] & (lane["s_pos"][None, :] <= pos[:, None]) & valid[:, None]
-  lane = _terminate(lane, R_OOM, step, oom)
-  drained = drained & ~oom
+  lane = _terminate(lane, R_OOM, step, oom_r, spec)
+  drained = drained & (g > 0)
   packed = dict(tok=tok, pos=pos, slot=slot, mask=mask, last=last, drained=drained)
   return lane, packed
 
@@ -333,19 +432,26 @@ def _child_queues(lane, spec: TreeSpec, parent, rank, valid_child):
 def _fork(lane, spec: TreeSpec, fork_w, step):
   """Creates the children of every row in `fork_w` that gets >= 1; returns (lane, n_w)."""
   pr = spec.protocol
-  nt, w = spec.threads, spec.rows
+  nt, w, nr = spec.threads, spec.rows, spec.requests
   t_w = jnp.clip(lane["r_thread"], 0)
+  q_w = lane["t_req"][t_w]
   want = jnp.where(fork_w, lane["t_count"][t_w], 0)
-  avail = jnp.maximum(jnp.minimum(lane["limits"][0], nt) - lane["created"], 0)
-  n_w = jnp.clip(avail - (jnp.cumsum(want) - want), 0, want)
+  # the request's thread limit (rows of one request take it in row order) ...
+  avail = jnp.maximum(jnp.minimum(lane["req_limits"][:, 0], CODE_BASE - 1) - lane["req_created"], 0)
+  oh = jnp.where((q_w[:, None] == jnp.arange(nr)[None, :]) & fork_w[:, None], want[:, None], 0)
+  before = (jnp.cumsum(oh, axis=0) - oh)[jnp.arange(w), jnp.clip(q_w, 0)]
+  n_w = jnp.clip(avail[jnp.clip(q_w, 0)] - before, 0, want)
+  # ... and the free entries of the thread table
+  free_t = lane["t_req"] < 0
+  n_w = jnp.clip(jnp.sum(free_t) - (jnp.cumsum(n_w) - n_w), 0, n_w)
   cum_n = jnp.cumsum(n_w)
   total_new = cum_n[-1]
 
   def do(lane):
     lane = dict(lane)
     j = jnp.arange(nt)
-    k = j - lane["created"]
-    is_new = (k >= 0) & (k < total_new)
+    k = jnp.cumsum(free_t) - 1                                          # rank among free entries
+    is_new = free_t & (k < total_new)
     row = jnp.clip(jnp.searchsorted(cum_n, k, side="right"), 0, w - 1)
     parent = t_w[row]
     idx = jnp.where(is_new, k - (cum_n[row] - n_w[row]), 0)         # number within its fork
@@ -353,6 +459,7 @@ def _fork(lane, spec: TreeSpec, fork_w, step):
     queue, qlen, label, lablen = _child_queues(lane, spec, parent, idx, is_new)
     sel = lambda new, old: jnp.where(is_new.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
     shared = pr.context == "shared"
+    lane["t_req"] = sel(lane["t_req"][parent], lane["t_req"])
     lane["t_state"] = sel(READY, lane["t_state"])
     lane["t_parent"] = sel(parent, lane["t_parent"])
     lane["t_depth"] = sel(lane["t_depth"][parent] + 1, lane["t_depth"])
@@ -363,7 +470,8 @@ def _fork(lane, spec: TreeSpec, fork_w, step):
     lane["t_bornlog"] = sel(lane["g_n"], lane["t_bornlog"])
     code = lane["t_code"][parent] * CODE_BASE + rank + 1
     lane["t_code"] = sel(code, lane["t_code"])
-    lane["t_script"] = sel(jax.vmap(lambda c: _script_row(lane, c))(code), lane["t_script"])
+    lane["t_script"] = sel(jax.vmap(lambda q, c: _script_row(lane, q, c))(lane["t_req"][parent], code),
+                           lane["t_script"])
     lane["t_q"] = sel(queue, lane["t_q"])
     lane["t_qlen"] = sel(qlen, lane["t_qlen"])
     lane["t_qhead"] = sel(0, lane["t_qhead"])
@@ -376,19 +484,25 @@ def _fork(lane, spec: TreeSpec, fork_w, step):
     # parents wait for their children
     forked = n_w > 0
     pid = jnp.where(forked, t_w, nt + jnp.arange(w))
-    first = lane["created"] + cum_n - n_w
     lane["t_state"] = lane["t_state"].at[pid].set(WAIT, mode="drop")
-    lane["t_first"] = lane["t_first"].at[pid].set(first, mode="drop")
     lane["t_nchild"] = lane["t_nchild"].at[pid].set(n_w, mode="drop")
     lane["t_kidbase"] = lane["t_kidbase"].at[pid].add(n_w, mode="drop")
     lane["t_pending"] = lane["t_pending"].at[pid].set(n_w, mode="drop")
     lane["t_row"] = lane["t_row"].at[pid].set(-1, mode="drop")
     lane["r_thread"] = jnp.where(forked, -1, lane["r_thread"])
-    lane["forks"] = lane["forks"] + jnp.sum(forked)
-    lane["created"] = lane["created"] + total_new
+    qf = jnp.where(forked, q_w, -1)
+    lane["req_forks"] = lane["req_forks"] + _per_request(lane, qf, jnp.ones_like(n_w), nr)
+    lane["req_created"] = lane["req_created"] + _per_request(lane, qf, n_w, nr)
     return lane
 
   return do(lane), n_w
+
+
+def _current_children(lane, p):
+  """[NT] bool: the children of p's latest fork (ranks are unique among all of p's children,
+  so the latest fork holds the last `t_nchild` of them)."""
+  return (lane["t_parent"] == p) & (lane["t_req"] >= 0) & (
+      lane["t_rank"] >= lane["t_kidbase"][p] - lane["t_nchild"][p])
 
 
 def _join_queue(lane, spec: TreeSpec, p):
@@ -397,9 +511,9 @@ def _join_queue(lane, spec: TreeSpec, p):
   lg, q = spec.n_log, spec.n_queue
   e = jnp.arange(lg)
   c = lane["g_thread"]
-  first, n = lane["t_first"][p], lane["t_nchild"][p]
   cc = jnp.clip(c, 0)
-  is_child = (c >= first) & (c < first + n) & (e < lane["g_n"])
+  kids = _current_children(lane, p)                                       # [NT]
+  is_child = (c >= 0) & kids[cc] & (e < lane["g_n"])
   rank = lane["t_rank"][cc]
   aj, naj = _const(pr.after_join)
   if pr.join == "flat":
@@ -417,8 +531,7 @@ def _join_queue(lane, spec: TreeSpec, p):
   nr, nnr = _const(pr.no_result)
   rc, nrc = _const(pr.results_close)
   stride = lg + nr.shape[0]
-  kid = jnp.arange(spec.threads)
-  kid_ok = (kid >= first) & (kid < first + n) & (last_tag < 0)
+  kid_ok = kids & (last_tag < 0)
   v_tok = jnp.broadcast_to(nr[None, :], (spec.threads, nr.shape[0])).reshape(-1)
   v_key = (lane["t_rank"][:, None] * stride + jnp.arange(nr.shape[0])[None, :]).reshape(-1)
   v_ok = (kid_ok[:, None] & (jnp.arange(nr.shape[0]) < nnr)[None, :]).reshape(-1)
@@ -442,10 +555,10 @@ def _join(lane, spec: TreeSpec, join_p, step):
     oc = jnp.clip(owner, 0)
     par = lane["t_parent"][oc]
     pc = jnp.clip(par, 0)
-    of_joining = (owner >= 0) & (par >= 0) & join_p[pc] & (owner >= lane["t_first"][pc]) & (
-        owner < lane["t_first"][pc] + lane["t_nchild"][pc])
+    of_joining = (owner >= 0) & (par >= 0) & join_p[pc] & (
+        lane["t_rank"][oc] >= lane["t_kidbase"][pc] - lane["t_nchild"][pc])
     j = jnp.arange(nt)
-    kids = lambda p: (j >= lane["t_first"][p]) & (j < lane["t_first"][p] + lane["t_nchild"][p])
+    kids = lambda p: _current_children(lane, p)
     kid_pos = jax.vmap(lambda p: jnp.max(jnp.where(kids(p), lane["t_pos"], 0)))(j)
     kid_cp = jax.vmap(lambda p: jnp.max(jnp.where(kids(p), lane["t_cp"], 0)))(j)
     if pr.join == "stitch":
@@ -492,20 +605,19 @@ def _finish(lane, spec: TreeSpec, fin_t, step):
   par = lane["t_parent"]
   lane["t_pending"] = lane["t_pending"].at[jnp.where(fin_t & (par >= 0), par, nt)].add(-1, mode="drop")
   join_p = was_waiting & (lane["t_state"] == WAIT) & (lane["t_pending"] <= 0)
-  root_done = fin_t[0] & ~lane["done"]
-  lane["reason"] = jnp.where(root_done, lane["t_reason"][0], lane["reason"])
-  lane["end_step"] = jnp.where(root_done, step, lane["end_step"])
-  lane["done"] = lane["done"] | root_done
+  # a request ends with its root thread
+  root = fin_t & (par < 0) & (lane["t_req"] >= 0)
+  q = jnp.where(root, lane["t_req"], -1)
+  root_done = _per_request(lane, q, jnp.ones((nt,), jnp.int32), spec.requests) > 0
+  lane = _close(lane, root_done, _per_request(lane, q, lane["t_reason"], spec.requests), step, spec)
   return lane, join_p
 
 
-def _pre(lane, drained, step):
+def _pre(lane, drained, step, spec: TreeSpec):
   """Ends requests that ran out of total budget last step; classifies the drained rows."""
-  live = lane["active"] & ~lane["done"]
-  ending = lane["ending"] > 0
-  lane = _terminate(lane, lane["ending"], step, live & ending)
-  drained = drained & live & ~ending
+  lane = _terminate(lane, lane["req_ending"], step, lane["req_ending"] > 0, spec)
   t_w = jnp.clip(lane["r_thread"], 0)
+  drained = drained & (lane["r_thread"] >= 0) & _live_threads(lane)[t_w]
   after = lane["t_after"][t_w]
   return lane, drained, drained & (after == NEXT_FORK)
 
@@ -514,34 +626,39 @@ def _sample_phase(lane, t_w, logits, drained, n_forked, step, spec: TreeSpec):
   """Samples for drained rows that neither fork nor finish and runs the state machine on the
   samples. Returns (lane, fin_t): threads that finish now."""
   pr = spec.protocol
-  nt, w = spec.threads, spec.rows
-  live = lane["active"] & ~lane["done"]
+  nt, w, nr = spec.threads, spec.rows, spec.requests
   lane = dict(lane)
+  q_w = lane["t_req"][t_w]
+  live_r = lane["req_active"] & ~lane["req_done"]
   after = lane["t_after"][t_w]
   fin_w = drained & (after == NEXT_FINISH)
   samp_w = drained & ((after == NEXT_SAMPLE) | ((after == NEXT_FORK) & (n_forked == 0)))
   # ---- sampling
   nsamp = lane["t_nsamp"][t_w]
-  key = jax.random.wrap_key_data(lane["key"])
-  keys = jax.vmap(lambda t, n: jax.random.fold_in(jax.random.fold_in(key, t), n))(t_w, nsamp)
+  # keys: the request's seed, the thread's path code, its sample count (batch-independent)
+  keys = jax.vmap(lambda kd, c, n: jax.random.fold_in(jax.random.fold_in(
+      jax.random.wrap_key_data(kd), c), n))(lane["req_key"][jnp.clip(q_w, 0)], lane["t_code"][t_w], nsamp)
   x = sample(logits, keys, spec.sampling)
   if spec.script:
     srow = lane["t_script"][t_w]
-    sr = jnp.clip(srow, 0)
-    scripted = (srow >= 0) & (nsamp < lane["sc_len"][sr])
-    x = jnp.where(scripted, lane["sc_tok"][sr, jnp.clip(nsamp, 0, spec.script - 1)], x)
+    sr, qc = jnp.clip(srow, 0), jnp.clip(q_w, 0)
+    scripted = (srow >= 0) & (nsamp < lane["sc_len"][qc, sr])
+    x = jnp.where(scripted, lane["sc_tok"][qc, sr, jnp.clip(nsamp, 0, spec.script - 1)], x)
     if spec.record_logits:
       rt = jnp.where(samp_w & (nsamp < spec.script), t_w, nt + jnp.arange(w))
       lane["rec"] = lane["rec"].at[rt, jnp.clip(nsamp, 0, spec.script - 1)].set(logits, mode="drop")
   logp = jnp.take_along_axis(jax.nn.log_softmax(logits), x[:, None], axis=1)[:, 0]
   # total-token budget: samples beyond it are dropped and the request ends after this step
-  lim = lane["limits"]
-  rank = jnp.cumsum(samp_w) - samp_w
-  allowed = samp_w & (lane["total"] + rank < lim[2])
-  n_ok = jnp.sum(allowed)
-  lane["total"] = lane["total"] + n_ok
-  over = jnp.any(samp_w & ~allowed) | (live & (lane["total"] >= lim[2]) & (n_ok > 0))
-  lane["ending"] = jnp.where(over & live, R_TOTAL, lane["ending"])
+  qc = jnp.clip(q_w, 0)
+  lim = lane["req_limits"][qc].T                                          # [LIMITS, W]
+  oh = ((q_w[:, None] == jnp.arange(nr)[None, :]) & samp_w[:, None]).astype(jnp.int32)
+  rank = (jnp.cumsum(oh, axis=0) - oh)[jnp.arange(w), qc]                 # earlier rows, same request
+  allowed = samp_w & (lane["req_total"][qc] + rank < lim[2])
+  n_ok = _per_request(lane, jnp.where(samp_w, q_w, -1), allowed.astype(jnp.int32), nr)
+  lane["req_total"] = lane["req_total"] + n_ok
+  cut = _per_request(lane, jnp.where(samp_w & ~allowed, q_w, -1), jnp.ones((w,), jnp.int32), nr) > 0
+  over = cut | ((lane["req_total"] >= lane["req_limits"][:, 2]) & (n_ok > 0))
+  lane["req_ending"] = jnp.where(over & live_r, R_TOTAL, lane["req_ending"])
   is_child = lane["t_parent"][t_w] >= 0
   stop = jnp.where(is_child, _isin(x, tuple(pr.child_stop) + tuple(spec.root_stop)),
                    _isin(x, spec.root_stop))
@@ -588,13 +705,11 @@ def _sample_phase(lane, t_w, logits, drained, n_forked, step, spec: TreeSpec):
   if spec.race and pr.goal:
     won = allowed & is_child & _isin(x, pr.goal)
     par_won = jnp.zeros((nt,), bool).at[jnp.where(won, lane["t_parent"][t_w], nt)].set(True, mode="drop")
-    j = jnp.arange(nt)
     sib = (lane["t_parent"] >= 0) & par_won[jnp.clip(lane["t_parent"], 0)]
     winner = jnp.zeros((nt,), bool).at[jnp.where(won, t_w, nt)].set(True, mode="drop")
-    cancel = sib & ~winner & ((lane["t_state"] == READY) | (lane["t_state"] == RUN)) & (j > 0)
+    cancel = sib & ~winner & ((lane["t_state"] == READY) | (lane["t_state"] == RUN))
   # ---- pruning: a child whose mean log-prob trails its best running sibling's
   if spec.prune_margin > 0:
-    j = jnp.arange(nt)
     running = (lane["t_state"] == RUN) & (lane["t_parent"] >= 0) & (lane["t_nsamp"] >= spec.prune_min_tokens)
     mean = lane["t_logp"] / jnp.maximum(lane["t_nsamp"], 1)
     par = jnp.clip(lane["t_parent"], 0)
@@ -613,7 +728,7 @@ def update(lanes, logits, drained, step, spec: TreeSpec):
   state machine; then joins. The rare, heavier phases (fork, join) sit behind `lax.cond`s
   taken over all lanes at once (inside a vmap they would run every step)."""
   vm = jax.vmap
-  lanes, drained, fork_w = vm(lambda l, d: _pre(l, d, step))(lanes, drained)
+  lanes, drained, fork_w = vm(lambda l, d: _pre(l, d, step, spec))(lanes, drained)
   t_w = jnp.clip(lanes["r_thread"], 0)  # before forks release rows
   zeros = jnp.zeros(fork_w.shape, jnp.int32)
   lanes, n_forked = jax.lax.cond(
@@ -667,14 +782,14 @@ def segment(graphdef, params, st, until_step, spec: TreeSpec):
   sizes = step_sizes(spec)
 
   def cond(st):
-    return (st["step"] < until_step) & jnp.any(st["active"] & ~st["done"])
+    return (st["step"] < until_step) & jnp.any(st["req_active"] & ~st["req_done"])
 
   def body(st):
     lane = jax.vmap(lambda l: assign_rows(l, spec))(_split(st))
     st = dict(st, **lane)
     tw = jnp.clip(st["r_thread"], 0)
     qlen = jnp.take_along_axis(st["t_qlen"], tw, axis=1)
-    busy = (st["r_thread"] >= 0) & (st["active"] & ~st["done"])[:, None]
+    busy = st["r_thread"] >= 0  # rows of ended requests are freed the step they end
     need = jnp.max(jnp.sum(jnp.where(busy, jnp.minimum(qlen, spec.chunk), 0), axis=1))
     which = jnp.sum(jnp.asarray(sizes) < need)
     if len(sizes) == 1:
@@ -685,17 +800,23 @@ def segment(graphdef, params, st, until_step, spec: TreeSpec):
   return jax.lax.while_loop(cond, body, st)
 
 
-def _admit(st, lane_idx, prompt, plen, limits, key, sc_tok, sc_len, sc_code, count0, marklog0, fork0,
-           spec: TreeSpec):
+def _on_lane(st, lane_idx, fn):
   old = jax.tree.map(lambda a: a[lane_idx], _split(st))
-  new = admit_lane(old, prompt, plen, limits, key, sc_tok, sc_len, sc_code, st["step"], count0,
-                   marklog0, fork0, spec)
-  lane = jax.tree.map(lambda a, b: a.at[lane_idx].set(b), _split(st), new)
+  lane = jax.tree.map(lambda a, b: a.at[lane_idx].set(b), _split(st), fn(old))
   return dict(st, **lane)
 
 
-def _cancel(st, lane_idx, reason):
-  old = jax.tree.map(lambda a: a[lane_idx], _split(st))
-  new = _terminate(old, reason, st["step"], old["active"])
-  lane = jax.tree.map(lambda a, b: a.at[lane_idx].set(b), _split(st), new)
-  return dict(st, **lane)
+def _admit(st, lane_idx, req_idx, prompt, plen, limits, key, sc_tok, sc_len, sc_code, count0, mark0,
+           fork0, spec: TreeSpec):
+  return _on_lane(st, lane_idx, lambda l: admit_lane(
+      l, req_idx, prompt, plen, limits, key, sc_tok, sc_len, sc_code, st["step"], count0, mark0,
+      fork0, spec))
+
+
+def _cancel(st, lane_idx, req_idx, reason, spec: TreeSpec):
+  cond = jnp.arange(spec.requests) == req_idx
+  return _on_lane(st, lane_idx, lambda l: _terminate(l, reason, st["step"], cond, spec))
+
+
+def _release(st, lane_idx, req_idx, spec: TreeSpec):
+  return _on_lane(st, lane_idx, lambda l: release(l, req_idx, spec))
