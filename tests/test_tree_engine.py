@@ -217,12 +217,16 @@ def test_fuzz_state_machine(name, scripts, max_threads, max_depth, thread_tokens
   or slot leaks, and - when no budget cut a fork short - exact logits against the reference."""
   key = (name, slots)
   if key not in FUZZ:
-    FUZZ[key] = engine(name, lanes=1, rows=2, threads=8, slots=slots, script=24, script_rows=16)
+    FUZZ[key] = engine(name, lanes=1, requests=2, rows=2, threads=16, slots=slots, script=24,
+                       script_rows=16)
   eng = FUZZ[key]
   prompt = [tf.BOS, 3, 4]
   req = Request(prompt, script=scripts, max_threads=max_threads, max_depth=max_depth,
                 max_thread_tokens=thread_tokens, max_total_tokens=total)
-  res = eng.run([req])[0]
+  # a neighbour in the same lane (shared rows, table and KV) with other limits
+  other = Request([tf.BOS, 5], script=scripts, max_threads=8, max_thread_tokens=24)
+  res, res2 = eng.run([req, other])
+  assert len(res2.threads) <= 8 and res2.stop_reason in ("stop", "length", "out_of_memory")
   # the request is over and released: nothing of it is left in the lane
   lane = {k: np.asarray(v[0]) for k, v in eng.state.items() if k in tree.LANE_KEYS}
   assert (lane["r_thread"] == -1).all() and (lane["t_req"] == -1).all()
