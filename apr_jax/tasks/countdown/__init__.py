@@ -21,6 +21,8 @@ import random
 import re
 from typing import Sequence
 
+from apr_jax.errors import UserError
+
 OPS = ("+", "-", "*", "/")
 
 
@@ -88,12 +90,19 @@ def generate(setting: Setting, n: int, seed: int, exclude=frozenset()) -> list[P
   """n solvable problems (redrawn until solvable), deterministic in `seed`."""
   rng = random.Random(seed)
   out, seen = [], set(exclude)
+  misses = 0
   while len(out) < n:
     nums = tuple(rng.randint(setting.lo, setting.hi) for _ in range(setting.n_numbers))
     target = rng.randint(setting.target_lo, setting.target_hi)
     p = Problem(nums, target)
     if p.key in seen or not solvable(tuple(sorted(nums)), target):
+      misses += 1
+      if misses > 200_000:  # the setting has (almost) no distinct solvable problems left
+        raise UserError(f"could draw only {len(out)} of {n} distinct solvable problems for this "
+                        f"setting (numbers {setting.lo}..{setting.hi}, targets {setting.target_lo}.."
+                        f"{setting.target_hi}, {len(exclude)} excluded); ask for fewer")
       continue
+    misses = 0
     seen.add(p.key)
     out.append(p)
   return out
