@@ -13,9 +13,12 @@ from tests import tree_fixtures as tf
 
 @jax.jit
 def _packed_logits(graph_state, rows_tokens, rows_pos, groups, vis):
+  """(blockwise, dense): the training path (causal blocks of 64 over a `TreeMask`) and the
+  plain attention over the full mask."""
   from flax import nnx
   model = nnx.merge(*graph_state)
-  return model(rows_tokens, rows_pos, packing.tree_mask(groups, vis))[0]
+  tm = packing.TreeMask(groups, vis, block=64)
+  return model(rows_tokens, rows_pos, tm)[0], model(rows_tokens, rows_pos, tm.dense())[0]
 
 
 @pytest.mark.parametrize("name", sorted(tf.PROTOCOLS))
@@ -33,6 +36,7 @@ def test_packed_tree_forward_matches_reference(name):
     ctx = [(0, 0, u) for u in order]
     m = np.asarray(packing.tree_mask(jnp.asarray(pk.groups[None]), jnp.asarray(pk.vis[None])))[0]
     np.testing.assert_array_equal(m, t.mask(ctx))
+    assert not np.triu(m, 1).any()  # no token sees a later one: blockwise attention may skip them
     assert (pk.labels >= 0).sum() == t.total_tokens
   rows, skipped = packing.pack_rows(packed, seq_len=512, max_groups=64)
   assert skipped == 0 and rows.tokens.shape[0] == 1  # all three share one row
@@ -41,8 +45,10 @@ def test_packed_tree_forward_matches_reference(name):
   assert (len(parts) > 1) == (pr.context == "fresh")
   assert sum(len(x) for x in parts) == len(packed[0])
   assert sum((x.labels >= 0).sum() for x in parts) == (packed[0].labels >= 0).sum()
-  logits = np.asarray(_packed_logits(nnx.split(model), jnp.asarray(rows.tokens), jnp.asarray(rows.positions),
-                                     jnp.asarray(rows.groups), jnp.asarray(rows.vis)))[0]
+  blocks, dense = _packed_logits(nnx.split(model), jnp.asarray(rows.tokens), jnp.asarray(rows.positions),
+                                 jnp.asarray(rows.groups), jnp.asarray(rows.vis))
+  logits = np.asarray(blocks)[0]
+  np.testing.assert_allclose(logits, np.asarray(dense)[0], atol=1e-5)
   offset, worst, span = 0, 0.0, 0.0
   for t, pk in zip(traces, packed):
     for th in t.threads.values():

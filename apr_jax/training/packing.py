@@ -165,18 +165,37 @@ def pack_rows(items: Sequence[Packed], seq_len: int, max_groups: int) -> tuple[R
   return out, skipped
 
 
-def tree_mask(groups, vis):
+class TreeMask:
+  """The tree attention mask as a function of blocks, for causal blockwise attention: the
+  model asks for the [B, q1-q0, k1] mask of query block [q0, q1) over keys [0, k1) and never
+  materialises the [B, N, N] mask; keys after a query block are skipped (every visible token
+  precedes its reader in a packed row - `pack_trace` writes runs in order)."""
+
+  def __init__(self, groups, vis, block: int = 128):
+    self.groups, self.vis, self.block = groups, vis, block
+
+  def __call__(self, q0: int, q1: int, k1: int):
+    return tree_mask(self.groups, self.vis, (q0, q1), k1)
+
+  def dense(self):
+    return tree_mask(self.groups, self.vis)
+
+
+def tree_mask(groups, vis, rows: tuple | None = None, k1: int | None = None):
   """The attention mask [B, N, N] from run ids [B, N] and run tables [B, G, G] (inside jit):
-  i attends j iff same run and j <= i, or run(i) attends run(j). Padding attends itself."""
+  i attends j iff same run and j <= i, or run(i) attends run(j). Padding attends itself.
+  `rows=(q0, q1)` and `k1`: only the block of queries [q0, q1) over keys [0, k1)."""
   import jax.numpy as jnp
   n = groups.shape[1]
-  gi, gj = groups[:, :, None], groups[:, None, :]
-  idx = jnp.arange(n)
-  causal = idx[None, :, None] >= idx[None, None, :]
-  g0 = jnp.maximum(groups, 0)
+  q0, q1 = rows or (0, n)
+  k1 = n if k1 is None else k1
+  gq, gk = groups[:, q0:q1], groups[:, :k1]
+  gi, gj = gq[:, :, None], gk[:, None, :]
+  qi, kj = jnp.arange(q0, q1)[None, :, None], jnp.arange(k1)[None, None, :]
+  causal = qi >= kj
   cross = jnp.take_along_axis(
-      jnp.take_along_axis(vis, g0[:, :, None], axis=1),  # [B, N, G]: the run table row of i
-      jnp.broadcast_to(g0[:, None, :], (groups.shape[0], n, n)), axis=2)
+      jnp.take_along_axis(vis, jnp.maximum(gq, 0)[:, :, None], axis=1),  # [B, Q, G]: run rows
+      jnp.broadcast_to(jnp.maximum(gk, 0)[:, None, :], (groups.shape[0], q1 - q0, k1)), axis=2)
   real = (gi >= 0) & (gj >= 0)
-  pad_self = (gi < 0) & (idx[None, :, None] == idx[None, None, :])
+  pad_self = (gi < 0) & (qi == kj)
   return ((gi == gj) & causal & real) | (cross & real) | pad_self

@@ -32,7 +32,8 @@ def make_optimizer(lr: float, warmup: int, steps: int, weight_decay: float, clip
 
 def loss_fn(model: Transformer, batch):
   """Mean cross-entropy over the labelled (sampled) tokens of packed rows."""
-  logits = model(batch["tokens"], batch["positions"], packing.tree_mask(batch["groups"], batch["vis"]))[0]
+  tree = packing.TreeMask(batch["groups"], batch["vis"])
+  logits = model(batch["tokens"], batch["positions"], tree)[0]
   labels = batch["labels"]
   mask = labels >= 0
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
