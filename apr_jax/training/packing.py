@@ -130,23 +130,30 @@ class Rows:
   labels: np.ndarray
 
 
-def pack_rows(items: Sequence[Packed], seq_len: int, max_groups: int) -> tuple[Rows, int]:
-  """Greedy in-order packing of trajectories into rows of `seq_len` tokens and at most
-  `max_groups` runs. Returns (rows, number of trajectories skipped as too long)."""
-  rows, cur, skipped = [], [], 0
-  used_t = used_g = 0
+def pack_rows(items: Sequence[Packed], seq_len: int, max_groups: int,
+              open_rows: int = 64) -> tuple[Rows, int]:
+  """Best-fit packing of trajectories into rows of `seq_len` tokens and at most `max_groups`
+  runs: each item goes to the open row (of the last `open_rows`) it fills best; when none
+  fits, the fullest open row is closed. Deterministic. Returns (rows, number of trajectories
+  skipped as too long)."""
+  rows, open_, skipped = [], [], 0   # open_: [used tokens, used runs, items]
   for it in items:
-    if len(it) > seq_len or it.vis.shape[0] > max_groups:
+    n, ng = len(it), it.vis.shape[0]
+    if n > seq_len or ng > max_groups:
       skipped += 1
       continue
-    if used_t + len(it) > seq_len or used_g + it.vis.shape[0] > max_groups:
-      rows.append(cur)
-      cur, used_t, used_g = [], 0, 0
-    cur.append(it)
-    used_t += len(it)
-    used_g += it.vis.shape[0]
-  if cur:
-    rows.append(cur)
+    fits = [k for k, (t, g, _) in enumerate(open_) if t + n <= seq_len and g + ng <= max_groups]
+    if not fits:
+      if len(open_) >= open_rows:
+        full = max(range(len(open_)), key=lambda k: open_[k][0])
+        rows.append(open_.pop(full)[2])
+      open_.append([0, 0, []])
+      fits = [len(open_) - 1]
+    k = max(fits, key=lambda k: open_[k][0])
+    open_[k][0] += n
+    open_[k][1] += ng
+    open_[k][2].append(it)
+  rows += [o[2] for o in open_]
   r = len(rows)
   out = Rows(tokens=np.zeros((r, seq_len), np.int32), positions=np.zeros((r, seq_len), np.int32),
              groups=np.full((r, seq_len), -1, np.int32), vis=np.zeros((r, max_groups, max_groups), bool),
