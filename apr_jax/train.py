@@ -39,8 +39,20 @@ def build_data(c, tok, log=_log):
   if c.get("beam"):
     import dataclasses
     setting = dataclasses.replace(setting, beam=c.beam)
-  train, _ = cd.splits(setting, c.n_train, c.n_test, seed=c.data_seed)
   pr = data.protocol_for(c.format, tok)
+  # the packed rows are cached in the workdir (a resumed run skips rebuilding them)
+  import dataclasses
+  import hashlib
+  import json
+  key = json.dumps([dataclasses.asdict(setting), c.format, c.n_train, c.n_test, c.data_seed, c.seq_len,
+                    c.max_groups, tok.vocab_size, [tok.decode([i]) for i in range(tok.vocab_size)]])
+  cache = os.path.join(c.workdir, f"data-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz")
+  if os.path.exists(cache):
+    with np.load(cache) as z:
+      rows = packing.Rows(**{k: z[k] for k in z.files})
+    log(f"data: {rows.tokens.shape[0]} packed rows from {cache}")
+    return rows, pr
+  train, _ = cd.splits(setting, c.n_train, c.n_test, seed=c.data_seed)
   items, t0 = [], time.perf_counter()
   for i, p in enumerate(train):
     prompt, scripts, _ = data.encode(tok, c.format, p, setting)
@@ -52,6 +64,9 @@ def build_data(c, tok, log=_log):
   lens = [len(x) for x in items]
   log(f"data: {len(train)} {c.format} trajectories, {len(items)} sequences (median {int(np.median(lens))} tokens, "
       f"{skipped} longer than {c.seq_len} skipped) -> {rows.tokens.shape[0]} rows")
+  os.makedirs(c.workdir, exist_ok=True)
+  np.savez_compressed(cache + ".tmp.npz", **dataclasses.asdict(rows))
+  os.replace(cache + ".tmp.npz", cache)
   return rows, pr
 
 
