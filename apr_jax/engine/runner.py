@@ -236,11 +236,13 @@ class TreeEngine:
                              jnp.bool_(fork0))
     return int(limits[0])
 
-  def run(self, requests: Sequence[Request], on_progress: Callable | None = None) -> list[TreeResult]:
+  def run(self, requests: Sequence[Request], on_progress: Callable | None = None,
+          on_done: Callable | None = None) -> list[TreeResult]:
     """Runs every request to completion; results in request order.
 
     `on_progress(views)` is called after every segment with {request index: [thread dicts
-    (id, parent, state, tokens)]} for the requests in flight."""
+    (id, parent, state, tokens)]} for the requests in flight; `on_done(index, result)` as
+    each request finishes."""
     for r in requests:
       self._check(r)
     spec = self.spec
@@ -315,6 +317,8 @@ class TreeEngine:
           self.stats["restarts"] += 1
         else:
           results[o["i"]] = res
+          if on_done is not None:
+            on_done(o["i"], res)
         self.state = self._release(self.state, jnp.int32(lane), jnp.int32(slot))
         occ[lane][slot] = None
       waiting.extendleft(reversed(requeue))

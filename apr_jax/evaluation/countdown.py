@@ -61,30 +61,37 @@ def make_engine(model, tok, fmt: str, lanes: int = 8, rows: int = 8, slots: int 
 
 def evaluate(engine, tok, fmt: str, problems: Sequence[cd.Problem], max_thread_tokens: int = 1536,
              max_total_tokens: int = 6000, batch: int = 64, log=None) -> list[ProblemResult]:
+  """Every problem through the engine in one run; progress every `batch` problems or 10 s."""
   from apr_jax.engine.runner import Request
   log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-  out = []
   t0 = time.perf_counter()
-  for i in range(0, len(problems), batch):
-    chunk = problems[i:i + batch]
-    reqs = [Request([tok.bos_id] + tok.encode(cd.prompt_text(p)), max_thread_tokens=max_thread_tokens,
-                    max_total_tokens=max_total_tokens) for p in chunk]
-    for p, r in zip(chunk, engine.run(reqs)):
-      texts = thread_texts(r, tok, fmt, cd.prompt_text(p))
-      ok, why = cd.verify(p, texts, check_lines=False)
-      valid, why_t = cd.verify(p, texts)
-      why = why if not ok else why_t
-      ctx = max((max(t["positions"]) + 1 if t["positions"] else 0) for t in r.threads)
-      out.append(ProblemResult(problem=(p.nums, p.target), correct=ok, trace_valid=valid, why=why,
-                               total_tokens=r.total_tokens, critical_path=r.critical_path,
-                               max_context=ctx, forks=r.forks, threads=len(r.threads),
-                               wall_s=r.wall_s, stop_reason=r.stop_reason))
-    done = len(out)
-    dt = time.perf_counter() - t0
-    acc = sum(x.correct for x in out) / done
-    bar = "#" * int(20 * done / len(problems))
-    log(f"[{bar:20s}] {done}/{len(problems)} problems | accuracy {acc:.3f} | "
-        f"{done / dt:.2f} problems/s | ETA {(len(problems) - done) * dt / done / 60:.1f} min")
+  reqs = [Request([tok.bos_id] + tok.encode(cd.prompt_text(p)), max_thread_tokens=max_thread_tokens,
+                  max_total_tokens=max_total_tokens) for p in problems]
+  out: list = [None] * len(problems)
+  shown = [0.0]
+
+  def on_done(i, r):
+    p = problems[i]
+    texts = thread_texts(r, tok, fmt, cd.prompt_text(p))
+    ok, why = cd.verify(p, texts, check_lines=False)
+    valid, why_t = cd.verify(p, texts)
+    why = why if not ok else why_t
+    ctx = max((max(t["positions"]) + 1 if t["positions"] else 0) for t in r.threads)
+    out[i] = ProblemResult(problem=(p.nums, p.target), correct=ok, trace_valid=valid, why=why,
+                           total_tokens=r.total_tokens, critical_path=r.critical_path,
+                           max_context=ctx, forks=r.forks, threads=len(r.threads),
+                           wall_s=r.wall_s, stop_reason=r.stop_reason)
+    got = [x for x in out if x is not None]
+    done, dt = len(got), time.perf_counter() - t0
+    if done == len(problems) or dt - shown[0] >= 10 or done % max(batch, 1) == 0:
+      shown[0] = dt
+      acc = sum(x.correct for x in got) / done
+      bar = "#" * int(20 * done / len(problems))
+      log(f"[{bar:20s}] {done}/{len(problems)} problems | accuracy {acc:.3f} | "
+          f"{done / dt:.2f} problems/s | ETA {(len(problems) - done) * dt / done / 60:.1f} min")
+
+  # one run: continuous batching keeps every lane busy until the last problem
+  engine.run(reqs, on_done=on_done)
   return out
 
 
