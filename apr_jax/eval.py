@@ -23,6 +23,7 @@ config_flags.DEFINE_config_file("config", None, "An evaluation config from confi
 flags.DEFINE_integer("num_problems", 100, "Held-out problems to evaluate.", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Which held-out problems (a permutation of the test split).")
 flags.DEFINE_string("out", "", "Output directory (created).")
+flags.DEFINE_list("methods", [], "Only these methods of the config (default: all).")
 
 
 def _log(*a):
@@ -55,7 +56,13 @@ def main(argv):
   problems = [test[i] for i in order]
   os.makedirs(FLAGS.out, exist_ok=True)
   results, summary = {}, {}
+  unknown = sorted(set(FLAGS.methods) - set(c.methods.keys()))
+  if unknown:
+    raise UserError(f"--methods: {', '.join(unknown)} not in the config's methods "
+                    f"({', '.join(c.methods.keys())})")
   for name, m in c.methods.items():
+    if FLAGS.methods and name not in FLAGS.methods:
+      continue
     path = resolve(m.path)
     extra = json.load(open(os.path.join(path, "apr_config.json")))
     fmt = extra.get("format", "sos")

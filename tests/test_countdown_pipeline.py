@@ -63,3 +63,14 @@ def test_eval_writes_results_and_plots(tmp_path):
   for f in d["plots"]:
     assert (tmp_path / f).stat().st_size > 1000
   assert "| parallel |" in open(tmp_path / "results.md").read()
+
+
+def test_eval_methods_flag(tmp_path):
+  """--methods picks a subset of the config's methods; an unknown one is a clean error."""
+  p = _cli("apr_jax.eval", "--config", "configs/eval_countdown_small.py", "--num_problems", "2",
+           "--out", str(tmp_path), "--methods", "sequential", "--config.max_thread_tokens=300")
+  assert p.returncode == 0, p.stderr
+  assert set(json.load(open(tmp_path / "results.json"))["methods"]) == {"sequential"}
+  p = _cli("apr_jax.eval", "--config", "configs/eval_countdown_small.py", "--methods", "nope",
+           "--out", str(tmp_path / "x"))
+  assert p.returncode != 0 and "Traceback" not in p.stderr and "nope" in p.stderr
