@@ -200,10 +200,8 @@ def _run_countdown(t0):
   req = Request([tok.bos_id] + tok.encode(prompt), max_thread_tokens=1536, max_total_tokens=6000,
                 seed=FLAGS.seed)
   r = eng.run([req], on_progress=progress if live else None)[0]
-  texts = ev.thread_texts(r, tok, fmt, prompt)
-  ok, why = cd.verify(p, texts, check_lines=False)
+  ok, valid, why = ev.verdict(p, ev.thread_texts(r, tok, fmt, prompt))
   if ok:
-    valid, why = cd.verify(p, texts)
     why = "every line checks" if valid else f"right answer, but a search line is wrong: {why}"
   if FLAGS.json:
     out = dict(r.summary(), problem={"nums": list(p.nums), "target": p.target}, correct=ok, why=why,

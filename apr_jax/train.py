@@ -9,6 +9,9 @@ Any config value can be overridden: `--config.train.steps=100 --config.workdir=/
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 import sys
 import time
@@ -37,13 +40,9 @@ def build_data(c, tok, log=_log):
   from apr_jax.training import packing
   setting = cd.SETTINGS[c.setting]
   if c.get("beam"):
-    import dataclasses
     setting = dataclasses.replace(setting, beam=c.beam)
   pr = data.protocol_for(c.format, tok)
   # the packed rows are cached in the workdir (a resumed run skips rebuilding them)
-  import dataclasses
-  import hashlib
-  import json
   key = json.dumps([dataclasses.asdict(setting), c.format, c.n_train, c.n_test, c.data_seed, c.seq_len,
                     c.max_groups, tok.vocab_size, [tok.decode([i]) for i in range(tok.vocab_size)]])
   cache = os.path.join(c.workdir, f"data-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz")

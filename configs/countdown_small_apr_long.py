@@ -1,9 +1,11 @@
 """The shipped APR model's second stage: continue `countdown_small_apr.py` (600 steps) on more
-problems with a longer schedule. The shipped model is this run's checkpoint at step 2200
-(stopped there for time; `--config.train.steps` sets where to stop):
+problems with a longer schedule. The shipped model is this run's checkpoint at step 2200 of
+the 4000-step schedule (the run was stopped after that checkpoint for time; changing
+`train.steps` would change the cosine schedule, so stop the run instead and export):
 
   python -m apr_jax.train --config configs/countdown_small_apr.py
-  python -m apr_jax.train --config configs/countdown_small_apr_long.py
+  python -m apr_jax.train --config configs/countdown_small_apr_long.py   # stop after ckpt 2200
+  python -m apr_jax.train --config configs/countdown_small_apr_long.py --export_only
 """
 import os
 import sys

@@ -187,7 +187,7 @@ def _live_threads(lane):
   return (lane["t_req"] >= 0) & lane["req_active"][q] & ~lane["req_done"][q]
 
 
-def _per_request(lane, idx, vals, n_req, op="add"):
+def _per_request(idx, vals, n_req, op="add"):
   """Scatter `vals` onto requests `idx` (entries with idx < 0 dropped)."""
   idx = jnp.where(idx >= 0, idx, n_req)
   z = jnp.zeros((n_req,), vals.dtype)
@@ -322,7 +322,7 @@ def pack(lane, step, spec: TreeSpec, m: int):
   n_free = jnp.sum(lane["s_owner"] < 0)
   cap = jnp.minimum(jnp.minimum(m, n_free), lg - lane["g_n"])
   # out of memory (KV slots or log): the requests of the rows past the capacity end
-  oom_r = _per_request(lane, jnp.where(jnp.cumsum(base) > cap, q_w, -1), base, nr, "max") > 0
+  oom_r = _per_request(jnp.where(jnp.cumsum(base) > cap, q_w, -1), base, nr, "max") > 0
   base = jnp.where(oom_r[jnp.clip(q_w, 0)], 0, base)
   extra_need = jnp.where(base > 0, jnp.maximum(qlen - 1, 0), 0)
   room = jnp.maximum(cap - jnp.sum(base), 0)
@@ -361,7 +361,7 @@ def pack(lane, step, spec: TreeSpec, m: int):
   lane["t_qlen"] = lane["t_qlen"].at[tid].add(-g, mode="drop")
   lane["t_nwritten"] = lane["t_nwritten"].at[tid].add(g, mode="drop")
   ow = lane["s_owner"]
-  held = _per_request(lane, jnp.where(ow >= 0, lane["t_req"][jnp.clip(ow, 0)], -1),
+  held = _per_request(jnp.where(ow >= 0, lane["t_req"][jnp.clip(ow, 0)], -1),
                       jnp.ones_like(ow), nr)
   lane["req_high"] = jnp.maximum(lane["req_high"], held)
   drained = has & (g > 0) & (g == qlen)
@@ -491,8 +491,8 @@ def _fork(lane, spec: TreeSpec, fork_w, step):
     lane["t_row"] = lane["t_row"].at[pid].set(-1, mode="drop")
     lane["r_thread"] = jnp.where(forked, -1, lane["r_thread"])
     qf = jnp.where(forked, q_w, -1)
-    lane["req_forks"] = lane["req_forks"] + _per_request(lane, qf, jnp.ones_like(n_w), nr)
-    lane["req_created"] = lane["req_created"] + _per_request(lane, qf, n_w, nr)
+    lane["req_forks"] = lane["req_forks"] + _per_request(qf, jnp.ones_like(n_w), nr)
+    lane["req_created"] = lane["req_created"] + _per_request(qf, n_w, nr)
     return lane
 
   return do(lane), n_w
@@ -593,7 +593,8 @@ def _join(lane, spec: TreeSpec, join_p, step):
 
 def _finish(lane, spec: TreeSpec, fin_t, step):
   """Threads in `fin_t` [NT] are done: release rows, count down their parents. Returns
-  (lane, join_p): the parents whose children are now all done."""
+  (lane, join_p, root_done [R], root_reason [R]): the parents whose children are now all done;
+  the requests whose root finished and why."""
   nt = spec.threads
   lane = dict(lane)
   was_waiting = lane["t_state"] == WAIT
@@ -605,12 +606,11 @@ def _finish(lane, spec: TreeSpec, fin_t, step):
   par = lane["t_parent"]
   lane["t_pending"] = lane["t_pending"].at[jnp.where(fin_t & (par >= 0), par, nt)].add(-1, mode="drop")
   join_p = was_waiting & (lane["t_state"] == WAIT) & (lane["t_pending"] <= 0)
-  # a request ends with its root thread
+  # a request ends with its root thread (the caller closes it: rare, behind a lax.cond)
   root = fin_t & (par < 0) & (lane["t_req"] >= 0)
   q = jnp.where(root, lane["t_req"], -1)
-  root_done = _per_request(lane, q, jnp.ones((nt,), jnp.int32), spec.requests) > 0
-  lane = _close(lane, root_done, _per_request(lane, q, lane["t_reason"], spec.requests), step, spec)
-  return lane, join_p
+  root_done = _per_request(q, jnp.ones((nt,), jnp.int32), spec.requests) > 0
+  return lane, join_p, root_done, _per_request(q, lane["t_reason"], spec.requests)
 
 
 def _pre(lane, drained, step, spec: TreeSpec):
@@ -654,9 +654,9 @@ def _sample_phase(lane, t_w, logits, drained, n_forked, step, spec: TreeSpec):
   oh = ((q_w[:, None] == jnp.arange(nr)[None, :]) & samp_w[:, None]).astype(jnp.int32)
   rank = (jnp.cumsum(oh, axis=0) - oh)[jnp.arange(w), qc]                 # earlier rows, same request
   allowed = samp_w & (lane["req_total"][qc] + rank < lim[2])
-  n_ok = _per_request(lane, jnp.where(samp_w, q_w, -1), allowed.astype(jnp.int32), nr)
+  n_ok = _per_request(jnp.where(samp_w, q_w, -1), allowed.astype(jnp.int32), nr)
   lane["req_total"] = lane["req_total"] + n_ok
-  cut = _per_request(lane, jnp.where(samp_w & ~allowed, q_w, -1), jnp.ones((w,), jnp.int32), nr) > 0
+  cut = _per_request(jnp.where(samp_w & ~allowed, q_w, -1), jnp.ones((w,), jnp.int32), nr) > 0
   over = cut | ((lane["req_total"] >= lane["req_limits"][:, 2]) & (n_ok > 0))
   lane["req_ending"] = jnp.where(over & live_r, R_TOTAL, lane["req_ending"])
   is_child = lane["t_parent"][t_w] >= 0
@@ -736,7 +736,11 @@ def update(lanes, logits, drained, step, spec: TreeSpec):
       lambda l: (dict(l), zeros), lanes)
   lanes, fin_t = vm(lambda l, t, lo, d, n: _sample_phase(l, t, lo, d, n, step, spec))(
       lanes, t_w, logits, drained, n_forked)
-  lanes, join_p = vm(lambda l, f: _finish(l, spec, f, step))(lanes, fin_t)
+  lanes, join_p, root_done, root_reason = vm(lambda l, f: _finish(l, spec, f, step))(lanes, fin_t)
+  lanes = jax.lax.cond(
+      jnp.any(root_done),
+      lambda l: vm(lambda a, d, r: _close(a, d, r, step, spec))(l, root_done, root_reason),
+      lambda l: dict(l), lanes)
   lanes = jax.lax.cond(jnp.any(join_p), lambda l: vm(lambda a, j: _join(a, spec, j, step))(l, join_p),
                        lambda l: dict(l), lanes)
   return lanes

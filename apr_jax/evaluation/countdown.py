@@ -49,6 +49,14 @@ def thread_texts(res, tok, fmt: str, prompt_text: str) -> list[str]:
   return out
 
 
+def verdict(p: cd.Problem, texts) -> tuple[bool, bool, str]:
+  """(correct: the claimed solution replays to the target, trace_valid: every line of every
+  thread is right too, why)."""
+  ok, why = cd.verify(p, texts, check_lines=False)
+  valid, why_lines = cd.verify(p, texts)
+  return ok, valid, why_lines if ok else why
+
+
 def make_engine(model, tok, fmt: str, lanes: int = 8, rows: int = 8, slots: int = 2048,
                 max_threads: int = 16):
   from apr_jax.engine.runner import TreeEngine
@@ -68,31 +76,32 @@ def evaluate(engine, tok, fmt: str, problems: Sequence[cd.Problem], max_thread_t
   reqs = [Request([tok.bos_id] + tok.encode(cd.prompt_text(p)), max_thread_tokens=max_thread_tokens,
                   max_total_tokens=max_total_tokens) for p in problems]
   out: list = [None] * len(problems)
-  shown = [0.0]
+  shown, n_ok, done = [0.0], [0], [0]
 
   def on_done(i, r):
     p = problems[i]
-    texts = thread_texts(r, tok, fmt, cd.prompt_text(p))
-    ok, why = cd.verify(p, texts, check_lines=False)
-    valid, why_t = cd.verify(p, texts)
-    why = why if not ok else why_t
+    ok, valid, why = verdict(p, thread_texts(r, tok, fmt, cd.prompt_text(p)))
     ctx = max((max(t["positions"]) + 1 if t["positions"] else 0) for t in r.threads)
     out[i] = ProblemResult(problem=(p.nums, p.target), correct=ok, trace_valid=valid, why=why,
                            total_tokens=r.total_tokens, critical_path=r.critical_path,
                            max_context=ctx, forks=r.forks, threads=len(r.threads),
                            wall_s=r.wall_s, stop_reason=r.stop_reason)
-    got = [x for x in out if x is not None]
-    done, dt = len(got), time.perf_counter() - t0
-    if done == len(problems) or dt - shown[0] >= 10 or done % max(batch, 1) == 0:
+    done[0] += 1
+    n_ok[0] += ok
+    dt = time.perf_counter() - t0
+    if done[0] == len(problems) or dt - shown[0] >= 10 or done[0] % max(batch, 1) == 0:
       shown[0] = dt
-      acc = sum(x.correct for x in got) / done
-      bar = "#" * int(20 * done / len(problems))
-      log(f"[{bar:20s}] {done}/{len(problems)} problems | accuracy {acc:.3f} | "
-          f"{done / dt:.2f} problems/s | ETA {(len(problems) - done) * dt / done / 60:.1f} min")
+      log(_progress(done[0], len(problems), n_ok[0] / done[0], dt))
 
   # one run: continuous batching keeps every lane busy until the last problem
   engine.run(reqs, on_done=on_done)
   return out
+
+
+def _progress(done: int, total: int, acc: float, dt: float) -> str:
+  bar = "#" * int(20 * done / total)
+  return (f"[{bar:20s}] {done}/{total} problems | accuracy {acc:.3f} | {done / dt:.2f} problems/s | "
+          f"ETA {(total - done) * dt / done / 60:.1f} min")
 
 
 def summarize(rs: Sequence[ProblemResult], wall: float) -> dict:
@@ -167,12 +176,11 @@ def evaluate_host(host, tok, problems: Sequence[cd.Problem], max_thread_tokens: 
     tb = time.perf_counter()
     rs = host.solve(prompts, max_thread_tokens=max_thread_tokens)
     wall = time.perf_counter() - tb
-    for p, pr_ids, r in zip(chunk, prompts, rs):
+    for p, r in zip(chunk, rs):
       texts = [cd.prompt_text(p) + tok.decode(r["tokens"])] + [tok.decode(c) for c in r["children"]]
-      ok, why = cd.verify(p, texts, check_lines=False)
-      valid, why_t = cd.verify(p, texts)
+      ok, valid, why = verdict(p, texts)
       out.append(ProblemResult(problem=(p.nums, p.target), correct=ok, trace_valid=valid,
-                               why=why if not ok else why_t, total_tokens=r["total_tokens"], critical_path=-1, max_context=-1,
+                               why=why, total_tokens=r["total_tokens"], critical_path=-1, max_context=-1,
                                forks=r["forks"], threads=1 + len(r["children"]), wall_s=wall,
                                stop_reason=""))
     done = len(out)
