@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from apr_jax.cache import kv as kvlib
 from apr_jax.engine.sampling import SamplingConfig, sample
 from apr_jax.errors import UserError
 from apr_jax.model.transformer import Transformer
@@ -128,12 +129,22 @@ def _isin(x, ids):
   return jnp.isin(x, jnp.asarray(ids, jnp.int32)) if len(ids) else jnp.zeros_like(x, bool)
 
 
-def _sorted_tokens(tokens, keys, valid, size):
-  """tokens ordered by key (valid only), packed into [size], and their count."""
-  order = jnp.argsort(jnp.where(valid, keys, jnp.iinfo(jnp.int32).max), stable=True)
-  n = jnp.sum(valid)
-  out, _ = compact(tokens[order], jnp.arange(tokens.shape[0]) < n, size)
-  return out, jnp.minimum(n, size).astype(jnp.int32)
+def _bucket_sorted(tokens, bucket, valid, n_buckets, size):
+  """The valid tokens ordered by bucket in [0, n_buckets), in array order within a bucket
+  (a stable counting sort: O(n x n_buckets), no comparison sort), packed into [size], and
+  their count."""
+  n = tokens.shape[0]
+  b = jnp.where(valid, bucket, n_buckets)
+  onehot = (b[:, None] == jnp.arange(n_buckets)[None, :]).astype(jnp.int32)   # [n, B]
+  within = jnp.cumsum(onehot, axis=0) - 1
+  counts = jnp.sum(onehot, axis=0)
+  offs = jnp.cumsum(counts) - counts
+  bc = jnp.clip(b, 0, n_buckets - 1)
+  dest = jnp.take_along_axis(within, bc[:, None], axis=1)[:, 0] + offs[bc]
+  dest = jnp.where(valid, dest, size + jnp.arange(n))
+  out = jnp.zeros((size,), jnp.int32).at[dest].set(tokens.astype(jnp.int32), mode="drop",
+                                                    unique_indices=True)
+  return out, jnp.minimum(jnp.sum(counts), size).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------- state
@@ -371,9 +382,13 @@ def pack(lane, step, spec: TreeSpec, m: int):
   vis = lane["t_vis"][t_m]                                              # [M, NT]
   mask = jnp.take_along_axis(vis, jnp.broadcast_to(jnp.clip(owner, 0)[None, :], (m, s)), axis=1)
   mask = mask & (owner >= 0)[None, :] & (lane["s_pos"][None, :] <= pos[:, None]) & valid[:, None]
+  # split for a read-only cache: its slots written this step are seen through the new keys
+  wrote = jnp.zeros((s,), bool).at[slot].set(True, mode="drop")
+  mask_new = jnp.take(mask, jnp.clip(slot, 0, s - 1), axis=1) & (slot < s)[None, :]  # [M, M]
   lane = _terminate(lane, R_OOM, step, oom_r, spec)
   drained = drained & (g > 0)
-  packed = dict(tok=tok, pos=pos, slot=slot, mask=mask, last=last, drained=drained)
+  packed = dict(tok=tok, pos=pos, slot=slot, mask=mask & ~wrote[None, :], mask_new=mask_new,
+                last=last, drained=drained)
   return lane, packed
 
 
@@ -514,13 +529,16 @@ def _join_queue(lane, spec: TreeSpec, p):
   cc = jnp.clip(c, 0)
   kids = _current_children(lane, p)                                       # [NT]
   is_child = (c >= 0) & kids[cc] & (e < lane["g_n"])
-  rank = lane["t_rank"][cc]
+  first = lane["t_kidbase"][p] - lane["t_nchild"][p]
+  local = jnp.clip(lane["t_rank"] - first, 0, spec.threads - 1)   # [NT] index within the fork
+  rank = local[cc]
+  nt = spec.threads
   aj, naj = _const(pr.after_join)
-  if pr.join == "flat":
+  if pr.join == "flat":  # child 0's tokens, child 1's, ..., after_join
     toks = jnp.concatenate([lane["g_tok"], aj])
-    keys = jnp.concatenate([rank * lg + e, jnp.full(aj.shape, spec.threads * lg) + jnp.arange(aj.shape[0])])
+    bucket = jnp.concatenate([rank, jnp.full(aj.shape, nt)])
     valid = jnp.concatenate([is_child, jnp.arange(aj.shape[0]) < naj])
-    return _sorted_tokens(toks, keys, valid, q)
+    return _bucket_sorted(toks, bucket, valid, nt + 1, q)
   # results: open + per child (its span from the last result tag, or no_result) + close + after
   tag = is_child & _isin(lane["g_tok"], pr.result_tags)
   last_tag = jnp.full((spec.threads,), -1, jnp.int32).at[jnp.where(tag, cc, spec.threads)].max(
@@ -530,18 +548,17 @@ def _join_queue(lane, spec: TreeSpec, p):
   ro, nro = _const(pr.results_open)
   nr, nnr = _const(pr.no_result)
   rc, nrc = _const(pr.results_close)
-  stride = lg + nr.shape[0]
-  kid_ok = kids & (last_tag < 0)
-  v_tok = jnp.broadcast_to(nr[None, :], (spec.threads, nr.shape[0])).reshape(-1)
-  v_key = (lane["t_rank"][:, None] * stride + jnp.arange(nr.shape[0])[None, :]).reshape(-1)
+  kid_ok = kids & (last_tag < 0)  # a child without a result tag: no_result (never with a span)
+  v_tok = jnp.broadcast_to(nr[None, :], (nt, nr.shape[0])).reshape(-1)
+  v_bucket = jnp.broadcast_to(1 + local[:, None], (nt, nr.shape[0])).reshape(-1)
   v_ok = (kid_ok[:, None] & (jnp.arange(nr.shape[0]) < nnr)[None, :]).reshape(-1)
-  end = spec.threads * stride
-  toks = jnp.concatenate([ro, lane["g_tok"], v_tok, rc, aj])
-  keys = jnp.concatenate([jnp.arange(ro.shape[0]) - ro.shape[0], rank * stride + nr.shape[0] + e, v_key,
-                          end + jnp.arange(rc.shape[0]), end + rc.shape[0] + jnp.arange(aj.shape[0])])
-  valid = jnp.concatenate([jnp.arange(ro.shape[0]) < nro, span, v_ok, jnp.arange(rc.shape[0]) < nrc,
+  # buckets: 0 results_open | 1 + child index: its span or no_result | nt + 1 close, after
+  toks = jnp.concatenate([ro, v_tok, lane["g_tok"], rc, aj])
+  bucket = jnp.concatenate([jnp.zeros(ro.shape, jnp.int32), v_bucket, 1 + rank,
+                            jnp.full(rc.shape[0] + aj.shape[0], nt + 1)])
+  valid = jnp.concatenate([jnp.arange(ro.shape[0]) < nro, v_ok, span, jnp.arange(rc.shape[0]) < nrc,
                            jnp.arange(aj.shape[0]) < naj])
-  return _sorted_tokens(toks, keys, valid, q)
+  return _bucket_sorted(toks, bucket, valid, nt + 2, q)
 
 
 def _join(lane, spec: TreeSpec, join_p, step):
@@ -575,7 +592,16 @@ def _join(lane, spec: TreeSpec, join_p, step):
         drop = drop | block
         new_pos = lane["t_markpos"]
       lane["s_owner"] = jnp.where(drop, -1, owner)
-      queue, qlen = jax.vmap(lambda p: _join_queue(lane, spec, p))(jnp.where(join_p, j, 0))
+      # one queue per joining parent (usually one a step), not one per table entry
+      todo = jnp.nonzero(join_p, size=nt, fill_value=0)[0]
+
+      def one(c):
+        k, queue, qlen = c
+        qp, lp = _join_queue(lane, spec, todo[k])
+        return k + 1, queue.at[todo[k]].set(qp), qlen.at[todo[k]].set(lp)
+
+      _, queue, qlen = jax.lax.while_loop(lambda c: c[0] < jnp.sum(join_p), one,
+                                          (0, lane["t_q"], lane["t_qlen"]))
     sel = lambda new, old: jnp.where(join_p.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
     lane["t_pos"] = sel(new_pos, lane["t_pos"])
     lane["t_cp"] = sel(kid_cp, lane["t_cp"])
@@ -754,11 +780,18 @@ def _split(st):
   return {k: st[k] for k in LANE_KEYS}
 
 
-def forward_step(model: Transformer, st, spec: TreeSpec, m: int):
-  """One engine step packing at most `m` tokens per lane."""
+def forward_step(model: Transformer, st, spec: TreeSpec, m: int, pad_to: int = 0):
+  """One engine step packing at most `m` tokens per lane. Returns (state without the
+  cache, new KV per layer [L, K, pad_to, D], their slots [L, pad_to]): the cache is only
+  read here; the caller writes the new KV (outside any lax.switch, so in place)."""
   step = st["step"]
   lane, pk = jax.vmap(lambda l: pack(l, step, spec, m))(_split(st))
-  h, cache = model.hidden(pk["tok"], pk["pos"], pk["mask"], st["cache"], pk["slot"])
+  h, new_kv = model.hidden(pk["tok"], pk["pos"], (pk["mask"], pk["mask_new"]), st["cache"], None)
+  slot = pk["slot"]
+  if pad_to > m:  # every variant hands back the same shapes; pad slots are dropped
+    new_kv = jax.tree.map(lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, pad_to - m), (0, 0))), new_kv)
+    pad = jnp.broadcast_to(spec.slots + jnp.arange(m, pad_to), (slot.shape[0], pad_to - m))
+    slot = jnp.concatenate([slot, pad.astype(slot.dtype)], axis=1)
   # logits only for rows that drained (at most min(rows, m) of them)
   r = min(spec.rows, m)
   sel = jax.vmap(lambda d: jnp.nonzero(d, size=r, fill_value=spec.rows)[0])(pk["drained"])  # [L, R]
@@ -768,7 +801,7 @@ def forward_step(model: Transformer, st, spec: TreeSpec, m: int):
   b = jnp.arange(lo.shape[0])[:, None]
   logits = jnp.zeros((lo.shape[0], spec.rows, lo.shape[-1]), lo.dtype).at[b, sel].set(lo, mode="drop")
   lane = update(lane, logits, pk["drained"], step, spec)
-  return dict(lane, cache=cache, step=step + 1)
+  return dict(lane, step=step + 1), new_kv, slot
 
 
 def step_sizes(spec: TreeSpec) -> tuple:
@@ -797,9 +830,15 @@ def segment(graphdef, params, st, until_step, spec: TreeSpec):
     need = jnp.max(jnp.sum(jnp.where(busy, jnp.minimum(qlen, spec.chunk), 0), axis=1))
     which = jnp.sum(jnp.asarray(sizes) < need)
     if len(sizes) == 1:
-      return forward_step(model, st, spec, sizes[0])
-    return jax.lax.switch(jnp.minimum(which, len(sizes) - 1),
-                          [functools.partial(forward_step, model, spec=spec, m=m) for m in sizes], st)
+      new, new_kv, slot = forward_step(model, st, spec, sizes[0])
+    else:
+      new, new_kv, slot = jax.lax.switch(
+          jnp.minimum(which, len(sizes) - 1),
+          [functools.partial(forward_step, model, spec=spec, m=m, pad_to=sizes[-1]) for m in sizes], st)
+    # the cache is written here, not in the switch's branches: a buffer that a lax.cond
+    # returns is copied whole every step (the KV pool, at every step)
+    cache = tuple(kvlib.write(c, kv.k, kv.v, slot) for c, kv in zip(st["cache"], new_kv))
+    return dict(new, cache=cache)
 
   return jax.lax.while_loop(cond, body, st)
 

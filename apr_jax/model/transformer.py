@@ -131,6 +131,33 @@ def attend(q, k, v, mask):
   return o.reshape(b, t, h, d).astype(q.dtype)
 
 
+def attend_split(q, k_old, v_old, mask_old, k_new, v_new, mask_new):
+  """`attend` over the union of two key sets without concatenating them: the cache's keys
+  (read only) and this step's new keys. q [B, T, H, D]; k_old, v_old [B, K, S, D] with
+  mask_old [B, T, S]; k_new, v_new [B, K, T', D] with mask_new [B, T, T']. One softmax over
+  both: the same values as `attend` on the concatenation (up to summation order)."""
+  b, t, h, d = q.shape
+  kh = k_old.shape[1]
+  qg = q.reshape(b, t, kh, h // kh, d)
+  sc = 1.0 / math.sqrt(d)
+
+  def scores(k, mask):
+    s = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32,
+                   _dot_general=dot_f32) * sc
+    return jnp.where(mask[:, None, None, :, :], s, NEG_INF)
+
+  s_old, s_new = scores(k_old, mask_old), scores(k_new, mask_new)
+  mx = jnp.maximum(jnp.max(s_old, -1, keepdims=True), jnp.max(s_new, -1, keepdims=True))
+  e_old, e_new = jnp.exp(s_old - mx), jnp.exp(s_new - mx)
+  den = jnp.sum(e_old, -1, keepdims=True) + jnp.sum(e_new, -1, keepdims=True)
+
+  def pv(e, v):
+    return jnp.einsum("bkgts,bksd->btkgd", (e / den).astype(v.dtype), v,
+                      preferred_element_type=jnp.float32, _dot_general=dot_f32)
+
+  return (pv(e_old, v_old) + pv(e_new, v_new)).reshape(b, t, h, d).astype(q.dtype)
+
+
 def attend_blocks(q, k, v, mask_fn):
   """Causal blockwise attention: query block [q0, q1) attends keys [0, q1) only, with the
   mask block `mask_fn(q0, q1, q1)` [B, q1-q0, q1]. The same values as `attend` with the full
@@ -167,6 +194,9 @@ class Attention(nnx.Module):
       self.k_norm = _param(rngs, (d,), ("head_dim",), dtype, init="ones")
 
   def __call__(self, x, rope, mask, cache: kvlib.LayerKV | None, write_index):
+    """write_index None with a cache: the cache is read only, mask = (mask over the cache
+    [B, T, S], mask over the new tokens [B, T, T]) and the new tokens' LayerKV
+    ([B, K, T, D]) is returned in place of the updated cache, for the caller to write."""
     cfg = self.cfg
     b, t, _ = x.shape
     with jax.named_scope("qkv"):
@@ -182,6 +212,15 @@ class Attention(nnx.Module):
       k = apply_rope(k, rope)
     k = k.transpose(0, 2, 1, 3)  # [B, K, T, D], the cache layout
     v = v.transpose(0, 2, 1, 3)
+    if cache is not None and write_index is None:  # deferred write
+      k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)  # what the cache will hold
+      with jax.named_scope("attend"):
+        o = attend_split(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), mask[0],
+                         k.astype(q.dtype), v.astype(q.dtype), mask[1])
+      out = linear(o.reshape(b, t, cfg.n_heads * cfg.head_dim), self.o[...])
+      if cfg.o_bias:
+        out = out + self.o_bias[...]
+      return out, kvlib.LayerKV(k, v)
     if cache is not None:
       cache = kvlib.write(cache, k, v, write_index)
       k_all, v_all = cache.k, cache.v
@@ -245,7 +284,11 @@ class Transformer(nnx.Module):
     tokens, positions: [B, T] int32. mask: [B, T, S] bool over key slots, where S is the
     cache size when a cache is given (the new tokens are written at slots
     [write_index, write_index+T) first), else T; or, without a cache, a block-mask function
-    (`training.packing.TreeMask`) for causal blockwise attention.
+    (`training.packing.TreeMask`) for causal blockwise attention. With a cache and
+    write_index None the cache is only read (mask = (cache mask, new-token mask)) and the
+    second result is each layer's new LayerKV, for the caller to write: a decode loop that
+    picks a step variant with `lax.switch` must write the cache outside the switch, or XLA
+    copies the whole cache every step.
     """
     cfg = self.cfg
     rope = rope_tables(cfg, positions)

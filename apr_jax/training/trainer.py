@@ -72,6 +72,7 @@ class TrainConfig:
   ckpt_every: int = 200
   keep: int = 3
   log_every: int = 10
+  stop_at: int = 0  # >0: stop after this step; the schedule still spans `steps` (a cut-short run)
 
 
 def train(model: Transformer, rows: packing.Rows, tc: TrainConfig, workdir: str,
@@ -104,26 +105,28 @@ def train(model: Transformer, rows: packing.Rows, tc: TrainConfig, workdir: str,
   losses = []
   t0 = time.perf_counter()
   tokens_done = 0
-  for step in range(start, tc.steps):
+  end = min(tc.stop_at, tc.steps) if tc.stop_at > 0 else tc.steps
+  for step in range(start, end):
     idx = batch_indices(n_rows, tc.batch_size, step, tc.seed)
     batch = {k: jnp.asarray(getattr(rows, k)[idx]) for k in ("tokens", "positions", "groups", "vis", "labels")}
     params, opt_state, loss, gnorm = step_fn(params, opt_state, batch)
     tokens_done += int((rows.groups[idx] >= 0).sum())
     s = step + 1
-    if s % tc.log_every == 0 or s == tc.steps or s == start + 1:
+    if s % tc.log_every == 0 or s == end or s == start + 1:
       loss_f = float(loss)
       losses.append((s, loss_f))
       dt = time.perf_counter() - t0
       tps = tokens_done / dt
-      eta = (tc.steps - s) * dt / max(s - start, 1)
+      eta = (end - s) * dt / max(s - start, 1)
       rec = {"step": s, "loss": round(loss_f, 5), "grad_norm": round(float(gnorm), 4),
              "lr": float(sched(step)), "tokens_per_s": round(tps, 1), "elapsed_s": round(dt, 1)}
       with open(metrics_path, "a") as f:
         f.write(json.dumps(rec) + "\n")
-      bar = "#" * int(20 * s / tc.steps)
-      log(f"[{bar:20s}] step {s}/{tc.steps} loss {loss_f:.4f} | {tps:,.0f} tok/s | "
+      bar = "#" * int(20 * s / end)
+      log(f"[{bar:20s}] step {s}/{end} loss {loss_f:.4f} | {tps:,.0f} tok/s | "
           f"ETA {eta / 60:.1f} min")
-    mgr.save(s, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
+    mgr.save(s, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
+             force=s == end)
   mgr.wait_until_finished()
   return nnx.merge(graphdef, params, rest), losses
 
