@@ -23,16 +23,21 @@ def model():
   return MODEL
 
 
-def engine(name, **kw):
+def engine(name, step_cost="auto", **kw):
   args = dict(protocol=tf.PROTOCOLS[name], root_stop=(tf.EOS,), lanes=2, rows=3, threads=16,
               slots=256, chunk=8, script=64, script_rows=16, record_logits=True)
   args.update(kw)
-  return TreeEngine(model(), None, TreeSpec(**args), segment_steps=16)
+  spec = TreeSpec(**args)
+  if step_cost == "one_token":  # every step writes one token per lane: rows and queues wait
+    step_cost = (1.0,) + (1e9,) * (len(tree.step_sizes(spec)) - 1)
+  return TreeEngine(model(), None, spec, segment_steps=16, step_cost=step_cost)
 
 
-# two layouts: a lane per request; one lane whose rows, thread table, log and KV pool are
-# shared by three requests at a time (entries are reused as requests come and go)
-LAYOUTS = {"lanes": {}, "shared": dict(lanes=1, requests=3, rows=3, threads=48, slots=768)}
+# layouts: a lane per request; one lane whose rows, thread table, log and KV pool are
+# shared by three requests at a time (entries are reused as requests come and go); and a
+# schedule of one-token steps (forced tokens and sibling rows wait for later steps)
+LAYOUTS = {"lanes": {}, "shared": dict(lanes=1, requests=3, rows=3, threads=48, slots=768),
+           "one_token_steps": dict(step_cost="one_token")}
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -56,6 +61,32 @@ def test_exact_against_reference(name, layout):
     forks += res.forks
   assert forks >= 3
   assert eng.compiled_loops() == 1
+
+
+def test_step_costs_fit():
+  """The measured step-cost model: recovers per-variant costs from segment counts and wall
+  times (with a per-segment overhead and noise), fills unseen variants, rejects bad input."""
+  from apr_jax.engine.runner import StepCosts
+  from apr_jax.errors import UserError
+  rng = np.random.default_rng(0)
+  true = np.array([2.0, 6.0, 9.0, 16.0])
+  sc = StepCosts((1, 8, 16, 32))
+  assert not np.any(np.asarray(sc.cost()))  # nothing measured: cover the busiest lane
+  for _ in range(40):
+    counts = rng.integers(0, 30, 4) * (rng.random(4) < 0.7)
+    sc.observe(counts, float(counts @ true) * 1e-3 + 0.004 + rng.normal(0, 1e-4))
+  np.testing.assert_allclose(np.asarray(sc.cost()), true / true[0], rtol=0.1)
+  part = StepCosts((1, 8, 32))  # the 32-token variant never ran: proportional beyond 8
+  for _ in range(10):
+    counts = np.array([rng.integers(1, 30), rng.integers(1, 30), 0])
+    part.observe(counts, float(counts @ np.array([1.0, 4.0, 0.0])) * 1e-3)
+  np.testing.assert_allclose(np.asarray(part.cost()), [1.0, 4.0, 16.0], rtol=1e-3)
+  fixed = StepCosts((1, 8), (1.0, 2.0))
+  fixed.observe(np.array([5, 5]), 1.0)
+  np.testing.assert_allclose(np.asarray(fixed.cost()), [1.0, 2.0])
+  for bad in ((1.0,), (1.0, 0.0)):
+    with pytest.raises(UserError):
+      StepCosts((1, 8), bad)
 
 
 def test_prompt_forced_fork_and_one_thread_equals_sequential():

@@ -102,12 +102,66 @@ def path_code(path: Sequence[int]) -> int:
   return c
 
 
+class StepCosts:
+  """The relative cost of each step variant (`tree.step_sizes`), for `tree.segment`'s choice.
+
+  "auto": measured on the running machine, no calibration run: every segment reports how
+  many steps of each variant it ran and its wall time; a least-squares fit over the recent
+  segments (with a per-segment overhead term) gives the per-step cost of each variant.
+  Until every variant has been seen often enough, the loop covers the busiest lane (the
+  safe choice everywhere: on accelerators, where a step's cost hardly grows with its tokens,
+  the fit comes out flat and the choice stays the same). A sequence fixes the costs; None
+  always covers the busiest lane."""
+
+  def __init__(self, sizes: Sequence[int], mode: Sequence[float] | str | None = "auto",
+               window: int = 256, min_segments: int = 4):
+    self.sizes = tuple(sizes)
+    self.auto = mode == "auto"
+    if mode is None or self.auto:
+      self.fixed = None
+    else:
+      self.fixed = np.asarray(mode, np.float32)
+      if self.fixed.shape != (len(self.sizes),) or not np.all(self.fixed > 0):
+        raise UserError(f"step_cost needs {len(self.sizes)} positive numbers (variants "
+                        f"{self.sizes}), got {mode!r}")
+    self.window, self.min_segments = window, min_segments
+    self.rows: list = []
+    self.fitted: np.ndarray | None = None
+
+  def cost(self) -> jax.Array:
+    c = self.fixed if self.fixed is not None else self.fitted
+    return jnp.asarray(np.zeros(len(self.sizes), np.float32) if c is None else c, jnp.float32)
+
+  def observe(self, counts: np.ndarray, seconds: float):
+    if not self.auto or counts.sum() == 0:
+      return
+    self.rows = (self.rows + [(counts.astype(np.float64), seconds)])[-self.window:]
+    a = np.array([r[0] for r in self.rows])
+    seen = (a > 0).sum(0) >= self.min_segments
+    if not seen[0] or seen.sum() < 2 or np.linalg.matrix_rank(a[:, seen]) < seen.sum():
+      return
+    x = np.concatenate([a[:, seen], np.ones((len(a), 1))], axis=1)
+    sol, *_ = np.linalg.lstsq(x, np.array([r[1] for r in self.rows]), rcond=None)
+    if sol[0] <= 0 or np.any(sol[:-1] <= 0):
+      return  # too noisy yet
+    m = np.asarray(self.sizes, np.float64)
+    # variants not seen yet: interpolated in tokens, proportional beyond the largest seen
+    c = np.interp(m, m[seen], sol[:-1])
+    big = m > m[seen].max()
+    c[big] = sol[-2] * m[big] / m[seen].max()
+    c = np.maximum.accumulate(c)  # more tokens never cost less
+    self.fitted = (c / c[0]).astype(np.float32)
+
+
 class TreeEngine:
-  """The fork/join engine for one model, protocol and static `TreeSpec`."""
+  """The fork/join engine for one model, protocol and static `TreeSpec`.
+
+  `step_cost` picks how each loop step chooses its size (see `StepCosts`): "auto"
+  (measured), a fixed list, or None (always cover the busiest lane)."""
 
   def __init__(self, model: Transformer, tokenizer=None, spec: TreeSpec = TreeSpec(), *,
                mesh: Mesh | None = None, rules: ShardingRules | None = None, cache_dtype=None,
-               segment_steps: int = 32):
+               segment_steps: int = 32, step_cost: Sequence[float] | str | None = "auto"):
     self.graphdef, self.params = nnx.split(model)
     self.cfg = model.cfg
     self.tokenizer = tokenizer
@@ -126,6 +180,7 @@ class TreeEngine:
     self.bytes_per_token = 2 * self.cfg.n_layers * self.cfg.n_kv_heads * self.cfg.head_dim * \
         self.cache_dtype.itemsize
     self.stats = {"compile_s": 0.0, "restarts": 0}
+    self.costs = StepCosts(tree.step_sizes(spec), step_cost)
     self._build()
 
   @property
@@ -137,7 +192,7 @@ class TreeEngine:
   def _shardings(self):
     lane = {k: self._lane_sh for k in tree.LANE_KEYS}
     cache = tuple(kvlib.LayerKV(self._cache_sh, self._cache_sh) for _ in range(self.cfg.n_layers))
-    return dict(lane, cache=cache, step=self._rep)
+    return dict(lane, cache=cache, step=self._rep, vsteps=self._rep)
 
   def _build(self):
     t0 = time.perf_counter()
@@ -149,7 +204,8 @@ class TreeEngine:
       lane = tree.empty_lane(spec, vocab)
       lanes = jax.tree.map(lambda a: jnp.broadcast_to(a, (spec.lanes,) + a.shape), lane)
       cache = kvlib.init_cache(cfg, spec.lanes, spec.slots, self.cache_dtype, self._cache_sh)
-      return dict(lanes, cache=cache, step=jnp.zeros((), jnp.int32))
+      return dict(lanes, cache=cache, step=jnp.zeros((), jnp.int32),
+                  vsteps=jnp.zeros((len(tree.step_sizes(spec)),), jnp.int32))
 
     self._init = jax.jit(init, out_shardings=sh)
     # a partial per engine: its jit cache counts this engine's loop programs only
@@ -164,14 +220,15 @@ class TreeEngine:
     self.state = self._init()
     # compile the loop now (one program for every protocol event, request and batch): a call
     # with until_step = 0 runs no step
-    self.state = self._segment(self.graphdef, self.params, self.state, jnp.zeros((), jnp.int32))
+    self.state = self._segment(self.graphdef, self.params, self.state, jnp.zeros((), jnp.int32),
+                               self.costs.cost())
     jax.block_until_ready(self.state["step"])
     self.stats["compile_s"] += time.perf_counter() - t0
 
   def loop_hlo(self) -> str:
     """The optimized HLO of the loop program (tests look for host callbacks in it)."""
     return self._segment.lower(self.graphdef, self.params, self.state,
-                               jnp.zeros((), jnp.int32)).compile().as_text()
+                               jnp.zeros((), jnp.int32), self.costs.cost()).compile().as_text()
 
   def compiled_loops(self) -> int:
     """How many loop programs have been compiled (the jit cache size): 1 whatever ran."""
@@ -283,9 +340,13 @@ class TreeEngine:
     while waiting or any(o is not None for lane in occ for o in lane):
       admit()
       step = int(self.state["step"])
+      v0 = np.asarray(self.state["vsteps"])
+      t_seg = time.perf_counter()
       self.state = self._segment(self.graphdef, self.params, self.state,
-                                 jnp.int32(step + self.segment_steps))
-      done, free = jax.device_get((self.state["req_done"], jnp.sum(self.state["s_owner"] < 0, axis=1)))
+                                 jnp.int32(step + self.segment_steps), self.costs.cost())
+      done, free, v1 = jax.device_get((self.state["req_done"],
+                                       jnp.sum(self.state["s_owner"] < 0, axis=1), self.state["vsteps"]))
+      self.costs.observe(np.asarray(v1) - v0, time.perf_counter() - t_seg)
       done = np.array(done)
       free_kv = [int(x) for x in free]
       now = time.perf_counter()

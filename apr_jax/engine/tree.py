@@ -331,10 +331,14 @@ def pack(lane, step, spec: TreeSpec, m: int):
   qlen = jnp.where(has, lane["t_qlen"][tw], 0)
   base = (qlen > 0).astype(jnp.int32)
   n_free = jnp.sum(lane["s_owner"] < 0)
-  cap = jnp.minimum(jnp.minimum(m, n_free), lg - lane["g_n"])
+  mem = jnp.minimum(n_free, lg - lane["g_n"])
   # out of memory (KV slots or log): the requests of the rows past the capacity end
-  oom_r = _per_request(jnp.where(jnp.cumsum(base) > cap, q_w, -1), base, nr, "max") > 0
+  oom_r = _per_request(jnp.where(jnp.cumsum(base) > mem, q_w, -1), base, nr, "max") > 0
   base = jnp.where(oom_r[jnp.clip(q_w, 0)], 0, base)
+  # rows past this step's token budget wait for a later step (a variant smaller than the
+  # lane's work, chosen for the other lanes' sake)
+  base = jnp.where(jnp.cumsum(base) > m, 0, base)
+  cap = jnp.minimum(m, mem)
   extra_need = jnp.where(base > 0, jnp.maximum(qlen - 1, 0), 0)
   room = jnp.maximum(cap - jnp.sum(base), 0)
   extra = jnp.clip(room - (jnp.cumsum(extra_need) - extra_need), 0, extra_need)
@@ -811,10 +815,17 @@ def step_sizes(spec: TreeSpec) -> tuple:
   return tuple(sorted({1, spec.rows, min(max(2 * spec.rows, 8), spec.chunk), spec.chunk}))
 
 
-def segment(graphdef, params, st, until_step, spec: TreeSpec):
-  """Runs engine steps while step < until_step and some lane has work. Each step runs the
-  smallest variant whose token budget covers the work: one token per decoding thread, or a
-  chunk when forced tokens are queued."""
+def segment(graphdef, params, st, until_step, cost, spec: TreeSpec):
+  """Runs engine steps while step < until_step and some lane has work.
+
+  Each step runs one variant of `step_sizes(spec)` (tokens per lane). `cost` [n variants]
+  float32 is their relative cost per step: with every entry > 0 the step runs the variant
+  that writes the most tokens per unit of cost (a busy lane whose work exceeds it waits:
+  e.g. one lane's 30-token prompt does not make every lane run a 32-token step on a machine
+  where that costs 8x a 1-token step); otherwise the smallest variant that covers the
+  busiest lane. The choice changes when tokens are written, never which tokens (outputs are
+  the same). `st["vsteps"]` counts the steps run of each variant (the runner fits `cost`
+  from them)."""
   model: Transformer = nnx.merge(graphdef, params)
   sizes = step_sizes(spec)
 
@@ -827,18 +838,21 @@ def segment(graphdef, params, st, until_step, spec: TreeSpec):
     tw = jnp.clip(st["r_thread"], 0)
     qlen = jnp.take_along_axis(st["t_qlen"], tw, axis=1)
     busy = st["r_thread"] >= 0  # rows of ended requests are freed the step they end
-    need = jnp.max(jnp.sum(jnp.where(busy, jnp.minimum(qlen, spec.chunk), 0), axis=1))
-    which = jnp.sum(jnp.asarray(sizes) < need)
+    per_lane = jnp.sum(jnp.where(busy, jnp.minimum(qlen, spec.chunk), 0), axis=1)   # [L]
+    which = jnp.minimum(jnp.sum(jnp.asarray(sizes) < jnp.max(per_lane)), len(sizes) - 1)
+    covered = jnp.stack([jnp.sum(jnp.minimum(per_lane, m)) for m in sizes]).astype(jnp.float32)
+    best = jnp.argmax(covered / jnp.maximum(cost, 1e-9)).astype(which.dtype)
+    which = jnp.where(jnp.all(cost > 0), best, which)
     if len(sizes) == 1:
       new, new_kv, slot = forward_step(model, st, spec, sizes[0])
     else:
       new, new_kv, slot = jax.lax.switch(
-          jnp.minimum(which, len(sizes) - 1),
-          [functools.partial(forward_step, model, spec=spec, m=m, pad_to=sizes[-1]) for m in sizes], st)
+          which, [functools.partial(forward_step, model, spec=spec, m=m, pad_to=sizes[-1]) for m in sizes],
+          st)
     # the cache is written here, not in the switch's branches: a buffer that a lax.cond
     # returns is copied whole every step (the KV pool, at every step)
     cache = tuple(kvlib.write(c, kv.k, kv.v, slot) for c, kv in zip(st["cache"], new_kv))
-    return dict(new, cache=cache)
+    return dict(new, cache=cache, vsteps=st["vsteps"].at[which].add(1))
 
   return jax.lax.while_loop(cond, body, st)
 
