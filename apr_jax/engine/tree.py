@@ -25,12 +25,15 @@ freed the step it ends). `lanes=1` is one pool of rows, threads and KV for every
 more lanes bound the attention work (a token scans only its own lane's slots) and shard
 over the mesh's data axis.
 
-Every step packs up to M tokens of the lane's running threads (each running thread feeds
->= 1 token: its last sample, or a chunk of its forced queue: prompt, forced prefix, re-prefill,
-results block), runs the model once over [lanes, M] with a per-token mask over the lane's
-slots, samples for the threads whose queue drained, and runs the protocol state machine.
-M = rows for plain decode steps; M = `chunk` when some thread has forced tokens queued (a
-`lax.cond` picks the variant; both live in the same compiled program).
+Every step packs up to M tokens of the lane's running threads (its last sample, or a chunk
+of its forced queue: prompt, forced prefix, re-prefill, results block), runs the model once
+over [lanes, M] with a per-token mask over the lane's slots, samples for the threads whose
+queue drained, and runs the protocol state machine. M is one of a few variants (1, rows,
+..., `chunk`; `step_sizes`), picked per step by `lax.switch` in the same compiled program:
+the one that writes the most tokens per unit of cost, with the costs measured on the running
+machine (`runner.StepCosts`); work beyond M waits for a later step (outputs never depend on
+the schedule). The model only reads the KV pool inside the switch; the new tokens' KV is
+written after it, in place (a buffer returned by a `lax.cond` is copied whole each step).
 
 The host runs the loop in segments (continuous batching: requests enter free request slots
 of a lane and leave between segments; deadlines are checked there). Everything else - forks, joins, scheduling
