@@ -81,14 +81,16 @@ def main(argv):
       results[name] = rs
       summary[name] = dict(ev.summarize(rs, wall), format=fmt, path=m.path, engine="host")
       continue
-    eng = ev.make_engine(model, tok, fmt, lanes=c.lanes, rows=c.rows, slots=c.slots)
+    eng = ev.make_engine(model, tok, fmt, lanes=c.lanes, rows=c.rows, slots=c.slots,
+                         step_cost=c.get("step_cost", None) or None)
     t0 = time.perf_counter()
     rs = ev.evaluate(eng, tok, fmt, problems, max_thread_tokens=c.max_thread_tokens,
                      max_total_tokens=c.max_total_tokens, batch=c.batch)
     wall = time.perf_counter() - t0
     results[name] = rs
     summary[name] = dict(ev.summarize(rs, wall), format=fmt, path=m.path, engine="tree",
-                         compile_s=round(eng.stats["compile_s"], 2))
+                         compile_s=round(eng.stats["compile_s"], 2),
+                         step_cost=eng.stats.get("step_cost"))
   cs = ev.curves({k: v for k, v in results.items() if summary[k].get("engine") == "tree"})
   plots = ev.plot(cs, FLAGS.out)
   out = {"task": c.task, "setting": c.setting, "num_problems": len(problems), "seed": FLAGS.seed,

@@ -70,13 +70,13 @@ def test_step_costs_fit():
   from apr_jax.errors import UserError
   rng = np.random.default_rng(0)
   true = np.array([2.0, 6.0, 9.0, 16.0])
-  sc = StepCosts((1, 8, 16, 32))
+  sc = StepCosts((1, 8, 16, 32), "auto")
   assert not np.any(np.asarray(sc.cost()))  # nothing measured: cover the busiest lane
   for _ in range(40):
     counts = rng.integers(0, 30, 4) * (rng.random(4) < 0.7)
     sc.observe(counts, float(counts @ true) * 1e-3 + 0.004 + rng.normal(0, 1e-4))
   np.testing.assert_allclose(np.asarray(sc.cost()), true / true[0], rtol=0.1)
-  part = StepCosts((1, 8, 32))  # the 32-token variant never ran: proportional beyond 8
+  part = StepCosts((1, 8, 32), "auto")  # the 32-token variant never ran: proportional beyond 8
   for _ in range(10):
     counts = np.array([rng.integers(1, 30), rng.integers(1, 30), 0])
     part.observe(counts, float(counts @ np.array([1.0, 4.0, 0.0])) * 1e-3)
@@ -84,7 +84,15 @@ def test_step_costs_fit():
   fixed = StepCosts((1, 8), (1.0, 2.0))
   fixed.observe(np.array([5, 5]), 1.0)
   np.testing.assert_allclose(np.asarray(fixed.cost()), [1.0, 2.0])
-  for bad in ((1.0,), (1.0, 0.0)):
+  equal = StepCosts((1, 8), "auto")  # segments of equal length: no overhead term to fit
+  for k in range(12):
+    counts = np.array([k, 12 - k])
+    equal.observe(counts, float(counts @ np.array([1.0, 3.0])) * 1e-3)
+  np.testing.assert_allclose(np.asarray(equal.cost()), [1.0, 3.0], rtol=1e-3)
+  off = StepCosts((1, 8))  # the default: never fitted
+  off.observe(np.array([3, 4]), 1.0)
+  assert not np.any(np.asarray(off.cost()))
+  for bad in ((1.0,), (1.0, 0.0), "fast"):
     with pytest.raises(UserError):
       StepCosts((1, 8), bad)
 

@@ -107,19 +107,20 @@ class StepCosts:
 
   "auto": measured on the running machine, no calibration run: every segment reports how
   many steps of each variant it ran and its wall time; a least-squares fit over the recent
-  segments (with a per-segment overhead term) gives the per-step cost of each variant.
-  Until every variant has been seen often enough, the loop covers the busiest lane (the
-  safe choice everywhere: on accelerators, where a step's cost hardly grows with its tokens,
-  the fit comes out flat and the choice stays the same). A sequence fixes the costs; None
-  always covers the busiest lane."""
+  segments gives the per-step cost of each variant. Until two variants have been seen often
+  enough, the loop covers the busiest lane (on accelerators, where a step's cost hardly
+  grows with its tokens, the fit comes out flat and the choice stays close to that). A
+  sequence fixes the costs; None (the default) always covers the busiest lane, the
+  schedule that depends on nothing but the requests."""
 
-  def __init__(self, sizes: Sequence[int], mode: Sequence[float] | str | None = "auto",
+  def __init__(self, sizes: Sequence[int], mode: Sequence[float] | str | None = None,
                window: int = 256, min_segments: int = 4):
     self.sizes = tuple(sizes)
-    self.auto = mode == "auto"
-    if mode is None or self.auto:
-      self.fixed = None
-    else:
+    self.auto = isinstance(mode, str)
+    if self.auto and mode != "auto":
+      raise UserError(f"step_cost: 'auto', None or {len(self.sizes)} numbers, got {mode!r}")
+    self.fixed = None
+    if mode is not None and not self.auto:
       self.fixed = np.asarray(mode, np.float32)
       if self.fixed.shape != (len(self.sizes),) or not np.all(self.fixed > 0):
         raise UserError(f"step_cost needs {len(self.sizes)} positive numbers (variants "
@@ -137,18 +138,26 @@ class StepCosts:
       return
     self.rows = (self.rows + [(counts.astype(np.float64), seconds)])[-self.window:]
     a = np.array([r[0] for r in self.rows])
+    y = np.array([r[1] for r in self.rows])
     seen = (a > 0).sum(0) >= self.min_segments
-    if not seen[0] or seen.sum() < 2 or np.linalg.matrix_rank(a[:, seen]) < seen.sum():
+    if seen.sum() < 2:
       return
-    x = np.concatenate([a[:, seen], np.ones((len(a), 1))], axis=1)
-    sol, *_ = np.linalg.lstsq(x, np.array([r[1] for r in self.rows]), rcond=None)
-    if sol[0] <= 0 or np.any(sol[:-1] <= 0):
+    used = (a > 0).any(0)  # every variant that ran stays in the fit (its time is in y)
+    x = np.concatenate([a[:, used], np.ones((len(a), 1))], axis=1)
+    if np.linalg.matrix_rank(x) < x.shape[1]:  # segments of equal length: no overhead term
+      x = x[:, :-1]
+    if np.linalg.matrix_rank(x) < x.shape[1]:
+      return
+    sol = np.linalg.lstsq(x, y, rcond=None)[0][:used.sum()]
+    per = np.zeros(len(self.sizes))
+    per[used] = sol
+    if np.any(per[seen] <= 0):
       return  # too noisy yet
     m = np.asarray(self.sizes, np.float64)
-    # variants not seen yet: interpolated in tokens, proportional beyond the largest seen
-    c = np.interp(m, m[seen], sol[:-1])
+    # variants not seen enough: interpolated in tokens, proportional beyond the largest seen
+    c = np.interp(m, m[seen], per[seen])
     big = m > m[seen].max()
-    c[big] = sol[-2] * m[big] / m[seen].max()
+    c[big] = per[seen][-1] * m[big] / m[seen].max()
     c = np.maximum.accumulate(c)  # more tokens never cost less
     self.fitted = (c / c[0]).astype(np.float32)
 
@@ -156,12 +165,13 @@ class StepCosts:
 class TreeEngine:
   """The fork/join engine for one model, protocol and static `TreeSpec`.
 
-  `step_cost` picks how each loop step chooses its size (see `StepCosts`): "auto"
-  (measured), a fixed list, or None (always cover the busiest lane)."""
+  `step_cost` picks how each loop step chooses its size (see `StepCosts`): None (always
+  cover the busiest lane), "auto" (the most tokens per measured cost: more throughput on a
+  compute-bound machine such as a CPU), or a fixed list."""
 
   def __init__(self, model: Transformer, tokenizer=None, spec: TreeSpec = TreeSpec(), *,
                mesh: Mesh | None = None, rules: ShardingRules | None = None, cache_dtype=None,
-               segment_steps: int = 32, step_cost: Sequence[float] | str | None = "auto"):
+               segment_steps: int = 32, step_cost: Sequence[float] | str | None = None):
     self.graphdef, self.params = nnx.split(model)
     self.cfg = model.cfg
     self.tokenizer = tokenizer
@@ -347,6 +357,7 @@ class TreeEngine:
       done, free, v1 = jax.device_get((self.state["req_done"],
                                        jnp.sum(self.state["s_owner"] < 0, axis=1), self.state["vsteps"]))
       self.costs.observe(np.asarray(v1) - v0, time.perf_counter() - t_seg)
+      self.stats["step_cost"] = [round(float(c), 3) for c in np.asarray(self.costs.cost())]
       done = np.array(done)
       free_kv = [int(x) for x in free]
       now = time.perf_counter()

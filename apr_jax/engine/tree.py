@@ -30,10 +30,11 @@ of its forced queue: prompt, forced prefix, re-prefill, results block), runs the
 over [lanes, M] with a per-token mask over the lane's slots, samples for the threads whose
 queue drained, and runs the protocol state machine. M is one of a few variants (1, rows,
 ..., `chunk`; `step_sizes`), picked per step by `lax.switch` in the same compiled program:
-the one that writes the most tokens per unit of cost, with the costs measured on the running
-machine (`runner.StepCosts`); work beyond M waits for a later step (outputs never depend on
-the schedule). The model only reads the KV pool inside the switch; the new tokens' KV is
-written after it, in place (a buffer returned by a `lax.cond` is copied whole each step).
+by default the smallest that covers the busiest lane; optionally the one that writes the
+most tokens per unit of cost, with the costs measured on the running machine
+(`runner.StepCosts`), work beyond M waiting for a later step. The model only reads the KV
+pool inside the switch; the new tokens' KV is written after it, in place (a buffer
+returned by a `lax.cond` is copied whole each step).
 
 The host runs the loop in segments (continuous batching: requests enter free request slots
 of a lane and leave between segments; deadlines are checked there). Everything else - forks, joins, scheduling
@@ -144,7 +145,7 @@ def _bucket_sorted(tokens, bucket, valid, n_buckets, size):
   offs = jnp.cumsum(counts) - counts
   bc = jnp.clip(b, 0, n_buckets - 1)
   dest = jnp.take_along_axis(within, bc[:, None], axis=1)[:, 0] + offs[bc]
-  dest = jnp.where(valid, dest, size + jnp.arange(n))
+  dest = jnp.where(valid, dest, max(n, size) + jnp.arange(n))  # dropped, never colliding
   out = jnp.zeros((size,), jnp.int32).at[dest].set(tokens.astype(jnp.int32), mode="drop",
                                                     unique_indices=True)
   return out, jnp.minimum(jnp.sum(counts), size).astype(jnp.int32)
@@ -323,8 +324,9 @@ def assign_rows(lane, spec: TreeSpec):
 def pack(lane, step, spec: TreeSpec, m: int):
   """Chooses this step's tokens for one lane and books their slots and log entries.
 
-  Returns (lane, packed) with packed = tok/pos/slot/thread [M], mask [M, S], last [W]
-  (index of each row's last token), drained [W] (the row's queue emptied: sample or act).
+  Returns (lane, packed) with packed = tok/pos/slot [M], mask [M, S] over the slots held
+  before this step, mask_new [M, M] over this step's tokens, last [W] (index of each row's
+  last token), drained [W] (the row's queue emptied: sample or act).
   """
   nt, w, s, lg, nr = spec.threads, spec.rows, spec.slots, spec.n_log, spec.requests
   t_w = lane["r_thread"]
@@ -789,7 +791,7 @@ def _split(st):
 
 def forward_step(model: Transformer, st, spec: TreeSpec, m: int, pad_to: int = 0):
   """One engine step packing at most `m` tokens per lane. Returns (state without the
-  cache, new KV per layer [L, K, pad_to, D], their slots [L, pad_to]): the cache is only
+  cache, a LayerKV per layer with k, v [lanes, K, pad_to, D], their slots [lanes, pad_to]): the cache is only
   read here; the caller writes the new KV (outside any lax.switch, so in place)."""
   step = st["step"]
   lane, pk = jax.vmap(lambda l: pack(l, step, spec, m))(_split(st))
@@ -824,11 +826,13 @@ def segment(graphdef, params, st, until_step, cost, spec: TreeSpec):
   Each step runs one variant of `step_sizes(spec)` (tokens per lane). `cost` [n variants]
   float32 is their relative cost per step: with every entry > 0 the step runs the variant
   that writes the most tokens per unit of cost (a busy lane whose work exceeds it waits:
-  e.g. one lane's 30-token prompt does not make every lane run a 32-token step on a machine
-  where that costs 8x a 1-token step); otherwise the smallest variant that covers the
-  busiest lane. The choice changes when tokens are written, never which tokens (outputs are
-  the same). `st["vsteps"]` counts the steps run of each variant (the runner fits `cost`
-  from them)."""
+  its forced chunk, or its rows past the budget; e.g. one lane's 30-token prompt does not
+  make every lane run a 32-token step on a machine where that costs 6x a 1-token step);
+  otherwise (all zeros, the default) the smallest variant that covers the busiest lane.
+  The schedule changes when tokens are written, not which: sampled tokens and logits are
+  the same; only what depends on siblings' relative progress can differ (which thread a
+  total-token budget cuts, race cancellation, pruning). `st["vsteps"]` counts the steps run
+  of each variant (the runner fits `cost` from them)."""
   model: Transformer = nnx.merge(graphdef, params)
   sizes = step_sizes(spec)
 
@@ -842,7 +846,8 @@ def segment(graphdef, params, st, until_step, cost, spec: TreeSpec):
     qlen = jnp.take_along_axis(st["t_qlen"], tw, axis=1)
     busy = st["r_thread"] >= 0  # rows of ended requests are freed the step they end
     per_lane = jnp.sum(jnp.where(busy, jnp.minimum(qlen, spec.chunk), 0), axis=1)   # [L]
-    which = jnp.minimum(jnp.sum(jnp.asarray(sizes) < jnp.max(per_lane)), len(sizes) - 1)
+    sz = jnp.asarray(sizes)
+    which = jnp.minimum(jnp.sum(sz < jnp.max(per_lane)), len(sizes) - 1)
     covered = jnp.stack([jnp.sum(jnp.minimum(per_lane, m)) for m in sizes]).astype(jnp.float32)
     best = jnp.argmax(covered / jnp.maximum(cost, 1e-9)).astype(which.dtype)
     which = jnp.where(jnp.all(cost > 0), best, which)

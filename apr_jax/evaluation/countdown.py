@@ -58,13 +58,13 @@ def verdict(p: cd.Problem, texts) -> tuple[bool, bool, str]:
 
 
 def make_engine(model, tok, fmt: str, lanes: int = 8, rows: int = 8, slots: int = 2048,
-                max_threads: int = 16):
+                max_threads: int = 16, step_cost=None):
   from apr_jax.engine.runner import TreeEngine
   from apr_jax.engine.tree import TreeSpec
   pr = data.protocol_for(fmt, tok)
   spec = TreeSpec(protocol=pr, root_stop=(tok.eos_id,), lanes=lanes, rows=rows, threads=max_threads,
                   slots=slots, chunk=32)
-  return TreeEngine(model, tok, spec, segment_steps=64)
+  return TreeEngine(model, tok, spec, segment_steps=64, step_cost=step_cost)
 
 
 def evaluate(engine, tok, fmt: str, problems: Sequence[cd.Problem], max_thread_tokens: int = 1536,

@@ -106,6 +106,9 @@ def train(model: Transformer, rows: packing.Rows, tc: TrainConfig, workdir: str,
   t0 = time.perf_counter()
   tokens_done = 0
   end = min(tc.stop_at, tc.steps) if tc.stop_at > 0 else tc.steps
+  if start >= end:
+    log(f"the latest checkpoint (step {start}) is at or past the last step to run ({end}): "
+        "nothing to train")
   for step in range(start, end):
     idx = batch_indices(n_rows, tc.batch_size, step, tc.seed)
     batch = {k: jnp.asarray(getattr(rows, k)[idx]) for k in ("tokens", "positions", "groups", "vis", "labels")}
