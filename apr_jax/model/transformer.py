@@ -111,22 +111,24 @@ def apply_rope(x, rope):
   return out.astype(x.dtype)
 
 
-def attend(q, k, v, mask):
+def attend(q, k, v, mask, keys_major=True):
   """Grouped-query attention, the plain reference.
 
   q [B, T, H, D]; k, v [B, K, S, D] (the cache layout: batched GEMMs over (B, K) need no
-  per-step transpose of the cache); mask [B, T, S] bool (True = may attend).
+  per-step transpose of the cache) or, with keys_major=False, [B, S, K, D] (the projection's
+  layout, training); mask [B, T, S] bool (True = may attend).
   Returns [B, T, H, D]. Scores and softmax in float32.
   """
   b, t, h, d = q.shape
-  kh = k.shape[1]
+  kh = k.shape[1] if keys_major else k.shape[2]
   qg = q.reshape(b, t, kh, h // kh, d)
-  s = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32,
+  kl = "bksd" if keys_major else "bskd"
+  s = jnp.einsum(f"btkgd,{kl}->bkgts", qg, k, preferred_element_type=jnp.float32,
                  _dot_general=dot_f32)
   s = s * (1.0 / math.sqrt(d))
   s = jnp.where(mask[:, None, None, :, :], s, NEG_INF)
   p = jax.nn.softmax(s, axis=-1)
-  o = jnp.einsum("bkgts,bksd->btkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32,
+  o = jnp.einsum(f"bkgts,{kl}->btkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32,
                  _dot_general=dot_f32)
   return o.reshape(b, t, h, d).astype(q.dtype)
 
@@ -168,7 +170,7 @@ def attend_blocks(q, k, v, mask_fn):
   outs = []
   for q0 in range(0, t, bs):
     q1 = min(q0 + bs, t)
-    outs.append(attend(q[:, q0:q1], k[:, :, :q1], v[:, :, :q1], mask_fn(q0, q1, q1)))
+    outs.append(attend(q[:, q0:q1], k[:, :q1], v[:, :q1], mask_fn(q0, q1, q1), keys_major=False))
   return jnp.concatenate(outs, axis=1)
 
 
@@ -210,6 +212,11 @@ class Attention(nnx.Module):
         k = rms_norm(k, self.k_norm[...], cfg.norm_eps)
       q = apply_rope(q, rope)
       k = apply_rope(k, rope)
+    if callable(mask):  # training: no cache, keys stay [B, T, K, D] (no per-layer transposes)
+      with jax.named_scope("attend"):
+        o = attend_blocks(q, k, v, mask)
+      out = linear(o.reshape(b, t, cfg.n_heads * cfg.head_dim), self.o[...])
+      return (out + self.o_bias[...] if cfg.o_bias else out), None
     k = k.transpose(0, 2, 1, 3)  # [B, K, T, D], the cache layout
     v = v.transpose(0, 2, 1, 3)
     if cache is not None and write_index is None:  # deferred write
