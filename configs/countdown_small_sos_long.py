@@ -1,6 +1,7 @@
-"""The sequential (SoS) model's second stage, the exact twin of `countdown_small_apr_long.py`:
-continue `countdown_small_sos.py` (600 steps) on 20,000 problems with the same 4000-step
-schedule, stopped at step 2200, so that both shipped models have the same training budget:
+"""The sequential (SoS) model's second stage; `countdown_small_apr_long.py` is its twin (the
+same settings via `second_stage`), so both shipped models have the same training budget:
+continue the 600-step first stage on 20,000 problems with a 4000-step cosine schedule, cut at
+step 2200 (`train.stop_at`; lowering `train.steps` instead would change the schedule):
 
   python -m apr_jax.train --config configs/countdown_small_sos.py
   python -m apr_jax.train --config configs/countdown_small_sos_long.py
@@ -12,10 +13,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from countdown_small_sos import get_config as _sos  # noqa: E402
 
 
-def get_config():
-  c = _sos()
-  c.workdir = "runs/countdown_small_sos_long"
-  c.init_from = "runs/countdown_small_sos/model"   # the first stage's export
+def second_stage(c, first: str):
+  """Continues the first stage `first` (its workdir under runs/) with the long schedule."""
+  c.workdir = f"runs/{first}_long"
+  c.init_from = f"runs/{first}/model"   # the first stage's export
   c.n_train = 20000
   c.train.steps = 4000
   c.train.stop_at = 2200
@@ -25,3 +26,7 @@ def get_config():
   c.train.ckpt_every = 50
   c.train.keep = 2
   return c
+
+
+def get_config():
+  return second_stage(_sos(), "countdown_small_sos")

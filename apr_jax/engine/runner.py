@@ -347,16 +347,18 @@ class TreeEngine:
                                threads=self._admit_request(lane, slot, r), shared=shared)
         free_kv[lane] -= len(r.prompt)
 
+    v0 = np.asarray(self.state["vsteps"])   # steps per variant so far (for the cost fit)
     while waiting or any(o is not None for lane in occ for o in lane):
       admit()
       step = int(self.state["step"])
-      v0 = np.asarray(self.state["vsteps"])
       t_seg = time.perf_counter()
       self.state = self._segment(self.graphdef, self.params, self.state,
                                  jnp.int32(step + self.segment_steps), self.costs.cost())
       done, free, v1 = jax.device_get((self.state["req_done"],
                                        jnp.sum(self.state["s_owner"] < 0, axis=1), self.state["vsteps"]))
-      self.costs.observe(np.asarray(v1) - v0, time.perf_counter() - t_seg)
+      v1 = np.asarray(v1)
+      self.costs.observe(v1 - v0, time.perf_counter() - t_seg)
+      v0 = v1
       self.stats["step_cost"] = [round(float(c), 3) for c in np.asarray(self.costs.cost())]
       done = np.array(done)
       free_kv = [int(x) for x in free]

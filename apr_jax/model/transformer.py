@@ -161,7 +161,8 @@ def attend_split(q, k_old, v_old, mask_old, k_new, v_new, mask_new):
 
 
 def attend_blocks(q, k, v, mask_fn):
-  """Causal blockwise attention: query block [q0, q1) attends keys [0, q1) only, with the
+  """Causal blockwise attention, k, v [B, S, K, D] (the projection's layout, no cache):
+  query block [q0, q1) attends keys [0, q1) only, with the
   mask block `mask_fn(q0, q1, q1)` [B, q1-q0, q1]. The same values as `attend` with the full
   mask when no query sees a later key; about half the score work and memory at long rows.
   (A pure-JAX path, portable; accelerator kernels such as splash attention skip empty blocks
@@ -212,32 +213,22 @@ class Attention(nnx.Module):
         k = rms_norm(k, self.k_norm[...], cfg.norm_eps)
       q = apply_rope(q, rope)
       k = apply_rope(k, rope)
-    if callable(mask):  # training: no cache, keys stay [B, T, K, D] (no per-layer transposes)
-      with jax.named_scope("attend"):
-        o = attend_blocks(q, k, v, mask)
-      out = linear(o.reshape(b, t, cfg.n_heads * cfg.head_dim), self.o[...])
-      return (out + self.o_bias[...] if cfg.o_bias else out), None
-    k = k.transpose(0, 2, 1, 3)  # [B, K, T, D], the cache layout
-    v = v.transpose(0, 2, 1, 3)
-    if cache is not None and write_index is None:  # deferred write
-      k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)  # what the cache will hold
-      with jax.named_scope("attend"):
-        o = attend_split(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), mask[0],
-                         k.astype(q.dtype), v.astype(q.dtype), mask[1])
-      out = linear(o.reshape(b, t, cfg.n_heads * cfg.head_dim), self.o[...])
-      if cfg.o_bias:
-        out = out + self.o_bias[...]
-      return out, kvlib.LayerKV(k, v)
-    if cache is not None:
-      cache = kvlib.write(cache, k, v, write_index)
-      k_all, v_all = cache.k, cache.v
-    else:
-      k_all, v_all = k, v
     with jax.named_scope("attend"):
-      if callable(mask):  # a block mask (training): causal blocks, keys after a block skipped
-        o = attend_blocks(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask)
+      if callable(mask):  # training: causal blocks; keys stay [B, T, K, D] (no transposes)
+        o, cache = attend_blocks(q, k, v, mask), None
       else:
-        o = attend(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask)
+        k = k.transpose(0, 2, 1, 3)  # [B, K, T, D], the cache layout
+        v = v.transpose(0, 2, 1, 3)
+        if cache is None:
+          o = attend(q, k, v, mask)
+        elif write_index is None:  # deferred write: return what the cache will hold
+          new = kvlib.LayerKV(k.astype(cache.k.dtype), v.astype(cache.v.dtype))
+          o = attend_split(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), mask[0],
+                           new.k.astype(q.dtype), new.v.astype(q.dtype), mask[1])
+          cache = new
+        else:
+          cache = kvlib.write(cache, k, v, write_index)
+          o = attend(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), mask)
     out = linear(o.reshape(b, t, cfg.n_heads * cfg.head_dim), self.o[...])
     if cfg.o_bias:
       out = out + self.o_bias[...]
