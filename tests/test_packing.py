@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from apr_jax.model import transformer
 from apr_jax.protocols import reference
 from apr_jax.training import packing
 from tests import tree_fixtures as tf
@@ -45,9 +46,13 @@ def test_packed_tree_forward_matches_reference(name):
   assert (len(parts) > 1) == (pr.context == "fresh")
   assert sum(len(x) for x in parts) == len(packed[0])
   assert sum((x.labels >= 0).sum() for x in parts) == (packed[0].labels >= 0).sum()
-  blocks, dense = _packed_logits(nnx.split(model), jnp.asarray(rows.tokens), jnp.asarray(rows.positions),
-                                 jnp.asarray(rows.groups), jnp.asarray(rows.vis))
+  # two copies of the row: 1024 rows take `linear`'s many-rows GEMM (x @ W^T, as training
+  # does), while the reference forwards below take the few-rows one (W @ x^T)
+  assert 2 * rows.tokens.shape[1] >= transformer.ROWS_MAJOR_MIN
+  twice = [jnp.asarray(np.concatenate([a, a])) for a in (rows.tokens, rows.positions, rows.groups, rows.vis)]
+  blocks, dense = _packed_logits(nnx.split(model), *twice)
   logits = np.asarray(blocks)[0]
+  np.testing.assert_allclose(np.asarray(blocks)[1], logits, atol=1e-6)
   np.testing.assert_allclose(logits, np.asarray(dense)[0], atol=1e-5)
   offset, worst, span = 0, 0.0, 0.0
   for t, pk in zip(traces, packed):

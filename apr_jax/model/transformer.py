@@ -57,13 +57,22 @@ def dot_f32(a, b, dims, precision=None, preferred_element_type=None, **unused):
       a, b, cpu=lambda x, y: dot(x.astype(jnp.float32), y.astype(jnp.float32)), default=dot)
 
 
+ROWS_MAJOR_MIN = 1024  # from this many rows of x on, `linear` computes x @ W^T
+
+
 def linear(x, w):
   """x [..., in] times a kernel stored [out, in] (the HF layout) -> [..., out].
 
-  Computed as W @ x^T: on XLA:CPU this streams the weights 1.5x faster than x @ W^T at
-  batch 8 (Eigen's small-M GEMM is the bottleneck there) and equally fast at batch 1; on
-  accelerators the transposes of the small activation are free.
+  Few rows (decode): computed as W @ x^T, which on XLA:CPU streams the weights faster than
+  x @ W^T (Eigen's small-M GEMM is the bottleneck there). Many rows (prefill, training): x is
+  flattened to [rows, in] and multiplied by W^T, with no transpose of the output; at
+  8192 x 192 -> 512 that is 2.3x faster than W @ x^T here. On accelerators both are GEMMs.
   """
+  rows = math.prod(x.shape[:-1])
+  if rows >= ROWS_MAJOR_MIN:
+    y = jax.lax.dot_general(x.reshape(rows, x.shape[-1]).astype(w.dtype), w,
+                            (((1,), (1,)), ((), ())), precision=_precision(w))
+    return y.reshape(*x.shape[:-1], w.shape[0]).astype(x.dtype)
   y = jax.lax.dot_general(w, x.astype(w.dtype), (((1,), (x.ndim - 1,)), ((), ())),
                           precision=_precision(w))
   return jnp.moveaxis(y, 0, -1).astype(x.dtype)
@@ -302,6 +311,10 @@ class Transformer(nnx.Module):
   def logits(self, x):
     """x [..., E] -> float32 logits [..., V] (tied: the embedding is the [V, E] kernel)."""
     w = self.embed[...] if self.cfg.tie_embeddings else self.lm_head[...]
+    rows = math.prod(x.shape[:-1])
+    if rows >= ROWS_MAJOR_MIN:  # see `linear`
+      y = dot_f32(x.reshape(rows, x.shape[-1]), w, (((1,), (1,)), ((), ())))
+      return y.reshape(*x.shape[:-1], w.shape[0])
     return jnp.moveaxis(dot_f32(w, x, (((1,), (x.ndim - 1,)), ((), ()))), 0, -1)
 
   def __call__(self, tokens, positions, mask, cache=None, write_index=0):
