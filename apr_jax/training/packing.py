@@ -173,13 +173,24 @@ def pack_rows(items: Sequence[Packed], seq_len: int, max_groups: int,
 
 
 class TreeMask:
-  """The tree attention mask as a function of blocks, for causal blockwise attention: the
-  model asks for the [B, q1-q0, k1] mask of query block [q0, q1) over keys [0, k1) and never
-  materialises the [B, N, N] mask; keys after a query block are skipped (every visible token
-  precedes its reader in a packed row - `pack_trace` writes runs in order)."""
+  """The tree attention mask as a function of blocks, for causal blockwise attention
+  (`model.transformer.attend_blocks`): the model asks for the [B, q1-q0, k1] mask of query
+  block [q0, q1) over keys [0, k1) and never materialises the [B, N, N] mask; keys after a
+  query block are skipped (every visible token precedes its reader in a packed row -
+  `pack_trace` writes runs in order). `rows_per_iteration`: rows of the batch attended at
+  a time (None: the attention's default for the backend)."""
 
-  def __init__(self, groups, vis, block: int = 128):
+  def __init__(self, groups, vis, block: int = 128, rows_per_iteration: int | None = None):
     self.groups, self.vis, self.block = groups, vis, block
+    self.rows_per_iteration = rows_per_iteration
+
+  @property
+  def arrays(self):
+    return (self.groups, self.vis)
+
+  @staticmethod
+  def block_mask(arrays, q0: int, q1: int, k1: int):
+    return tree_mask(*arrays, (q0, q1), k1)
 
   def __call__(self, q0: int, q1: int, k1: int):
     return tree_mask(self.groups, self.vis, (q0, q1), k1)
