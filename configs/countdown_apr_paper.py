@@ -23,6 +23,9 @@ def get_config():
                             max_seq_len=4096, tie_embeddings=False))
   c.seq_len = 4096
   c.max_groups = 256
+  # the batch is split over every device (params replicated, gradients all-reduced) and each
+  # layer is recomputed in the backward: 64 x 4k tokens do not fit one accelerator otherwise
   c.train = ConfigDict(dict(steps=20000, batch_size=64, lr=3e-4, warmup=1000, weight_decay=0.1,
-                            clip=1.0, seed=0, ckpt_every=1000, keep=3, log_every=50))
+                            clip=1.0, seed=0, ckpt_every=1000, keep=3, log_every=50,
+                            data_parallel=0, remat=True))
   return c

@@ -80,16 +80,20 @@ def _random_tree(rng, b, n, g):
   return groups, vis
 
 
-@pytest.mark.parametrize("dtype,rows", [(jnp.float32, None), (jnp.float32, 3), (jnp.bfloat16, None)])
-def test_blockwise_attention_gradients_match_dense(dtype, rows):
-  """The training attention (query blocks, hand-written backward, rows in a loop) against
-  autodiff of the plain dense reference: values and gradients of q, k and v, with grouped
-  heads and a length that is not a multiple of the block."""
+@pytest.mark.parametrize("dtype,rows,save", [(jnp.float32, None, None), (jnp.float32, 2, True),
+                                             (jnp.float32, 4, False), (jnp.float32, 1, False),
+                                             (jnp.bfloat16, None, None), (jnp.bfloat16, 2, False)])
+def test_blockwise_attention_gradients_match_dense(dtype, rows, save):
+  """The training attention (query blocks, hand-written backward with saved or recomputed
+  probabilities, rows in a loop, interleaved) against autodiff of the plain dense reference:
+  values and gradients of q, k and v, with grouped heads and a length that is not a
+  multiple of the block."""
   from apr_jax.model import transformer as tr
   rng = np.random.default_rng(5)
-  b, n, h, kh, d = 3, 200, 4, 2, 16
+  b, n, h, kh, d = 4, 200, 4, 2, 16
   groups, vis = _random_tree(rng, b, n, 6)
-  tm = packing.TreeMask(jnp.asarray(groups), jnp.asarray(vis), block=64, rows_per_iteration=rows)
+  tm = packing.TreeMask(jnp.asarray(groups), jnp.asarray(vis), block=64, rows_per_iteration=rows,
+                        save_probs=save)
   q, k, v, w = (jnp.asarray(rng.normal(size=(b, n, x, d)), jnp.float32) for x in (h, kh, kh, h))
   q, k, v = (x.astype(dtype) for x in (q, k, v))
   dense = tm.dense()
@@ -112,3 +116,14 @@ def test_blockwise_attention_gradients_match_dense(dtype, rows):
   o = np.asarray(tr.attend_blocks(q, k, v, tm), np.float32)
   np.testing.assert_allclose(o, np.asarray(tr.attend(q, k, v, dense, keys_major=False), np.float32),
                              atol=tol * 10)
+
+
+def test_rows_per_iteration_default_fits_the_budget():
+  from apr_jax.model.transformer import _rows_under
+  nd = jax.device_count()  # 8 fake devices in the tests
+  assert _rows_under(64, 32 << 20, 256 << 20) == 8  # 8 rows of 32 MiB, a multiple of 8 devices
+  assert _rows_under(64, 1, 1 << 30) == 64
+  assert _rows_under(6, 1, 1 << 30) == 6  # no multiple of the devices divides 6: the most that fit
+  assert _rows_under(6, 100, 250) == 2
+  assert _rows_under(4, 1 << 30, 1) == 1  # nothing fits: one row at a time
+  assert nd == 8

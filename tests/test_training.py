@@ -38,6 +38,26 @@ def test_resume_continues_the_same_loss_curve(tmp_path):
   assert len(os.listdir(tmp_path / "b" / "ckpt")) <= 2  # keep the last N
 
 
+def test_data_parallel_and_remat_continue_the_same_loss_curve(tmp_path):
+  """The batch split over 4 (fake CPU) devices with replicated params, and layer remat,
+  train exactly as one device does; a data-parallel run resumes from its checkpoint."""
+  import jax
+  assert jax.device_count() >= 4
+  rows = _rows()
+  tc = dict(steps=4, batch_size=4, lr=3e-3, warmup=2, log_every=1, ckpt_every=1, keep=2)
+  _, one = train(tf.tiny_model(), rows, TrainConfig(**tc), str(tmp_path / "one"))
+  model, dp = train(tf.tiny_model(), rows, TrainConfig(**dict(tc, steps=2, data_parallel=4, remat=True)),
+                    str(tmp_path / "dp"))
+  _, dp_rest = train(tf.tiny_model(1), rows, TrainConfig(**dict(tc, data_parallel=4)), str(tmp_path / "dp"))
+  assert [s for s, _ in dp + dp_rest] == [1, 2, 3, 4]
+  np.testing.assert_allclose([l for _, l in dp + dp_rest], [l for _, l in one], rtol=2e-5)
+  assert len(model.embed[...].sharding.device_set) == 4  # replicated over the data devices
+  import pytest
+  from apr_jax.errors import UserError
+  with pytest.raises(UserError, match="not divisible"):
+    train(tf.tiny_model(), rows, TrainConfig(**dict(tc, batch_size=3, data_parallel=2)), str(tmp_path / "x"))
+
+
 def _train_cli(*args, timeout=900):
   env = dict(os.environ, APR_JAX_CACHE_DIR="off", PYTHONPATH=ROOT)
   env.pop("XLA_FLAGS", None)

@@ -170,6 +170,9 @@ def attend_split(q, k_old, v_old, mask_old, k_new, v_new, mask_new):
   return (pv(e_old, v_old) + pv(e_new, v_new)).reshape(b, t, h, d).astype(q.dtype)
 
 
+ATTN_TILE_BYTES = 256 << 20  # accelerators: score tiles of one query block, per iteration
+
+
 def attend_blocks(q, k, v, mask_fn):
   """Causal blockwise attention for training, with a hand-written backward.
 
@@ -179,54 +182,85 @@ def attend_blocks(q, k, v, mask_fn):
   Query block [q0, q1) attends keys [0, q1) only: the same values as `attend` with the full
   mask when no query sees a later key, for about half the score work and memory.
 
-  The rows are processed `mask_fn.rows_per_iteration` at a time in a `lax.map` (default:
-  one on CPU, where a row's score tiles then stay in cache - 1.7x faster forward + backward
-  than the whole batch at once at 8 x 1024 tokens; all rows on accelerators). The backward
-  reuses the saved probabilities and the flash-attention identity dS = P (dP - rowsum(dO O)),
-  with no softmax re-derivation and no mask select. Scores, softmax and the backward's
-  elementwise work in float32; P and dS meet v, k, q in their dtype, as in `attend`.
+  The backward uses the flash-attention identity dS = P (dP - rowsum(dO O)): no softmax
+  re-derivation, no mask select. P is either saved by the forward (`save_probs`; default on
+  CPU, where re-reading it is cheaper than XLA:CPU's exp) or recomputed from the saved
+  log-sum-exp (default on accelerators: O(T) residuals per row instead of O(T^2)).
+  Rows go through a `lax.map`, `rows_per_iteration` at a time (CPU default: one, so a row's
+  score tiles stay in cache - 1.7x faster forward + backward than the whole batch at once at
+  8 x 1024 tokens; accelerators: as many as keep one query block's scores under
+  ATTN_TILE_BYTES). Iteration j takes rows j, j + n, j + 2n, ... (n iterations), so a batch
+  sharded over devices stays sharded inside every iteration. Scores, softmax and the
+  backward's elementwise work in float32; P and dS meet v, k, q in their dtype, as in `attend`.
   (Pure JAX and portable; accelerator kernels such as splash attention also skip empty
   blocks inside the key range.)"""
   b, t, h, d = q.shape
   kh = k.shape[2]
   qh = q.reshape(b, t, kh, h // kh, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
   kk, vv = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, D]
-  rows = getattr(mask_fn, "rows_per_iteration", None)
-  rows = rows or (1 if jax.default_backend() == "cpu" else b)
+  cpu = jax.default_backend() == "cpu"
+  rows = getattr(mask_fn, "rows_per_iteration", None) or (
+      1 if cpu else _rows_under(b, h * min(mask_fn.block, t) * t * 4, ATTN_TILE_BYTES))
   if b % rows:
     raise ValueError(f"rows_per_iteration {rows} does not divide the batch {b}")
-  o = _blockwise(qh, kk, vv, tuple(mask_fn.arrays), mask_fn.block_mask, mask_fn.block, rows)
+  save = getattr(mask_fn, "save_probs", None)
+  save = cpu if save is None else save
+  o = _blockwise(qh, kk, vv, tuple(mask_fn.arrays), mask_fn.block_mask, mask_fn.block, rows, save)
   return o.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
+
+
+def _rows_under(b: int, row_bytes: int, budget: int) -> int:
+  """The most rows per iteration (a divisor of b; a multiple of the device count where the
+  batch allows, for a data-sharded batch) whose score tiles fit `budget` bytes; at least 1."""
+  fits = [r for r in range(1, b + 1) if b % r == 0 and r * row_bytes <= budget] or [1]
+  nd = jax.device_count()
+  even = [r for r in fits if r % nd == 0]
+  return max(even or fits)
 
 
 def _query_blocks(t, bs):
   return [(q0, min(q0 + bs, t)) for q0 in range(0, t, bs)]
 
 
-def _blocks_fwd(q, k, v, arrays, block_mask, bs):
-  """Rows of q [R, K, G, T, D], k, v [R, K, T, D] -> (o float32 [R, K, G, T, D], the
-  probabilities of each query block, float32 [R, K, G, q1-q0, q1])."""
-  sc = 1.0 / math.sqrt(q.shape[-1])
-  outs, probs = [], []
+def _block_scores(q, k, arrays, block_mask, q0, q1):
+  """Scaled, masked float32 scores [R, K, G, q1-q0, q1] of query block [q0, q1)."""
+  bias = jnp.where(block_mask(arrays, q0, q1, q1), 0.0, NEG_INF)[:, None, None]
+  s = jnp.einsum("rkgtd,rksd->rkgts", q[:, :, :, q0:q1], k[:, :, :q1],
+                 preferred_element_type=jnp.float32, _dot_general=dot_f32)
+  return s * (1.0 / math.sqrt(q.shape[-1])) + bias
+
+
+def _blocks_fwd(q, k, v, arrays, block_mask, bs, save):
+  """Rows of q [R, K, G, T, D], k, v [R, K, T, D] -> (o float32 [R, K, G, T, D], residual):
+  the probabilities of each query block (float32 [R, K, G, q1-q0, q1]) with `save`, else
+  the log-sum-exp of every query (float32 [R, K, G, T])."""
+  outs, probs, lses = [], [], []
   for q0, q1 in _query_blocks(q.shape[3], bs):
-    bias = jnp.where(block_mask(arrays, q0, q1, q1), 0.0, NEG_INF)[:, None, None]
-    s = jnp.einsum("rkgtd,rksd->rkgts", q[:, :, :, q0:q1], k[:, :, :q1],
-                   preferred_element_type=jnp.float32, _dot_general=dot_f32) * sc + bias
-    e = jnp.exp(s - jnp.max(s, -1, keepdims=True))
-    p = e / jnp.sum(e, -1, keepdims=True)
+    s = _block_scores(q, k, arrays, block_mask, q0, q1)
+    m = jnp.max(s, -1, keepdims=True)
+    e = jnp.exp(s - m)
+    den = jnp.sum(e, -1, keepdims=True)
+    p = e / den
     outs.append(jnp.einsum("rkgts,rksd->rkgtd", p.astype(v.dtype), v[:, :, :q1],
                            preferred_element_type=jnp.float32, _dot_general=dot_f32))
-    probs.append(p)
-  return jnp.concatenate(outs, 3), tuple(probs)
+    if save:
+      probs.append(p)
+    else:
+      lses.append((m + jnp.log(den))[..., 0])
+  return jnp.concatenate(outs, 3), (tuple(probs) if save else jnp.concatenate(lses, 3))
 
 
-def _blocks_bwd(q, k, v, o, probs, do, bs):
+def _blocks_bwd(q, k, v, arrays, o, res, do, block_mask, bs, save):
   """The gradients (dq, dk, dv) of `_blocks_fwd`'s o for rows of the same shapes."""
   sc = 1.0 / math.sqrt(q.shape[-1])
   delta = jnp.sum(do * o, -1)  # rowsum(dO * O) [R, K, G, T]
   dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
   f32 = dict(preferred_element_type=jnp.float32, _dot_general=dot_f32)
-  for (q0, q1), p in zip(_query_blocks(q.shape[3], bs), probs):
+  for i, (q0, q1) in enumerate(_query_blocks(q.shape[3], bs)):
+    if save:
+      p = res[i]
+    else:
+      p = jnp.exp(_block_scores(q, k, arrays, block_mask, q0, q1) - res[:, :, :, q0:q1, None])
     qb, dob = q[:, :, :, q0:q1], do[:, :, :, q0:q1]
     dp = jnp.einsum("rkgtd,rksd->rkgts", dob.astype(v.dtype), v[:, :, :q1], **f32)
     ds = (p * (dp - delta[:, :, :, q0:q1, None]) * sc).astype(q.dtype)
@@ -240,28 +274,34 @@ def _blocks_bwd(q, k, v, o, probs, do, bs):
 
 
 def _by_rows(x, rows):
-  return x.reshape(x.shape[0] // rows, rows, *x.shape[1:])
+  """[B, ...] -> [B / rows, rows, ...]: iteration j holds rows j, j + n, ... (n = B / rows)."""
+  return x.reshape(rows, x.shape[0] // rows, *x.shape[1:]).swapaxes(0, 1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _blockwise(q, k, v, arrays, block_mask, bs, rows):
-  return _blockwise_fwd(q, k, v, arrays, block_mask, bs, rows)[0]
+def _from_rows(x):
+  return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
 
 
-def _blockwise_fwd(q, k, v, arrays, block_mask, bs, rows):
-  o, probs = jax.lax.map(lambda a: _blocks_fwd(*a, block_mask, bs),
-                         (_by_rows(q, rows), _by_rows(k, rows), _by_rows(v, rows),
-                          tuple(_by_rows(a, rows) for a in arrays)))
-  return o.reshape(q.shape), (q, k, v, arrays, o, probs)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _blockwise(q, k, v, arrays, block_mask, bs, rows, save):
+  return _blockwise_fwd(q, k, v, arrays, block_mask, bs, rows, save)[0]
 
 
-def _blockwise_bwd(block_mask, bs, rows, res, do):
-  q, k, v, arrays, o, probs = res
-  dq, dk, dv = jax.lax.map(lambda a: _blocks_bwd(*a, bs),
-                           (_by_rows(q, rows), _by_rows(k, rows), _by_rows(v, rows), o, probs,
-                            _by_rows(do.astype(jnp.float32), rows)))
-  return (dq.reshape(q.shape).astype(q.dtype), dk.reshape(k.shape).astype(k.dtype),
-          dv.reshape(v.shape).astype(v.dtype), jax.tree.map(lambda _: None, arrays))
+def _blockwise_fwd(q, k, v, arrays, block_mask, bs, rows, save):
+  o, res = jax.lax.map(lambda a: _blocks_fwd(*a, block_mask, bs, save),
+                       (_by_rows(q, rows), _by_rows(k, rows), _by_rows(v, rows),
+                        tuple(_by_rows(a, rows) for a in arrays)))
+  return _from_rows(o), (q, k, v, arrays, o, res)
+
+
+def _blockwise_bwd(block_mask, bs, rows, save, res_all, do):
+  q, k, v, arrays, o, res = res_all
+  dq, dk, dv = jax.lax.map(
+      lambda a: _blocks_bwd(*a, block_mask, bs, save),
+      (_by_rows(q, rows), _by_rows(k, rows), _by_rows(v, rows),
+       tuple(_by_rows(a, rows) for a in arrays), o, res, _by_rows(do.astype(jnp.float32), rows)))
+  return (_from_rows(dq).astype(q.dtype), _from_rows(dk).astype(k.dtype),
+          _from_rows(dv).astype(v.dtype), jax.tree.map(lambda _: None, arrays))
 
 
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
@@ -368,7 +408,7 @@ class Transformer(nnx.Module):
     if not cfg.tie_embeddings:
       self.lm_head = _param(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), dtype)
 
-  def hidden(self, tokens, positions, mask, cache=None, write_index=0):
+  def hidden(self, tokens, positions, mask, cache=None, write_index=0, remat=False):
     """Final-normed hidden states [B, T, E] and the updated cache.
 
     tokens, positions: [B, T] int32. mask: [B, T, S] bool over key slots, where S is the
@@ -378,15 +418,23 @@ class Transformer(nnx.Module):
     write_index None the cache is only read (mask = (cache mask, new-token mask)) and the
     second result is each layer's new LayerKV, for the caller to write: a decode loop that
     picks a step variant with `lax.switch` must write the cache outside the switch, or XLA
-    copies the whole cache every step.
+    copies the whole cache every step. remat (no cache): each layer's activations are
+    recomputed in the backward pass instead of kept (training memory).
     """
     cfg = self.cfg
     rope = rope_tables(cfg, positions)
     x = jnp.take(self.embed[...], tokens, axis=0)
     new_cache = []
+    if remat and cache is not None:
+      raise ValueError("remat is for training forwards, without a cache")
+    run = (nnx.remat(lambda lyr, x: lyr(x, rope, mask, None, write_index)) if remat else
+           lambda lyr, x: lyr(x, rope, mask, None, write_index))
     for i, layer in enumerate(self.layers):
       with jax.named_scope(f"layer{i}"):
-        x, c = layer(x, rope, mask, None if cache is None else cache[i], write_index)
+        if cache is None:
+          x, c = run(layer, x)
+        else:
+          x, c = layer(x, rope, mask, cache[i], write_index)
       new_cache.append(c)
     x = rms_norm(x, self.final_norm[...], cfg.norm_eps)
     return x, (tuple(new_cache) if cache is not None else None)
@@ -400,8 +448,8 @@ class Transformer(nnx.Module):
       return y.reshape(*x.shape[:-1], w.shape[0])
     return jnp.moveaxis(dot_f32(w, x, (((1,), (x.ndim - 1,)), ((), ()))), 0, -1)
 
-  def __call__(self, tokens, positions, mask, cache=None, write_index=0):
-    x, cache = self.hidden(tokens, positions, mask, cache, write_index)
+  def __call__(self, tokens, positions, mask, cache=None, write_index=0, remat=False):
+    x, cache = self.hidden(tokens, positions, mask, cache, write_index, remat)
     return self.logits(x), cache
 
 

@@ -177,12 +177,14 @@ class TreeMask:
   (`model.transformer.attend_blocks`): the model asks for the [B, q1-q0, k1] mask of query
   block [q0, q1) over keys [0, k1) and never materialises the [B, N, N] mask; keys after a
   query block are skipped (every visible token precedes its reader in a packed row -
-  `pack_trace` writes runs in order). `rows_per_iteration`: rows of the batch attended at
-  a time (None: the attention's default for the backend)."""
+  `pack_trace` writes runs in order). `rows_per_iteration` (rows of the batch attended at a
+  time) and `save_probs` (keep the probabilities for the backward, or recompute them): None
+  for the attention's default on the backend."""
 
-  def __init__(self, groups, vis, block: int = 128, rows_per_iteration: int | None = None):
+  def __init__(self, groups, vis, block: int = 128, rows_per_iteration: int | None = None,
+               save_probs: bool | None = None):
     self.groups, self.vis, self.block = groups, vis, block
-    self.rows_per_iteration = rows_per_iteration
+    self.rows_per_iteration, self.save_probs = rows_per_iteration, save_probs
 
   @property
   def arrays(self):

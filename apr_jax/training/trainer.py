@@ -30,23 +30,50 @@ def make_optimizer(lr: float, warmup: int, steps: int, weight_decay: float, clip
                                                                    weight_decay=weight_decay)), sched
 
 
-def loss_fn(model: Transformer, batch):
-  """Mean cross-entropy over the labelled (sampled) tokens of packed rows."""
+def loss_fn(model: Transformer, batch, remat: bool = False):
+  """Mean cross-entropy over the labelled (sampled) tokens of packed rows. remat: recompute
+  each layer's activations in the backward instead of keeping them (long rows, big models)."""
   tree = packing.TreeMask(batch["groups"], batch["vis"])
-  logits = model(batch["tokens"], batch["positions"], tree)[0]
+  logits = model(batch["tokens"], batch["positions"], tree, remat=remat)[0]
   labels = batch["labels"]
   mask = labels >= 0
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
   return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1)
 
 
-def make_step(graphdef, rest, tx):
-  @jax.jit
+def make_step(graphdef, rest, tx, remat: bool = False, replicated=None):
+  """The jitted training step. `replicated`: a sharding for params and optimizer state (data
+  parallelism: the batch comes sharded over the devices, the gradients are all-reduced)."""
   def step(params, opt_state, batch):
-    loss, grads = jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p, rest), batch))(params)
+    loss, grads = jax.value_and_grad(
+        lambda p: loss_fn(nnx.merge(graphdef, p, rest), batch, remat))(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
-  return step
+  if replicated is None:
+    return jax.jit(step)
+  return jax.jit(step, out_shardings=(replicated, replicated, replicated, replicated))
+
+
+def data_mesh(n: int, batch_size: int):
+  """A 1-D ("data",) mesh over the first n devices (0: all of them), or None for one device."""
+  from jax.sharding import Mesh
+  devices = jax.devices()
+  n = n or len(devices)
+  if n > len(devices):
+    raise UserError(f"train.data_parallel={n}, but there are {len(devices)} devices")
+  if batch_size % n:
+    raise UserError(f"train.batch_size={batch_size} is not divisible by the {n} data-parallel devices")
+  return Mesh(np.array(devices[:n]), ("data",)) if n > 1 else None
+
+
+def _put_batch(arrays: dict, mesh):
+  """Host arrays (the same on every process) -> device arrays, rows sharded over `mesh`."""
+  if mesh is None:
+    return {k: jnp.asarray(a) for k, a in arrays.items()}
+  from jax.sharding import NamedSharding, PartitionSpec
+  sh = NamedSharding(mesh, PartitionSpec("data"))
+  return {k: jax.make_array_from_callback(a.shape, sh, lambda idx, a=a: a[idx])
+          for k, a in arrays.items()}
 
 
 def batch_indices(n_rows: int, batch: int, step: int, seed: int) -> np.ndarray:
@@ -73,6 +100,9 @@ class TrainConfig:
   keep: int = 3
   log_every: int = 10
   stop_at: int = 0  # >0: stop after this step; the schedule still spans `steps` (a cut-short run)
+  data_parallel: int = 1  # devices the batch is split over (0: all); params are replicated
+  remat: bool = False  # recompute layer activations in the backward (saves memory on GPU/TPU;
+                       # XLA:CPU's scheduler runs the recomputation early: no saving measured)
 
 
 def train(model: Transformer, rows: packing.Rows, tc: TrainConfig, workdir: str,
@@ -84,9 +114,19 @@ def train(model: Transformer, rows: packing.Rows, tc: TrainConfig, workdir: str,
   if rows.tokens.shape[0] == 0:
     raise UserError("no training sequence fits: raise seq_len (or max_groups)")
   os.makedirs(workdir, exist_ok=True)
+  mesh = data_mesh(tc.data_parallel, tc.batch_size)
+  replicated = None
+  if mesh is not None:
+    from jax.sharding import NamedSharding, PartitionSpec
+    replicated = NamedSharding(mesh, PartitionSpec())
+    log(f"data parallel over {mesh.size} devices ({tc.batch_size // mesh.size} rows each)")
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  if replicated is not None:
+    params, rest = jax.device_put((params, rest), replicated)
   tx, sched = make_optimizer(tc.lr, tc.warmup, tc.steps, tc.weight_decay, tc.clip)
   opt_state = tx.init(params)
+  if replicated is not None:  # step counters are created on one device
+    opt_state = jax.device_put(opt_state, replicated)
   mgr = ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, "ckpt")),
       options=ocp.CheckpointManagerOptions(max_to_keep=tc.keep, save_interval_steps=tc.ckpt_every,
@@ -99,7 +139,7 @@ def train(model: Transformer, rows: packing.Rows, tc: TrainConfig, workdir: str,
     restored = mgr.restore(start, args=ocp.args.StandardRestore(abstract))
     params, opt_state = restored["params"], restored["opt_state"]
     log(f"resumed from step {start}")
-  step_fn = make_step(graphdef, rest, tx)
+  step_fn = make_step(graphdef, rest, tx, tc.remat, replicated)
   n_rows = rows.tokens.shape[0]
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   losses = []
@@ -111,7 +151,8 @@ def train(model: Transformer, rows: packing.Rows, tc: TrainConfig, workdir: str,
         "nothing to train")
   for step in range(start, end):
     idx = batch_indices(n_rows, tc.batch_size, step, tc.seed)
-    batch = {k: jnp.asarray(getattr(rows, k)[idx]) for k in ("tokens", "positions", "groups", "vis", "labels")}
+    batch = _put_batch({k: getattr(rows, k)[idx] for k in ("tokens", "positions", "groups", "vis", "labels")},
+                       mesh)
     params, opt_state, loss, gnorm = step_fn(params, opt_state, batch)
     tokens_done += int((rows.groups[idx] >= 0).sum())
     s = step + 1
