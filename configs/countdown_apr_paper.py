@@ -24,8 +24,9 @@ def get_config():
   c.seq_len = 4096
   c.max_groups = 256
   # the batch is split over every device (params replicated, gradients all-reduced) and each
-  # layer is recomputed in the backward: 64 x 4k tokens do not fit one accelerator otherwise
+  # layer is recomputed in the backward (64 x 4k tokens do not fit one accelerator otherwise);
+  # bfloat16 compute on float32 master weights
   c.train = ConfigDict(dict(steps=20000, batch_size=64, lr=3e-4, warmup=1000, weight_decay=0.1,
                             clip=1.0, seed=0, ckpt_every=1000, keep=3, log_every=50,
-                            data_parallel=0, remat=True))
+                            data_parallel=0, remat=True, compute_dtype="bfloat16"))
   return c

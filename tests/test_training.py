@@ -58,6 +58,23 @@ def test_data_parallel_and_remat_continue_the_same_loss_curve(tmp_path):
     train(tf.tiny_model(), rows, TrainConfig(**dict(tc, batch_size=3, data_parallel=2)), str(tmp_path / "x"))
 
 
+def test_bfloat16_mixed_precision_follows_the_float32_curve(tmp_path):
+  rows = _rows()
+  tc = dict(steps=5, batch_size=2, lr=3e-3, warmup=2, log_every=1, ckpt_every=5, keep=1)
+  _, f32 = train(tf.tiny_model(), rows, TrainConfig(**tc), str(tmp_path / "f32"))
+  model, bf16 = train(tf.tiny_model(), rows, TrainConfig(**dict(tc, compute_dtype="bfloat16")),
+                      str(tmp_path / "bf16"))
+  assert model.embed[...].dtype == np.float32  # float32 master weights
+  a, b = np.array([l for _, l in bf16]), np.array([l for _, l in f32])
+  assert not np.array_equal(a, b)  # the forward really ran in bfloat16
+  np.testing.assert_allclose(a, b, rtol=3e-2)
+  assert a[-1] < a[0]
+  import pytest
+  from apr_jax.errors import UserError
+  with pytest.raises(UserError, match="not a dtype"):
+    train(tf.tiny_model(), rows, TrainConfig(**dict(tc, compute_dtype="bfloat17")), str(tmp_path / "x"))
+
+
 def _train_cli(*args, timeout=900):
   env = dict(os.environ, APR_JAX_CACHE_DIR="off", PYTHONPATH=ROOT)
   env.pop("XLA_FLAGS", None)

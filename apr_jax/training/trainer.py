@@ -41,12 +41,20 @@ def loss_fn(model: Transformer, batch, remat: bool = False):
   return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1)
 
 
-def make_step(graphdef, rest, tx, remat: bool = False, replicated=None):
+def make_step(graphdef, rest, tx, remat: bool = False, replicated=None, compute_dtype=None):
   """The jitted training step. `replicated`: a sharding for params and optimizer state (data
-  parallelism: the batch comes sharded over the devices, the gradients are all-reduced)."""
+  parallelism: the batch comes sharded over the devices, the gradients are all-reduced).
+  compute_dtype (e.g. "bfloat16"): mixed precision - the forward and backward run on a copy
+  of the params in that dtype (activations follow it; attention softmax, logits and loss stay
+  float32), the float32 params, gradients and optimizer state are what is stored."""
+  cast = None
+  if compute_dtype is not None and jnp.dtype(compute_dtype) != jnp.float32:
+    dt = jnp.dtype(compute_dtype)
+    cast = lambda p: jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, p)
+
   def step(params, opt_state, batch):
     loss, grads = jax.value_and_grad(
-        lambda p: loss_fn(nnx.merge(graphdef, p, rest), batch, remat))(params)
+        lambda p: loss_fn(nnx.merge(graphdef, cast(p) if cast else p, rest), batch, remat))(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
   if replicated is None:
@@ -103,6 +111,7 @@ class TrainConfig:
   data_parallel: int = 1  # devices the batch is split over (0: all); params are replicated
   remat: bool = False  # recompute layer activations in the backward (saves memory on GPU/TPU;
                        # XLA:CPU's scheduler runs the recomputation early: no saving measured)
+  compute_dtype: str = "float32"  # "bfloat16": mixed precision on float32 master weights
 
 
 def train(model: Transformer, rows: packing.Rows, tc: TrainConfig, workdir: str,
@@ -139,7 +148,11 @@ def train(model: Transformer, rows: packing.Rows, tc: TrainConfig, workdir: str,
     restored = mgr.restore(start, args=ocp.args.StandardRestore(abstract))
     params, opt_state = restored["params"], restored["opt_state"]
     log(f"resumed from step {start}")
-  step_fn = make_step(graphdef, rest, tx, tc.remat, replicated)
+  try:
+    jnp.dtype(tc.compute_dtype)
+  except TypeError:
+    raise UserError(f"train.compute_dtype={tc.compute_dtype!r} is not a dtype (float32, bfloat16)")
+  step_fn = make_step(graphdef, rest, tx, tc.remat, replicated, tc.compute_dtype)
   n_rows = rows.tokens.shape[0]
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   losses = []
