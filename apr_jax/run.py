@@ -13,7 +13,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from apr_jax.errors import UserError, cli_main
+from apr_jax.errors import UserError, cli_main, parse_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "", "A .gguf file, a Hugging Face model directory, or an apr_jax "
@@ -315,4 +315,4 @@ def _run_tree(model, tok, mesh, prompts, sampling, path, log, t0):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -19,7 +19,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from apr_jax.errors import UserError, cli_main
+from apr_jax.errors import UserError, cli_main, parse_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A training config from configs/.")
@@ -136,4 +136,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -5,6 +5,8 @@ parameters (18 layers, hidden 1024, 16 heads), 4k context, 4-number Countdown (1
 run two steps with a reduced batch and sequence on CPU."""
 from ml_collections import ConfigDict
 
+from apr_jax.training.trainer import train_config
+
 
 def get_config():
   c = ConfigDict()
@@ -26,7 +28,7 @@ def get_config():
   # the batch is split over every device (params replicated, gradients all-reduced) and each
   # layer is recomputed in the backward (64 x 4k tokens do not fit one accelerator otherwise);
   # bfloat16 compute on float32 master weights
-  c.train = ConfigDict(dict(steps=20000, batch_size=64, lr=3e-4, warmup=1000, weight_decay=0.1,
-                            clip=1.0, seed=0, ckpt_every=1000, keep=3, log_every=50,
-                            data_parallel=0, remat=True, compute_dtype="bfloat16"))
+  c.train = train_config(steps=20000, batch_size=64, lr=3e-4, warmup=1000, weight_decay=0.1,
+                         clip=1.0, seed=0, ckpt_every=1000, keep=3, log_every=50,
+                         data_parallel=0, remat=True, compute_dtype="bfloat16")
   return c

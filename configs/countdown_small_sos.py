@@ -2,6 +2,8 @@
 trained from scratch on this CPU: `python -m apr_jax.train --config configs/countdown_small_sos.py`."""
 from ml_collections import ConfigDict
 
+from apr_jax.training.trainer import train_config
+
 
 def get_config():
   c = ConfigDict()
@@ -20,6 +22,6 @@ def get_config():
                             tie_embeddings=True))
   c.seq_len = 1024
   c.max_groups = 64
-  c.train = ConfigDict(dict(steps=600, batch_size=8, lr=2e-3, warmup=100, weight_decay=0.01,
-                            clip=1.0, seed=0, ckpt_every=100, keep=3, log_every=10))
+  c.train = train_config(steps=600, batch_size=8, lr=2e-3, warmup=100, weight_decay=0.01,
+                         clip=1.0, seed=0, ckpt_every=100, keep=3, log_every=10)
   return c

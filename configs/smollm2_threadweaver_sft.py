@@ -4,6 +4,8 @@ pieces), then supervised training on packed thread trees (ThreadWeaver's trie).
 `python -m apr_jax.train --config configs/smollm2_threadweaver_sft.py`"""
 from ml_collections import ConfigDict
 
+from apr_jax.training.trainer import train_config
+
 
 def get_config():
   c = ConfigDict()
@@ -20,6 +22,6 @@ def get_config():
   c.model = ConfigDict()  # unused: the pretrained architecture
   c.seq_len = 2048
   c.max_groups = 64
-  c.train = ConfigDict(dict(steps=200, batch_size=2, lr=5e-5, warmup=20, weight_decay=0.0,
-                            clip=1.0, seed=0, ckpt_every=50, keep=2, log_every=5))
+  c.train = train_config(steps=200, batch_size=2, lr=5e-5, warmup=20, weight_decay=0.0,
+                         clip=1.0, seed=0, ckpt_every=50, keep=2, log_every=5)
   return c

@@ -114,3 +114,38 @@ def test_protocol_run_shows_the_thread_tree():
 def test_bad_protocol_flags(flags, needle):
   rc, out, err = run(*flags, "--max_new_tokens", "2")
   assert_clean_error(rc, err, needle)
+
+
+def _module(mod, *args, timeout=300):
+  env = dict(os.environ, APR_JAX_CACHE_DIR="off", PYTHONPATH=ROOT)
+  env.pop("XLA_FLAGS", None)
+  p = subprocess.run([sys.executable, "-m", mod, *args], capture_output=True, text=True,
+                     cwd=ROOT, env=env, timeout=timeout)
+  return p.returncode, p.stderr
+
+
+@pytest.mark.parametrize("mod,args,needle", [
+    ("apr_jax.train", ["--config", "configs/countdown_small_sos.py", "--config.train.remta=True"],
+     "did you mean \"remat\""),
+    ("apr_jax.train", ["--config", "configs/countdown_small_sos.py", "--config.train.steps=abc"],
+     "invalid literal"),
+    ("apr_jax.train", ["--config", "configs/no_such_config.py"], "no_such_config.py"),
+    ("apr_jax.eval", ["--config", "configs/eval_countdown_small.py", "--config.nope=1"],
+     "unknown config key 'nope'"),
+])
+def test_bad_config_overrides(mod, args, needle):
+  rc, err = _module(mod, *args)
+  assert rc == 2
+  assert_clean_error(rc, err.replace("Did you", "did you"), needle)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("--config.train.batch_size=0", "batch_size must be >= 1"),
+    ("--config.train.data_parallel=64", "there are 1 devices"),
+    ("--config.train.compute_dtype=bfloat17", "is not a dtype"),
+])
+def test_bad_train_settings(tmp_path, override, needle):
+  rc, err = _module("apr_jax.train", "--config", "configs/countdown_small_sos.py",
+                    f"--config.workdir={tmp_path}", "--config.n_train=20", "--config.n_test=4",
+                    "--config.train.steps=1", override)
+  assert_clean_error(rc, err, needle)

@@ -114,12 +114,38 @@ class TrainConfig:
   compute_dtype: str = "float32"  # "bfloat16": mixed precision on float32 master weights
 
 
+def train_config(**overrides):
+  """A config's `train` section (ml_collections) holding every `TrainConfig` field, so that
+  any of them can be overridden on the command line (`--config.train.remat=True`)."""
+  from ml_collections import ConfigDict
+  unknown = set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)}
+  if unknown:
+    raise ValueError(f"unknown train settings: {sorted(unknown)}")
+  return ConfigDict(dataclasses.asdict(TrainConfig(**overrides)))
+
+
+def _check(tc: TrainConfig):
+  for name in ("steps", "batch_size", "log_every", "ckpt_every", "keep"):
+    if getattr(tc, name) < 1:
+      raise UserError(f"train.{name} must be >= 1, got {getattr(tc, name)}")
+  if not tc.lr > 0 or tc.warmup < 0 or tc.weight_decay < 0 or not tc.clip > 0:
+    raise UserError(f"train: need lr > 0, warmup >= 0, weight_decay >= 0, clip > 0 "
+                    f"(got {tc.lr}, {tc.warmup}, {tc.weight_decay}, {tc.clip})")
+  if tc.data_parallel < 0 or tc.stop_at < 0:
+    raise UserError("train.data_parallel and train.stop_at must be >= 0")
+  try:
+    jnp.dtype(tc.compute_dtype)
+  except TypeError:
+    raise UserError(f"train.compute_dtype={tc.compute_dtype!r} is not a dtype (float32, bfloat16)")
+
+
 def train(model: Transformer, rows: packing.Rows, tc: TrainConfig, workdir: str,
           log: Callable = None) -> tuple[Transformer, list]:
   """Trains `model` on packed `rows`; checkpoints in workdir/ckpt (resumes from the latest);
   metrics appended to workdir/metrics.jsonl. Returns (trained model, losses of this call)."""
   import orbax.checkpoint as ocp
   log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+  _check(tc)
   if rows.tokens.shape[0] == 0:
     raise UserError("no training sequence fits: raise seq_len (or max_groups)")
   os.makedirs(workdir, exist_ok=True)
@@ -148,10 +174,6 @@ def train(model: Transformer, rows: packing.Rows, tc: TrainConfig, workdir: str,
     restored = mgr.restore(start, args=ocp.args.StandardRestore(abstract))
     params, opt_state = restored["params"], restored["opt_state"]
     log(f"resumed from step {start}")
-  try:
-    jnp.dtype(tc.compute_dtype)
-  except TypeError:
-    raise UserError(f"train.compute_dtype={tc.compute_dtype!r} is not a dtype (float32, bfloat16)")
   step_fn = make_step(graphdef, rest, tx, tc.remat, replicated, tc.compute_dtype)
   n_rows = rows.tokens.shape[0]
   metrics_path = os.path.join(workdir, "metrics.jsonl")
