@@ -27,7 +27,8 @@ def get_config():
   c.max_groups = 256
   # the batch is split over every device (params replicated, gradients all-reduced) and each
   # layer is recomputed in the backward (64 x 4k tokens do not fit one accelerator otherwise);
-  # bfloat16 compute on float32 master weights
+  # bfloat16 compute on float32 master weights. The device count must divide batch_size (or
+  # set train.data_parallel to one that does).
   c.train = train_config(steps=20000, batch_size=64, lr=3e-4, warmup=1000, weight_decay=0.1,
                          clip=1.0, seed=0, ckpt_every=1000, keep=3, log_every=50,
                          data_parallel=0, remat=True, compute_dtype="bfloat16")

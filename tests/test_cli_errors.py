@@ -142,7 +142,7 @@ def test_bad_config_overrides(mod, args, needle):
 @pytest.mark.parametrize("override,needle", [
     ("--config.train.batch_size=0", "batch_size must be >= 1"),
     ("--config.train.data_parallel=64", "there are 1 devices"),
-    ("--config.train.compute_dtype=bfloat17", "is not a dtype"),
+    ("--config.train.compute_dtype=int8", "use float32 or bfloat16"),
 ])
 def test_bad_train_settings(tmp_path, override, needle):
   rc, err = _module("apr_jax.train", "--config", "configs/countdown_small_sos.py",

@@ -80,30 +80,54 @@ def _random_tree(rng, b, n, g):
   return groups, vis
 
 
-@pytest.mark.parametrize("dtype,rows,save", [(jnp.float32, None, None), (jnp.float32, 2, True),
-                                             (jnp.float32, 4, False), (jnp.float32, 1, False),
-                                             (jnp.bfloat16, None, None), (jnp.bfloat16, 2, False)])
-def test_blockwise_attention_gradients_match_dense(dtype, rows, save):
+class _MaskedOut(packing.TreeMask):
+  """A tree mask in which some queries see no key at all (not something packing makes):
+  their softmax is uniform, in `attend` and in both backward modes."""
+
+  @staticmethod
+  def block_mask(arrays, q0, q1, k1):
+    m = packing.tree_mask(*arrays, (q0, q1), k1)
+    return m & (jnp.arange(q0, q1) % 7 != 3)[None, :, None]
+
+  def dense(self):
+    return self.block_mask(self.arrays, 0, self.groups.shape[1], self.groups.shape[1])
+
+
+@pytest.mark.parametrize("dtype,rows,save,masked", [
+    (jnp.float32, None, None, False), (jnp.float32, 2, True, False), (jnp.float32, 3, False, False),
+    (jnp.float32, 1, False, True), (jnp.float32, 2, True, True),
+    (jnp.bfloat16, None, None, False), (jnp.bfloat16, 2, False, False)])
+def test_blockwise_attention_gradients_match_dense(dtype, rows, save, masked):
   """The training attention (query blocks, hand-written backward with saved or recomputed
   probabilities, rows in a loop, interleaved) against autodiff of the plain dense reference:
-  values and gradients of q, k and v, with grouped heads and a length that is not a
-  multiple of the block."""
+  values and gradients of q, k and v, with grouped heads, a length that is not a multiple of
+  the block, and (masked) queries that see no key."""
   from apr_jax.model import transformer as tr
   rng = np.random.default_rng(5)
-  b, n, h, kh, d = 4, 200, 4, 2, 16
+  b, n, h, kh, d = 6, 200, 4, 2, 16
   groups, vis = _random_tree(rng, b, n, 6)
-  tm = packing.TreeMask(jnp.asarray(groups), jnp.asarray(vis), block=64, rows_per_iteration=rows,
-                        save_probs=save)
+  tm = (_MaskedOut if masked else packing.TreeMask)(
+      jnp.asarray(groups), jnp.asarray(vis), block=64, rows_per_iteration=rows, save_probs=save)
   q, k, v, w = (jnp.asarray(rng.normal(size=(b, n, x, d)), jnp.float32) for x in (h, kh, kh, h))
   q, k, v = (x.astype(dtype) for x in (q, k, v))
   dense = tm.dense()
+  assert (not masked) or not np.asarray(dense).any(-1).all()
 
   def loss(f):
     return lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * w)
 
   blocks = jax.jit(jax.value_and_grad(loss(lambda q, k, v: tr.attend_blocks(q, k, v, tm)), (0, 1, 2)))
-  ref = jax.jit(jax.value_and_grad(loss(lambda q, k, v: tr.attend(q, k, v, dense, keys_major=False)),
-                                   (0, 1, 2)))
+  def plain(q, k, v):
+    """Autodiff of the plain reference: `attend` over the full mask, or, where some queries
+    see no key (uniform over the keys they are given), over each query block's keys."""
+    if not masked:
+      return tr.attend(q, k, v, dense, keys_major=False)
+    return jnp.concatenate([
+        tr.attend(q[:, q0:q0 + 64], k[:, :q0 + 64], v[:, :q0 + 64],
+                  tm.block_mask(tm.arrays, q0, min(q0 + 64, n), min(q0 + 64, n)), keys_major=False)
+        for q0 in range(0, n, 64)], axis=1)
+
+  ref = jax.jit(jax.value_and_grad(loss(plain), (0, 1, 2)))
   (lb, gb), (lr, gr) = blocks(q, k, v), ref(q, k, v)
   tol = 2e-5 if dtype == jnp.float32 else 2e-2
   np.testing.assert_allclose(float(lb), float(lr), rtol=tol)
@@ -114,16 +138,43 @@ def test_blockwise_attention_gradients_match_dense(dtype, rows, save):
     np.testing.assert_allclose(got, want, atol=tol * np.abs(want).max())
   # the forward values themselves, row by row
   o = np.asarray(tr.attend_blocks(q, k, v, tm), np.float32)
-  np.testing.assert_allclose(o, np.asarray(tr.attend(q, k, v, dense, keys_major=False), np.float32),
-                             atol=tol * 10)
+  want = np.asarray(plain(q, k, v), np.float32)
+  np.testing.assert_allclose(o, want, atol=(1e-5 if dtype == jnp.float32 else 2e-2) * np.abs(want).max())
+
+
+def test_blockwise_attention_on_a_sharded_batch():
+  """The accelerator defaults' shape of work on a batch sharded over 4 (fake) devices: 4 rows
+  per iteration (one per device), probabilities recomputed; equal to the dense reference."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  from apr_jax.model import transformer as tr
+  rng = np.random.default_rng(6)
+  b, n, h, kh, d = 8, 160, 4, 2, 16
+  groups, vis = _random_tree(rng, b, n, 5)
+  mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+  sh = NamedSharding(mesh, PartitionSpec("data"))
+  q, k, v, w = (jax.device_put(jnp.asarray(rng.normal(size=(b, n, x, d)), jnp.float32), sh)
+                for x in (h, kh, kh, h))
+  g, vi = jax.device_put(jnp.asarray(groups), sh), jax.device_put(jnp.asarray(vis), sh)
+
+  def loss(q, k, v, g, vi, blocks):
+    tm = packing.TreeMask(g, vi, block=64, rows_per_iteration=4, save_probs=False)
+    o = tr.attend_blocks(q, k, v, tm) if blocks else tr.attend(q, k, v, tm.dense(), keys_major=False)
+    return jnp.sum(o * w)
+
+  got = jax.jit(jax.value_and_grad(lambda *a: loss(*a, True), (0, 1, 2)))(q, k, v, g, vi)
+  want = jax.jit(jax.value_and_grad(lambda *a: loss(*a, False), (0, 1, 2)))(q, k, v, g, vi)
+  np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=2e-5)
+  for a, e in zip(got[1], want[1]):
+    assert a.sharding.is_equivalent_to(sh, a.ndim)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(e), atol=2e-5 * np.abs(np.asarray(e)).max())
 
 
 def test_rows_per_iteration_default_fits_the_budget():
   from apr_jax.model.transformer import _rows_under
-  nd = jax.device_count()  # 8 fake devices in the tests
-  assert _rows_under(64, 32 << 20, 256 << 20) == 8  # 8 rows of 32 MiB, a multiple of 8 devices
-  assert _rows_under(64, 1, 1 << 30) == 64
-  assert _rows_under(6, 1, 1 << 30) == 6  # no multiple of the devices divides 6: the most that fit
+  assert jax.device_count() == 8  # the tests' fake devices
+  assert _rows_under(64, 32 << 20, 256 << 20) == 64  # 8 rows of 32 MiB on each of 8 devices
+  assert _rows_under(64, 64 << 20, 256 << 20) == 32  # 4 rows each
+  assert _rows_under(64, 1 << 30, 256 << 20) == 8  # nothing fits: one row per device
+  assert _rows_under(6, 1, 1 << 30) == 6  # 8 devices cannot share 6 rows: the most that fit
   assert _rows_under(6, 100, 250) == 2
-  assert _rows_under(4, 1 << 30, 1) == 1  # nothing fits: one row at a time
-  assert nd == 8
+  assert _rows_under(6, 1 << 30, 1) == 1  # nothing fits: one row at a time

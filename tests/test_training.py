@@ -71,8 +71,8 @@ def test_bfloat16_mixed_precision_follows_the_float32_curve(tmp_path):
   assert a[-1] < a[0]
   import pytest
   from apr_jax.errors import UserError
-  with pytest.raises(UserError, match="not a dtype"):
-    train(tf.tiny_model(), rows, TrainConfig(**dict(tc, compute_dtype="bfloat17")), str(tmp_path / "x"))
+  with pytest.raises(UserError, match="use float32 or bfloat16"):
+    train(tf.tiny_model(), rows, TrainConfig(**dict(tc, compute_dtype="float16")), str(tmp_path / "x"))
 
 
 def _train_cli(*args, timeout=900):

@@ -189,8 +189,10 @@ def attend_blocks(q, k, v, mask_fn):
   Rows go through a `lax.map`, `rows_per_iteration` at a time (CPU default: one, so a row's
   score tiles stay in cache - 1.7x faster forward + backward than the whole batch at once at
   8 x 1024 tokens; accelerators: as many as keep one query block's scores under
-  ATTN_TILE_BYTES). Iteration j takes rows j, j + n, j + 2n, ... (n iterations), so a batch
-  sharded over devices stays sharded inside every iteration. Scores, softmax and the
+  ATTN_TILE_BYTES per device, see `_rows_under`; the backward holds P, dP and dS at once,
+  about 3x that). Iteration j takes rows j, j + n, j + 2n, ... (n iterations), so when
+  rows_per_iteration is a multiple of the devices a batch sharded over them stays sharded
+  inside every iteration. Scores, softmax and the
   backward's elementwise work in float32; P and dS meet v, k, q in their dtype, as in `attend`.
   (Pure JAX and portable; accelerator kernels such as splash attention also skip empty
   blocks inside the key range.)"""
@@ -210,12 +212,15 @@ def attend_blocks(q, k, v, mask_fn):
 
 
 def _rows_under(b: int, row_bytes: int, budget: int) -> int:
-  """The most rows per iteration (a divisor of b; a multiple of the device count where the
-  batch allows, for a data-sharded batch) whose score tiles fit `budget` bytes; at least 1."""
-  fits = [r for r in range(1, b + 1) if b % r == 0 and r * row_bytes <= budget] or [1]
+  """Rows per iteration (a divisor of b) whose score tiles fit `budget` bytes per device.
+  When the device count divides b (a batch that may be data-sharded) it is a multiple of the
+  device count, each device holding rows / devices of them (at least one row each);
+  otherwise the most rows that fit in one device's budget, at least 1."""
   nd = jax.device_count()
-  even = [r for r in fits if r % nd == 0]
-  return max(even or fits)
+  if b % nd == 0:
+    fits = [r for r in range(nd, b + 1, nd) if b % r == 0 and (r // nd) * row_bytes <= budget]
+    return max(fits or [nd])
+  return max([r for r in range(1, b + 1) if b % r == 0 and r * row_bytes <= budget] or [1])
 
 
 def _query_blocks(t, bs):
@@ -223,20 +228,25 @@ def _query_blocks(t, bs):
 
 
 def _block_scores(q, k, arrays, block_mask, q0, q1):
-  """Scaled, masked float32 scores [R, K, G, q1-q0, q1] of query block [q0, q1)."""
-  bias = jnp.where(block_mask(arrays, q0, q1, q1), 0.0, NEG_INF)[:, None, None]
+  """(scaled, masked float32 scores [R, K, G, q1-q0, q1] of query block [q0, q1), which of
+  its queries see any key [R, q1-q0])."""
+  mask = block_mask(arrays, q0, q1, q1)
+  bias = jnp.where(mask, 0.0, NEG_INF)[:, None, None]
   s = jnp.einsum("rkgtd,rksd->rkgts", q[:, :, :, q0:q1], k[:, :, :q1],
                  preferred_element_type=jnp.float32, _dot_general=dot_f32)
-  return s * (1.0 / math.sqrt(q.shape[-1])) + bias
+  return s * (1.0 / math.sqrt(q.shape[-1])) + bias, jnp.any(mask, -1)
 
 
 def _blocks_fwd(q, k, v, arrays, block_mask, bs, save):
   """Rows of q [R, K, G, T, D], k, v [R, K, T, D] -> (o float32 [R, K, G, T, D], residual):
-  the probabilities of each query block (float32 [R, K, G, q1-q0, q1]) with `save`, else
-  the log-sum-exp of every query (float32 [R, K, G, T])."""
-  outs, probs, lses = [], [], []
+  (the probabilities of each query block (float32 [R, K, G, q1-q0, q1]) with `save`, else
+  the softmax max and log-sum of every query (float32 [R, K, G, T] each); which queries see
+  any key [R, T]). A query that sees none gets the uniform average of its block's values,
+  as in `attend`, and no gradient (the mask's `where` in `attend` passes none)."""
+  outs, probs, maxes, logs, live = [], [], [], [], []
   for q0, q1 in _query_blocks(q.shape[3], bs):
-    s = _block_scores(q, k, arrays, block_mask, q0, q1)
+    s, lv = _block_scores(q, k, arrays, block_mask, q0, q1)
+    live.append(lv)
     m = jnp.max(s, -1, keepdims=True)
     e = jnp.exp(s - m)
     den = jnp.sum(e, -1, keepdims=True)
@@ -245,9 +255,13 @@ def _blocks_fwd(q, k, v, arrays, block_mask, bs, save):
                            preferred_element_type=jnp.float32, _dot_general=dot_f32))
     if save:
       probs.append(p)
-    else:
-      lses.append((m + jnp.log(den))[..., 0])
-  return jnp.concatenate(outs, 3), (tuple(probs) if save else jnp.concatenate(lses, 3))
+    else:  # max and log-sum kept apart: m + log(den) would round to m for a row that sees no key
+      maxes.append(m[..., 0])
+      logs.append(jnp.log(den)[..., 0])
+  live = jnp.concatenate(live, 1)
+  if save:
+    return jnp.concatenate(outs, 3), (tuple(probs), live)
+  return jnp.concatenate(outs, 3), ((jnp.concatenate(maxes, 3), jnp.concatenate(logs, 3)), live)
 
 
 def _blocks_bwd(q, k, v, arrays, o, res, do, block_mask, bs, save):
@@ -256,14 +270,17 @@ def _blocks_bwd(q, k, v, arrays, o, res, do, block_mask, bs, save):
   delta = jnp.sum(do * o, -1)  # rowsum(dO * O) [R, K, G, T]
   dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
   f32 = dict(preferred_element_type=jnp.float32, _dot_general=dot_f32)
+  res, live = res
   for i, (q0, q1) in enumerate(_query_blocks(q.shape[3], bs)):
     if save:
       p = res[i]
     else:
-      p = jnp.exp(_block_scores(q, k, arrays, block_mask, q0, q1) - res[:, :, :, q0:q1, None])
+      m, logden = (r[:, :, :, q0:q1, None] for r in res)
+      p = jnp.exp(_block_scores(q, k, arrays, block_mask, q0, q1)[0] - m - logden)
     qb, dob = q[:, :, :, q0:q1], do[:, :, :, q0:q1]
     dp = jnp.einsum("rkgtd,rksd->rkgts", dob.astype(v.dtype), v[:, :, :q1], **f32)
-    ds = (p * (dp - delta[:, :, :, q0:q1, None]) * sc).astype(q.dtype)
+    ds = jnp.where(live[:, None, None, q0:q1, None], p * (dp - delta[:, :, :, q0:q1, None]) * sc,
+                   0.0).astype(q.dtype)
     dq.append(jnp.einsum("rkgts,rksd->rkgtd", ds, k[:, :, :q1], **f32))
     # dK^T = Q^T dS and dV^T = dO^T P: the big [t, s] operand is contracted over its major
     # dim (no transposed copy of it), the small results are transposed instead

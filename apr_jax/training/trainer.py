@@ -57,9 +57,11 @@ def make_step(graphdef, rest, tx, remat: bool = False, replicated=None, compute_
         lambda p: loss_fn(nnx.merge(graphdef, cast(p) if cast else p, rest), batch, remat))(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
+  # params and optimizer state are donated: updated in place, not double-buffered
   if replicated is None:
-    return jax.jit(step)
-  return jax.jit(step, out_shardings=(replicated, replicated, replicated, replicated))
+    return jax.jit(step, donate_argnums=(0, 1))
+  return jax.jit(step, out_shardings=(replicated, replicated, replicated, replicated),
+                 donate_argnums=(0, 1))
 
 
 def data_mesh(n: int, batch_size: int):
@@ -133,10 +135,8 @@ def _check(tc: TrainConfig):
                     f"(got {tc.lr}, {tc.warmup}, {tc.weight_decay}, {tc.clip})")
   if tc.data_parallel < 0 or tc.stop_at < 0:
     raise UserError("train.data_parallel and train.stop_at must be >= 0")
-  try:
-    jnp.dtype(tc.compute_dtype)
-  except TypeError:
-    raise UserError(f"train.compute_dtype={tc.compute_dtype!r} is not a dtype (float32, bfloat16)")
+  if tc.compute_dtype not in ("float32", "bfloat16"):  # float16 would need loss scaling
+    raise UserError(f"train.compute_dtype={tc.compute_dtype!r}: use float32 or bfloat16")
 
 
 def train(model: Transformer, rows: packing.Rows, tc: TrainConfig, workdir: str,
@@ -158,6 +158,8 @@ def train(model: Transformer, rows: packing.Rows, tc: TrainConfig, workdir: str,
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   if replicated is not None:
     params, rest = jax.device_put((params, rest), replicated)
+  else:  # the step donates its params: the caller's model keeps its own
+    params = jax.tree.map(jnp.copy, params)
   tx, sched = make_optimizer(tc.lr, tc.warmup, tc.steps, tc.weight_decay, tc.clip)
   opt_state = tx.init(params)
   if replicated is not None:  # step counters are created on one device
