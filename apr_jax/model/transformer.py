@@ -185,15 +185,16 @@ def attend_blocks(q, k, v, mask_fn):
   The backward uses the flash-attention identity dS = P (dP - rowsum(dO O)): no softmax
   re-derivation, no mask select. P is either saved by the forward (`save_probs`; default on
   CPU, where re-reading it is cheaper than XLA:CPU's exp) or recomputed from the saved
-  log-sum-exp (default on accelerators: O(T) residuals per row instead of O(T^2)).
+  softmax max and log-sum (default on accelerators: O(T) residuals per row instead of
+  O(T^2)). A query that sees no key gets the uniform average and no gradient, as in `attend`.
   Rows go through a `lax.map`, `rows_per_iteration` at a time (CPU default: one, so a row's
   score tiles stay in cache - 1.7x faster forward + backward than the whole batch at once at
   8 x 1024 tokens; accelerators: as many as keep one query block's scores under
   ATTN_TILE_BYTES per device, see `_rows_under`; the backward holds P, dP and dS at once,
   about 3x that). Iteration j takes rows j, j + n, j + 2n, ... (n iterations), so when
   rows_per_iteration is a multiple of the devices a batch sharded over them stays sharded
-  inside every iteration. Scores, softmax and the
-  backward's elementwise work in float32; P and dS meet v, k, q in their dtype, as in `attend`.
+  inside every iteration. Scores, softmax and the backward's elementwise work in float32;
+  P and dS meet v, k, q in their dtype, as in `attend`.
   (Pure JAX and portable; accelerator kernels such as splash attention also skip empty
   blocks inside the key range.)"""
   b, t, h, d = q.shape
