@@ -129,9 +129,10 @@ class StepCosts:
     self.rows: list = []
     self.fitted: np.ndarray | None = None
 
-  def cost(self) -> jax.Array:
+  def cost(self) -> np.ndarray:
+    """float32 [n variants]: the segment's `cost` argument (all zeros: cover the busiest lane)."""
     c = self.fixed if self.fixed is not None else self.fitted
-    return jnp.asarray(np.zeros(len(self.sizes), np.float32) if c is None else c, jnp.float32)
+    return np.zeros(len(self.sizes), np.float32) if c is None else c
 
   def observe(self, counts: np.ndarray, seconds: float):
     if not self.auto or counts.sum() == 0:
@@ -359,7 +360,7 @@ class TreeEngine:
       v1 = np.asarray(v1)
       self.costs.observe(v1 - v0, time.perf_counter() - t_seg)
       v0 = v1
-      self.stats["step_cost"] = [round(float(c), 3) for c in np.asarray(self.costs.cost())]
+      self.stats["step_cost"] = [round(float(c), 3) for c in self.costs.cost()]
       done = np.array(done)
       free_kv = [int(x) for x in free]
       now = time.perf_counter()

@@ -58,11 +58,11 @@ def dot_f32(a, b, dims, precision=None, preferred_element_type=None, **unused):
       a, b, cpu=lambda x, y: dot(x.astype(jnp.float32), y.astype(jnp.float32)), default=dot)
 
 
-ROWS_MAJOR_MIN = 1024  # from this many rows of x on, `linear` computes x @ W^T
+ROWS_MAJOR_MIN = 1024  # from this many rows of x on, x @ W^T instead of W @ x^T
 
 
-def linear(x, w):
-  """x [..., in] times a kernel stored [out, in] (the HF layout) -> [..., out].
+def _times_wt(x, w, dot):
+  """x [..., in] times w [out, in] transposed -> [..., out], with `dot(a, b, dims)`.
 
   Few rows (decode): computed as W @ x^T, which on XLA:CPU streams the weights faster than
   x @ W^T (Eigen's small-M GEMM is the bottleneck there). Many rows (prefill, training): x is
@@ -71,12 +71,15 @@ def linear(x, w):
   """
   rows = math.prod(x.shape[:-1])
   if rows >= ROWS_MAJOR_MIN:
-    y = jax.lax.dot_general(x.reshape(rows, x.shape[-1]).astype(w.dtype), w,
-                            (((1,), (1,)), ((), ())), precision=_precision(w))
-    return y.reshape(*x.shape[:-1], w.shape[0]).astype(x.dtype)
-  y = jax.lax.dot_general(w, x.astype(w.dtype), (((1,), (x.ndim - 1,)), ((), ())),
-                          precision=_precision(w))
-  return jnp.moveaxis(y, 0, -1).astype(x.dtype)
+    y = dot(x.reshape(rows, x.shape[-1]), w, (((1,), (1,)), ((), ())))
+    return y.reshape(*x.shape[:-1], w.shape[0])
+  return jnp.moveaxis(dot(w, x, (((1,), (x.ndim - 1,)), ((), ()))), 0, -1)
+
+
+def linear(x, w):
+  """x [..., in] times a kernel stored [out, in] (the HF layout) -> [..., out] (`_times_wt`)."""
+  dot = lambda a, b, dims: jax.lax.dot_general(a, b, dims, precision=_precision(w))
+  return _times_wt(x.astype(w.dtype), w, dot).astype(x.dtype)
 
 
 def rms_norm(x, w, eps):
@@ -460,11 +463,7 @@ class Transformer(nnx.Module):
   def logits(self, x):
     """x [..., E] -> float32 logits [..., V] (tied: the embedding is the [V, E] kernel)."""
     w = self.embed[...] if self.cfg.tie_embeddings else self.lm_head[...]
-    rows = math.prod(x.shape[:-1])
-    if rows >= ROWS_MAJOR_MIN:  # see `linear`
-      y = dot_f32(x.reshape(rows, x.shape[-1]), w, (((1,), (1,)), ((), ())))
-      return y.reshape(*x.shape[:-1], w.shape[0])
-    return jnp.moveaxis(dot_f32(w, x, (((1,), (x.ndim - 1,)), ((), ()))), 0, -1)
+    return _times_wt(x, w, dot_f32)
 
   def __call__(self, tokens, positions, mask, cache=None, write_index=0, remat=False):
     x, cache = self.hidden(tokens, positions, mask, cache, write_index, remat)

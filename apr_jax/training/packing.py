@@ -195,7 +195,7 @@ class TreeMask:
     return tree_mask(*arrays, (q0, q1), k1)
 
   def __call__(self, q0: int, q1: int, k1: int):
-    return tree_mask(self.groups, self.vis, (q0, q1), k1)
+    return self.block_mask(self.arrays, q0, q1, k1)
 
   def dense(self):
     return tree_mask(self.groups, self.vis)

@@ -156,14 +156,13 @@ def train(model: Transformer, rows: packing.Rows, tc: TrainConfig, workdir: str,
     replicated = NamedSharding(mesh, PartitionSpec())
     log(f"data parallel over {mesh.size} devices ({tc.batch_size // mesh.size} rows each)")
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  if replicated is not None:
-    params, rest = jax.device_put((params, rest), replicated)
-  else:  # the step donates its params: the caller's model keeps its own
-    params = jax.tree.map(jnp.copy, params)
   tx, sched = make_optimizer(tc.lr, tc.warmup, tc.steps, tc.weight_decay, tc.clip)
-  opt_state = tx.init(params)
-  if replicated is not None:  # step counters are created on one device
-    opt_state = jax.device_put(opt_state, replicated)
+  if replicated is None:  # the step donates its params: the caller's model keeps its own
+    params = jax.tree.map(jnp.copy, params)
+    opt_state = tx.init(params)
+  else:  # (the optimizer's step counters are created on one device)
+    params, rest = jax.device_put((params, rest), replicated)
+    opt_state = jax.device_put(tx.init(params), replicated)
   mgr = ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, "ckpt")),
       options=ocp.CheckpointManagerOptions(max_to_keep=tc.keep, save_interval_steps=tc.ckpt_every,
