@@ -13,6 +13,7 @@ def test_splits_are_deterministic_disjoint_and_solvable():
   assert (train, test) == cd.splits(cd.SMALL, 300, 100, seed=3)
   assert not {p.key for p in train} & {p.key for p in test}
   assert train != cd.splits(cd.SMALL, 300, 100, seed=4)[0]
+  assert cd.test_split(cd.SMALL, 100, seed=3) == test  # the held-out split alone
   for p in train[:50] + test[:50]:
     assert len(p.nums) == 3 and all(1 <= x <= 30 for x in p.nums) and 10 <= p.target <= 100
     assert cd.solvable(tuple(sorted(p.nums)), p.target)
@@ -76,3 +77,12 @@ def test_verifier_rejects_bad_traces(fmt):
   # a solution that does not reach the target
   ops = sol.split(",")
   assert not cd.verify(p, [good[0].replace(f"Solution: {sol}", "Solution: " + ",".join(ops[:-1]))] + good[1:])[0]
+
+
+def test_generating_many_problems_reports_progress(capsys):
+  cd.generate(cd.SMALL, 50, seed=0)
+  assert capsys.readouterr().err == ""  # a small draw is silent
+  cd.generate(cd.SMALL, 50, seed=0, progress=True)
+  err = capsys.readouterr().err
+  assert "generating 50 Countdown problems" in err and "problems 50/50" in err
+  assert cd.PROGRESS_MIN <= 10_000

@@ -41,7 +41,7 @@ def test_run_task_countdown(method):
 def test_host_baseline_equals_engine():
   model, tok = checkpoint.load(resolve("countdown_small_apr"))
   pr = data.protocol_for("apr", tok)
-  _, test = cd.splits(cd.SMALL, 12000, 1000, seed=0)
+  test = cd.test_split(cd.SMALL, 1000, seed=0)
   prompts = [[tok.bos_id] + tok.encode(cd.prompt_text(p)) for p in test[:3]]
   host = HostAPR(model, tok, pr).solve(prompts)
   eng = ev.make_engine(model, tok, "apr", lanes=1, slots=2048)
