@@ -36,3 +36,21 @@ def tiny_dir(tmp_path_factory):
       cache[name] = str(d)
     return cache[name]
   return make
+
+
+@pytest.fixture(scope="session")
+def spm_model(tmp_path_factory):
+  """A 60-piece sentencepiece BPE model (a base tokenizer: no chat template)."""
+  import numpy as np
+  import sentencepiece as spm
+  d = tmp_path_factory.mktemp("spm")
+  corpus = d / "corpus.txt"
+  rng = np.random.default_rng(0)
+  words = ["search", "node", "goal", "reached", "moving", "to", "state", "operation", "parallel",
+           "thread", "outline"]
+  corpus.write_text("\n".join(" ".join(rng.choice(words, 8)) + f" {rng.integers(0, 100)}"
+                              for _ in range(300)))
+  spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(d / "sp"), vocab_size=60,
+                                 model_type="bpe", split_digits=True, bos_id=1, eos_id=2,
+                                 pad_id=0, unk_id=3, minloglevel=2)
+  return str(d / "sp.model")

@@ -12,22 +12,6 @@ from tests.test_model_parity import forward
 TAGS = ["<Parallel>", "</Parallel>", "<Outline>", "</Outline>", "<Thread>", "</Thread>"]
 
 
-@pytest.fixture(scope="module")
-def spm_model(tmp_path_factory):
-  import sentencepiece as spm
-  d = tmp_path_factory.mktemp("spm")
-  corpus = d / "corpus.txt"
-  rng = np.random.default_rng(0)
-  words = ["search", "node", "goal", "reached", "moving", "to", "state", "operation", "parallel",
-           "thread", "outline"]
-  corpus.write_text("\n".join(" ".join(rng.choice(words, 8)) + f" {rng.integers(0, 100)}"
-                              for _ in range(300)))
-  spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(d / "sp"), vocab_size=60,
-                                 model_type="bpe", split_digits=True, bos_id=1, eos_id=2,
-                                 pad_id=0, unk_id=3, minloglevel=2)
-  return str(d / "sp.model")
-
-
 def test_sentencepiece_roundtrip_and_added_tokens(spm_model, tmp_path):
   tok = toklib.load_tokenizer(spm_model)
   text = "moving to node 42 goal reached"
@@ -49,10 +33,31 @@ def test_hf_tokenizer_chat_and_added_tokens(smollm2):
   assert tok.token_id("<|im_end|>") in tok.stop_ids()
 
 
-def test_chatml_fallback():
+def test_chat_modes(smollm2, spm_model):
+  from apr_jax.errors import UserError
   from apr_jax.tokenizer import chat
-  out = chat.render(None, [{"role": "user", "content": "x"}])
-  assert out == "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n"
+  _, tok = smollm2
+  base = toklib.load_tokenizer(spm_model)  # a base tokenizer: no chat template
+  assert tok.chat_template and base.chat_template is None
+  assert chat.use_chat("auto", tok.chat_template) and not chat.use_chat("auto", None)
+  assert chat.use_chat("on", tok.chat_template) and chat.use_chat(True, tok.chat_template)
+  assert not chat.use_chat("off", tok.chat_template) and not chat.use_chat(False, None)
+  for bad in [("on", None), (True, None), ("yes", tok.chat_template)]:
+    with pytest.raises(UserError):
+      chat.use_chat(*bad)
+  with pytest.raises(UserError, match="no chat template"):
+    base.apply_chat([{"role": "user", "content": "x"}])  # never a silent ChatML wrap
+
+
+def test_base_checkpoint_prompt_is_plain_text_by_default(tiny_dir, spm_model):
+  from apr_jax.engine.generate import Generator
+  model, _ = checkpoint.load(tiny_dir("qwen2"))
+  tok = toklib.load_tokenizer(spm_model)
+  gen = Generator(model, tok)
+  text = "moving to node 42"
+  r = gen.generate([text], max_new_tokens=2)[0]
+  assert r.prompt_tokens == len(tok.encode(text))
+  assert gen.generate([tok.encode(text)], max_new_tokens=2)[0].token_ids == r.token_ids
 
 
 def test_added_tags_get_mean_embeddings(tiny_dir, spm_model):

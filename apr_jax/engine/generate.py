@@ -11,6 +11,7 @@ step; each row has its own positions, and slots left of its padding are masked o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import NamedTuple, Sequence
 
@@ -18,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-import functools
 
 from jax.sharding import Mesh, NamedSharding
 
@@ -27,6 +27,7 @@ from apr_jax.engine.sampling import SamplingConfig, sample
 from apr_jax.errors import UserError
 from apr_jax.model.sharding import ShardingRules, single_device_mesh
 from apr_jax.model.transformer import Transformer
+from apr_jax.tokenizer.chat import use_chat
 
 
 class DecodeState(NamedTuple):
@@ -97,7 +98,7 @@ def _prefill(graphdef, params, tokens, pad, keys, spec: Spec, cache_dtype, cache
   i = jnp.arange(p)
   positions = jnp.maximum(i[None, :] - pad[:, None], 0)                     # [B, P]
   mask = prefill_mask(pad, p, spec.slots)                                   # [B, P, S]
-  h, cache = model.hidden(tokens, positions, mask, cache, 0)
+  h, cache = model.decode(tokens, positions, mask, cache, 0)
   logits = model.logits(h[:, -1])                                           # [B, V]
   first = sample(logits, jax.vmap(jax.random.fold_in)(keys, jnp.zeros_like(pad)), spec.sampling)
   stop = jnp.asarray(spec.stop_ids or (-1,), jnp.int32)
@@ -118,7 +119,7 @@ def _decode(graphdef, params, state: DecodeState, until_step, spec: Spec) -> Dec
 
   def body(s: DecodeState):
     mask = decode_mask(s.pad, s.slot, spec.slots)                           # [B, 1, S]
-    h, cache = model.hidden(s.last[:, None], s.pos[:, None], mask, s.cache, s.slot)
+    h, cache = model.decode(s.last[:, None], s.pos[:, None], mask, s.cache, s.slot)
     logits = model.logits(h[:, 0])
     nxt = sample(logits, jax.vmap(jax.random.fold_in)(s.keys, jnp.broadcast_to(s.step, s.pad.shape)),
                  spec.sampling)
@@ -237,17 +238,22 @@ class Generator:
     self.stats.update(prefill_s=t1 - t0, decode_s=t2 - t1, decode_steps=step - 1)
     return tokens[:, :max_new_tokens], np.minimum(n_gen, max_new_tokens), done
 
-  def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], *, chat: bool = True,
+  def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], *, chat: str | bool = "auto",
                max_new_tokens: int = 64, sampling: SamplingConfig = SamplingConfig(),
                seed: int = 0, stop_ids=None, on_segment=None, segment: int = 0) -> list[Result]:
-    """Text API: prompts are strings (chat template applied if `chat`) or token id lists."""
+    """Text API: prompts are strings or token id lists. `chat` ("auto" | "on" | "off",
+    `tokenizer.chat.use_chat`): "auto" wraps string prompts in the checkpoint's chat template
+    when it has one and leaves them plain text when it has none."""
     tok = self.tokenizer
     ids = []
+    wrap = None
     for p in prompts:
       if isinstance(p, str):
         if tok is None:
           raise UserError("this model has no tokenizer; pass token ids")
-        text = tok.apply_chat([{"role": "user", "content": p}]) if chat else p
+        if wrap is None:
+          wrap = use_chat(chat, tok.chat_template)
+        text = tok.apply_chat([{"role": "user", "content": p}]) if wrap else p
         ids.append(tok.encode(text))
       else:
         ids.append([int(i) for i in p])
