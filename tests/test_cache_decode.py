@@ -20,12 +20,14 @@ def test_cached_decode_equals_full_forward(tiny_dir):
     toks[r, p - n:] = seqs[r][:n]
   pos = jnp.maximum(jnp.arange(p)[None] - pad[:, None], 0)
   cache = kvlib.init_cache(model.cfg, 2, slots)  # eager, unsharded
-  logits, cache = model(jnp.asarray(toks), pos, G.prefill_mask(pad, p, slots), cache, 0)
+  h, cache = model.decode(jnp.asarray(toks), pos, G.prefill_mask(pad, p, slots), cache, 0)
+  logits = model.logits(h)
   steps = [np.asarray(logits[:, -1])]
   for t in range(new - 1):
     x = jnp.asarray([[seqs[r][lens[r] + t]] for r in range(2)], jnp.int32)
     pos_t = jnp.asarray([[lens[r] + t] for r in range(2)], jnp.int32)
-    logits, cache = model(x, pos_t, G.decode_mask(pad, p + t, slots), cache, p + t)
+    h, cache = model.decode(x, pos_t, G.decode_mask(pad, p + t, slots), cache, p + t)
+    logits = model.logits(h)
     steps.append(np.asarray(logits[:, 0]))
   for r in range(2):
     full = forward(model, seqs[r][None, :lens[r] + new - 1])[0]

@@ -13,7 +13,7 @@ from tests import hf_fixtures
 def _forward(model, ids):
   b, t = ids.shape
   pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-  return model(ids, pos, jnp.broadcast_to(causal_mask(t), (b, t, t)))[0]
+  return model(ids, pos, jnp.broadcast_to(causal_mask(t), (b, t, t)))
 
 
 def forward(model, ids):

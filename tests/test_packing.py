@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apr_jax.model import transformer
+from apr_jax.model import ops
 from apr_jax.protocols import reference
 from apr_jax.training import packing
 from tests import tree_fixtures as tf
@@ -19,7 +19,7 @@ def _packed_logits(graph_state, rows_tokens, rows_pos, groups, vis):
   from flax import nnx
   model = nnx.merge(*graph_state)
   tm = packing.TreeMask(groups, vis, block=64)
-  return model(rows_tokens, rows_pos, tm)[0], model(rows_tokens, rows_pos, tm.dense())[0]
+  return model.train_logits(rows_tokens, rows_pos, tm), model(rows_tokens, rows_pos, tm.dense())
 
 
 @pytest.mark.parametrize("name", sorted(tf.PROTOCOLS))
@@ -48,7 +48,7 @@ def test_packed_tree_forward_matches_reference(name):
   assert sum((x.labels >= 0).sum() for x in parts) == (packed[0].labels >= 0).sum()
   # two copies of the row: 1024 rows take `linear`'s many-rows GEMM (x @ W^T, as training
   # does), while the reference forwards below take the few-rows one (W @ x^T)
-  assert 2 * rows.tokens.shape[1] >= transformer.ROWS_MAJOR_MIN
+  assert 2 * rows.tokens.shape[1] >= ops.ROWS_MAJOR_MIN
   twice = [jnp.asarray(np.concatenate([a, a])) for a in (rows.tokens, rows.positions, rows.groups, rows.vis)]
   blocks, dense = _packed_logits(nnx.split(model), *twice)
   logits = np.asarray(blocks)[0]
@@ -102,7 +102,7 @@ def test_blockwise_attention_gradients_match_dense(dtype, rows, save, masked):
   probabilities, rows in a loop, interleaved) against autodiff of the plain dense reference:
   values and gradients of q, k and v, with grouped heads, a length that is not a multiple of
   the block, and (masked) queries that see no key."""
-  from apr_jax.model import transformer as tr
+  from apr_jax.model import attention, train_attention
   rng = np.random.default_rng(5)
   b, n, h, kh, d = 6, 200, 4, 2, 16
   groups, vis = _random_tree(rng, b, n, 6)
@@ -116,14 +116,14 @@ def test_blockwise_attention_gradients_match_dense(dtype, rows, save, masked):
   def loss(f):
     return lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * w)
 
-  blocks = jax.jit(jax.value_and_grad(loss(lambda q, k, v: tr.attend_blocks(q, k, v, tm)), (0, 1, 2)))
+  blocks = jax.jit(jax.value_and_grad(loss(lambda q, k, v: train_attention.attend_blocks(q, k, v, tm)), (0, 1, 2)))
   def plain(q, k, v):
     """Autodiff of the plain reference: `attend` over the full mask, or, where some queries
     see no key (uniform over the keys they are given), over each query block's keys."""
     if not masked:
-      return tr.attend(q, k, v, dense, keys_major=False)
+      return attention.attend(q, k, v, dense, keys_major=False)
     return jnp.concatenate([
-        tr.attend(q[:, q0:q0 + 64], k[:, :q0 + 64], v[:, :q0 + 64],
+        attention.attend(q[:, q0:q0 + 64], k[:, :q0 + 64], v[:, :q0 + 64],
                   tm.block_mask(tm.arrays, q0, min(q0 + 64, n), min(q0 + 64, n)), keys_major=False)
         for q0 in range(0, n, 64)], axis=1)
 
@@ -137,7 +137,7 @@ def test_blockwise_attention_gradients_match_dense(dtype, rows, save, masked):
     assert np.abs(want).max() > 0.1
     np.testing.assert_allclose(got, want, atol=tol * np.abs(want).max())
   # the forward values themselves, row by row
-  o = np.asarray(tr.attend_blocks(q, k, v, tm), np.float32)
+  o = np.asarray(train_attention.attend_blocks(q, k, v, tm), np.float32)
   want = np.asarray(plain(q, k, v), np.float32)
   np.testing.assert_allclose(o, want, atol=(1e-5 if dtype == jnp.float32 else 2e-2) * np.abs(want).max())
 
@@ -146,7 +146,7 @@ def test_blockwise_attention_on_a_sharded_batch():
   """The accelerator defaults' shape of work on a batch sharded over 4 (fake) devices: 4 rows
   per iteration (one per device), probabilities recomputed; equal to the dense reference."""
   from jax.sharding import Mesh, NamedSharding, PartitionSpec
-  from apr_jax.model import transformer as tr
+  from apr_jax.model import attention, train_attention
   rng = np.random.default_rng(6)
   b, n, h, kh, d = 8, 160, 4, 2, 16
   groups, vis = _random_tree(rng, b, n, 5)
@@ -158,7 +158,7 @@ def test_blockwise_attention_on_a_sharded_batch():
 
   def loss(q, k, v, g, vi, blocks):
     tm = packing.TreeMask(g, vi, block=64, rows_per_iteration=4, save_probs=False)
-    o = tr.attend_blocks(q, k, v, tm) if blocks else tr.attend(q, k, v, tm.dense(), keys_major=False)
+    o = train_attention.attend_blocks(q, k, v, tm) if blocks else attention.attend(q, k, v, tm.dense(), keys_major=False)
     return jnp.sum(o * w)
 
   got = jax.jit(jax.value_and_grad(lambda *a: loss(*a, True), (0, 1, 2)))(q, k, v, g, vi)
@@ -170,7 +170,7 @@ def test_blockwise_attention_on_a_sharded_batch():
 
 
 def test_rows_per_iteration_default_fits_the_budget():
-  from apr_jax.model.transformer import _rows_under
+  from apr_jax.model.train_attention import _rows_under
   assert jax.device_count() == 8  # the tests' fake devices
   assert _rows_under(64, 32 << 20, 256 << 20) == 64  # 8 rows of 32 MiB on each of 8 devices
   assert _rows_under(64, 64 << 20, 256 << 20) == 32  # 4 rows each

@@ -105,7 +105,7 @@ def _random_trajectory(name, rng, max_kids, nest, blocks):
 def _fwd():
   @nnx.jit
   def f(model, ids, pos, mask):
-    return model(ids, pos, mask)[0]
+    return model(ids, pos, mask)
   return f
 
 

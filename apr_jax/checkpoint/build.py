@@ -32,7 +32,7 @@ class TensorSource:
 def hf_name_map(cfg: ModelConfig) -> dict[tuple, tuple[str, Callable[[np.ndarray], np.ndarray]]]:
   """Our param path -> (HF tensor name, HF-layout -> our-layout transform).
 
-  Kernels keep the HF [out, in] layout (see transformer.linear); only biases are reshaped.
+  Kernels keep the HF [out, in] layout (see model.ops.linear); only biases are reshaped.
   """
   h, k, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
   ident = lambda a: a

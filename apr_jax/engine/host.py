@@ -27,7 +27,7 @@ def _extend(graphdef, params, cache, tokens, start):
   s = cache[0].k.shape[2]
   pos = jnp.broadcast_to(start + jnp.arange(t), (b, t))
   mask = jnp.broadcast_to(jnp.arange(s)[None, :] <= pos[0][:, None], (b, t, s))
-  h, cache = model.hidden(tokens, pos, mask, cache, start)
+  h, cache = model.decode(tokens, pos, mask, cache, start)
   return jnp.argmax(model.logits(h[:, -1]), -1).astype(jnp.int32), cache
 
 
@@ -41,7 +41,7 @@ def _decode(graphdef, params, cache, last, start, n: int):
     cache, last, out = carry
     p = start + i
     mask = jnp.broadcast_to(jnp.arange(s) <= p, (b, 1, s))
-    h, cache = model.hidden(last[:, None], jnp.full((b, 1), p), mask, cache, p)
+    h, cache = model.decode(last[:, None], jnp.full((b, 1), p), mask, cache, p)
     nxt = jnp.argmax(model.logits(h[:, 0]), -1).astype(jnp.int32)
     return cache, nxt, out.at[:, i].set(last)
 

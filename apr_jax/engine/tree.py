@@ -795,7 +795,7 @@ def forward_step(model: Transformer, st, spec: TreeSpec, m: int, pad_to: int = 0
   read here; the caller writes the new KV (outside any lax.switch, so in place)."""
   step = st["step"]
   lane, pk = jax.vmap(lambda l: pack(l, step, spec, m))(_split(st))
-  h, new_kv = model.hidden(pk["tok"], pk["pos"], (pk["mask"], pk["mask_new"]), st["cache"], None)
+  h, new_kv = model.read_cache(pk["tok"], pk["pos"], pk["mask"], pk["mask_new"], st["cache"])
   slot = pk["slot"]
   if pad_to > m:  # every variant hands back the same shapes; pad slots are dropped
     new_kv = jax.tree.map(lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, pad_to - m), (0, 0))), new_kv)

@@ -174,7 +174,7 @@ def pack_rows(items: Sequence[Packed], seq_len: int, max_groups: int,
 
 class TreeMask:
   """The tree attention mask as a function of blocks, for causal blockwise attention
-  (`model.transformer.attend_blocks`): the model asks for the [B, q1-q0, k1] mask of query
+  (`model.train_attention.attend_blocks`): the model asks for the [B, q1-q0, k1] mask of query
   block [q0, q1) over keys [0, k1) and never materialises the [B, N, N] mask; keys after a
   query block are skipped (every visible token precedes its reader in a packed row -
   `pack_trace` writes runs in order). `rows_per_iteration` (rows of the batch attended at a

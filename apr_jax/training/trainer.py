@@ -34,7 +34,7 @@ def loss_fn(model: Transformer, batch, remat: bool = False):
   """Mean cross-entropy over the labelled (sampled) tokens of packed rows. remat: recompute
   each layer's activations in the backward instead of keeping them (long rows, big models)."""
   tree = packing.TreeMask(batch["groups"], batch["vis"])
-  logits = model(batch["tokens"], batch["positions"], tree, remat=remat)[0]
+  logits = model.train_logits(batch["tokens"], batch["positions"], tree, remat=remat)
   labels = batch["labels"]
   mask = labels >= 0
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
