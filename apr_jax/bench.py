@@ -19,7 +19,8 @@ import time
 
 from absl import app, flags
 
-from apr_jax.errors import UserError, cli_main
+from apr_jax import config_files
+from apr_jax.errors import UserError, cli_main, parse_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "", "Write the records as a JSON list to this file.")
@@ -172,21 +173,12 @@ def bench_fork():
         write that run the join's forced tokens (stitch: `\n<Conclusion>\n`; flat: the
         re-prefill) up to the parent's first sample, in units of the median thread-decode
         step."""
-        eng.segment_steps = 1
         times = []
-        orig = eng._segment
-
-        def timed(*a):
-          t0 = time.perf_counter()
-          out = orig(*a)
-          out["step"].block_until_ready()
-          times.append(time.perf_counter() - t0)
-          return out
-        eng._segment = timed
+        eng.segment_steps = 1
         try:
-          r = eng.run([req])[0]
+          r = eng.run([req], on_segment=lambda seg: times.append(seg["seconds"]))[0]
         finally:
-          eng._segment, eng.segment_steps = orig, 1 << 20
+          eng.segment_steps = 1 << 20
         kids = [t for t in r.threads if t["parent"] == 0]
         end = max(t["end_step"] for t in kids)
         start = max(t["start_step"] for t in kids)
@@ -269,9 +261,8 @@ def bench_fork():
 
 def bench_train():
   """Training tokens/s of the small Countdown config (packed rows of random tokens with a
-  tree mask, the config's shapes) and model FLOP utilisation against this machine's measured
-  float32 matmul peak (a 2048^3 matmul), both measured in this process."""
-  import importlib.util
+  tree mask, the config's shapes) and model FLOP utilisation against the running machine's
+  measured float32 matmul peak (a 2048^3 matmul), both measured in this process."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -280,10 +271,7 @@ def bench_train():
   from apr_jax.model.transformer import Transformer
   from apr_jax.training.trainer import make_optimizer, make_step
 
-  spec = importlib.util.spec_from_file_location("cfg", FLAGS.train_config)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
+  c = config_files.load(FLAGS.train_config, "train", "bench train")
   m = dict(c.model)
   cfg = ModelConfig(arch=m.pop("arch", "llama"), vocab_size=c.vocab_size, **m)
   b, n = c.train.batch_size, c.seq_len
@@ -354,4 +342,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -14,12 +14,13 @@ import sys
 import time
 
 from absl import app, flags
-from ml_collections import config_flags
 
+from apr_jax import config_files
 from apr_jax.errors import UserError, cli_main, parse_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "An evaluation config from configs/.")
+config_files.DEFINE_config_file("config", "eval", "An evaluation config from configs/, e.g. "
+                                "configs/eval_countdown_small.py.")
 flags.DEFINE_integer("num_problems", 100, "Held-out problems to evaluate.", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Which held-out problems (a permutation of the test split).")
 flags.DEFINE_string("out", "", "Output directory (created).")
@@ -49,7 +50,7 @@ def main(argv):
   from apr_jax.tasks import countdown as cd
 
   setting = cd.SETTINGS[c.setting]
-  _, test = cd.splits(setting, c.n_train, c.n_test, seed=c.data_seed)
+  test = cd.test_split(setting, c.n_test, seed=c.data_seed)
   if FLAGS.num_problems > len(test):
     raise UserError(f"--num_problems {FLAGS.num_problems} > the {len(test)} held-out problems")
   order = np.random.default_rng(FLAGS.seed).permutation(len(test))[:FLAGS.num_problems]

@@ -11,8 +11,8 @@ import sys
 import time
 
 from absl import app, flags
-from ml_collections import config_flags
 
+from apr_jax import config_files
 from apr_jax.errors import UserError, cli_main, parse_flags
 
 FLAGS = flags.FLAGS
@@ -20,7 +20,8 @@ flags.DEFINE_string("model", "", "A .gguf file, a Hugging Face model directory, 
                     "checkpoint directory. Empty: the embedded SmolLM2-135M-Instruct.")
 flags.DEFINE_string("tokenizer", "", "Tokenizer override: tokenizer.json dir, .model or .gguf.")
 flags.DEFINE_multi_string("prompt", ["What is 2+3?"], "Prompt text; repeat for a batch.")
-flags.DEFINE_boolean("chat", True, "Wrap each prompt in the model's chat template.")
+flags.DEFINE_enum("chat", "auto", ["auto", "on", "off"], "Wrap each prompt in the checkpoint's "
+                  "chat template: auto = when it has one (plain text otherwise), on, off.")
 flags.DEFINE_integer("max_new_tokens", 128, "Maximum tokens to generate per prompt.", lower_bound=1)
 flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 = greedy.", lower_bound=0.0)
 flags.DEFINE_integer("top_k", 0, "Top-k sampling; 0 = off.", lower_bound=0)
@@ -54,8 +55,8 @@ flags.DEFINE_integer("max_critical_path", 0, "Fork/join: critical-path tokens (0
                      lower_bound=0)
 flags.DEFINE_float("deadline_s", 0.0, "Fork/join: wall-clock deadline per request (0 = off).",
                    lower_bound=0.0)
-config_flags.DEFINE_config_file("config", None, "Optional ml_collections config file from "
-                                "configs/ whose values fill flags not given explicitly.")
+config_files.DEFINE_config_file("config", "run", "Optional config file (e.g. configs/smollm2_chat.py) "
+                                "whose values fill the flags not given explicitly.")
 flags.register_validator("top_p", lambda v: 0 < v <= 1, "--top_p must be in (0, 1]")
 
 
@@ -105,6 +106,8 @@ def main(argv):
                                tokenizer=FLAGS.tokenizer or None)
   if tok is None:
     raise UserError(f"{path} has no tokenizer; pass --tokenizer")
+  if FLAGS.chat == "auto" and not tok.chat_template:
+    log("note: the checkpoint has no chat template; prompts are sent as plain text")
   gen = Generator(model, tok, mesh=mesh)
   if mesh.shape["data"] > 1 and len(prompts) % mesh.shape["data"]:
     raise UserError(f"{len(prompts)} prompts do not split over a data axis of {mesh.shape['data']}")
@@ -112,7 +115,7 @@ def main(argv):
   if FLAGS.protocol != "none":
     return _run_tree(model, tok, mesh, prompts, sampling, path, log, t0)
   if FLAGS.assistant_prefix:
-    raise UserError("--assistant_prefix needs --protocol (or put the text in --prompt with --nochat)")
+    raise UserError("--assistant_prefix needs --protocol (or put the text in --prompt with --chat=off)")
 
   stream = not FLAGS.json and len(prompts) == 1
   printed = [""]
@@ -182,7 +185,7 @@ def _run_countdown(t0):
   if FLAGS.problem:
     p = _parse_problem(FLAGS.problem)
   else:
-    _, test = cd.splits(cd.SETTINGS[extra.get("setting", "small")], 12000, 1000, seed=0)
+    test = cd.test_split(cd.SETTINGS[extra.get("setting", "small")], 1000, seed=0)
     p = test[int(np.random.default_rng(FLAGS.seed).integers(len(test)))]
   model, tok = checkpoint.load(path)
   eng = ev.make_engine(model, tok, fmt, lanes=1, rows=FLAGS.rows, slots=4096 if len(p.nums) > 3 else 2048)
@@ -241,8 +244,10 @@ def _run_tree(model, tok, mesh, prompts, sampling, path, log, t0):
   from apr_jax.engine.tree import TreeSpec
   from apr_jax.model.vocab import add_tokens
   from apr_jax.protocols import TAGS, build
+  from apr_jax.tokenizer.chat import use_chat
 
   name = FLAGS.protocol
+  chat = use_chat(FLAGS.chat, tok.chat_template)
   missing = [t for t in TAGS[name] if tok.token_id(t) is None]
   if missing:
     log(f"note: the model has no {name} tags; adding {len(missing)} (rows = mean of the tag "
@@ -251,7 +256,7 @@ def _run_tree(model, tok, mesh, prompts, sampling, path, log, t0):
   pr = build(name, tok)
   ids = []
   for p in prompts:
-    text = tok.apply_chat([{"role": "user", "content": p}]) if FLAGS.chat else p
+    text = tok.apply_chat([{"role": "user", "content": p}]) if chat else p
     ids.append(tok.encode(text + FLAGS.assistant_prefix))
   n_new = FLAGS.max_new_tokens
   total = FLAGS.max_total_tokens or FLAGS.max_threads * n_new

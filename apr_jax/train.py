@@ -17,12 +17,13 @@ import sys
 import time
 
 from absl import app, flags
-from ml_collections import config_flags
 
+from apr_jax import config_files
 from apr_jax.errors import UserError, cli_main, parse_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "A training config from configs/.")
+config_files.DEFINE_config_file("config", "train", "A training config from configs/, e.g. "
+                                "configs/countdown_small_apr.py.")
 flags.DEFINE_boolean("export_only", False, "Write the latest checkpoint of WORKDIR as an apr_jax "
                      "model in WORKDIR/model without training (e.g. while a run is going).")
 

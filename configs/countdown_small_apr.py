@@ -1,11 +1,9 @@
 """APR fork/join model for the small Countdown setting (the parent spawns sub searches with
 fresh contexts): the sequential config with the APR format and shorter rows (each thread is
 its own sequence). `python -m apr_jax.train --config configs/countdown_small_apr.py`."""
-import os
-import sys
+from apr_jax.config_files import sibling
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from countdown_small_sos import get_config as _sos  # noqa: E402
+_sos = sibling(__file__, "countdown_small_sos").get_config
 
 
 def get_config():

@@ -5,12 +5,10 @@ the checkpoint at step 2200 of a 4000-step cosine schedule, continued from
   python -m apr_jax.train --config configs/countdown_small_apr.py
   python -m apr_jax.train --config configs/countdown_small_apr_long.py
 """
-import os
-import sys
+from apr_jax.config_files import sibling
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from countdown_small_apr import get_config as _apr  # noqa: E402
-from countdown_small_sos_long import second_stage  # noqa: E402
+_apr = sibling(__file__, "countdown_small_apr").get_config
+second_stage = sibling(__file__, "countdown_small_sos_long").second_stage
 
 
 def get_config():

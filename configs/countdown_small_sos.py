@@ -1,5 +1,5 @@
 """Sequential Stream-of-Search model for the small Countdown setting (3 numbers in 1..30),
-trained from scratch on this CPU: `python -m apr_jax.train --config configs/countdown_small_sos.py`."""
+trained from scratch on a CPU: `python -m apr_jax.train --config configs/countdown_small_sos.py`."""
 from ml_collections import ConfigDict
 
 from apr_jax.training.trainer import train_config

@@ -6,11 +6,9 @@ step 2200 (`train.stop_at`; lowering `train.steps` instead would change the sche
   python -m apr_jax.train --config configs/countdown_small_sos.py
   python -m apr_jax.train --config configs/countdown_small_sos_long.py
 """
-import os
-import sys
+from apr_jax.config_files import sibling
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from countdown_small_sos import get_config as _sos  # noqa: E402
+_sos = sibling(__file__, "countdown_small_sos").get_config
 
 
 def second_stage(c, first: str):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up a virtualenv (once) and run apr_jax on this machine; extra args go to apr_jax.run.
+# Set up a virtualenv (once) and run apr_jax locally; extra args go to apr_jax.run.
 #   launch/run_local.sh --prompt "What is 2+3?"
 set -euo pipefail
 cd "$(dirname "$0")/.."

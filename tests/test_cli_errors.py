@@ -149,3 +149,44 @@ def test_bad_train_settings(tmp_path, override, needle):
                     f"--config.workdir={tmp_path}", "--config.n_train=20", "--config.n_test=4",
                     "--config.train.steps=1", override)
   assert_clean_error(rc, err, needle)
+
+
+def test_base_checkpoint_runs_plain_text_and_chat_on_is_an_error(tiny_dir, spm_model):
+  from apr_jax import tokenizer as toklib
+  base = ["--model", tiny_dir("qwen2"), "--tokenizer", spm_model, "--prompt", "moving to node 42",
+          "--max_new_tokens", "2"]
+  rc, out, err = run(*base, "--json")
+  assert rc == 0, err
+  assert json.loads(out)["prompt_tokens"] == len(toklib.load_tokenizer(spm_model).encode("moving to node 42"))
+  rc, out, err = run(*base, "--chat=on")
+  assert_clean_error(rc, err, "no chat template", "--chat=off")
+  rc, out, err = run(*base, "--chat=maybe")
+  assert_clean_error(rc, err, "chat")
+
+
+@pytest.mark.parametrize("mod,args,needle", [
+    # a training config given to eval by mistake: found while the flags are parsed
+    ("apr_jax.eval", ["--config", "configs/countdown_apr_paper.py", "--out", "x"],
+     "is a training config"),
+    ("apr_jax.train", ["--config", "configs/eval_countdown_small.py"], "expects a training config"),
+    ("apr_jax.run", ["--config", "configs/countdown_small_apr.py"], "expects a config of run flag"),
+    ("apr_jax.bench", ["train", "--train_config", "configs/eval_countdown_small.py"],
+     "is an evaluation config"),
+])
+def test_config_of_the_wrong_kind(mod, args, needle):
+  rc, err = _module(mod, *args, timeout=120)
+  assert rc == 2
+  assert_clean_error(rc, err, needle)
+
+
+def test_config_files_load_siblings_without_sys_path(tmp_path):
+  import sys as _sys
+  from apr_jax import config_files
+  before = list(_sys.path)
+  c = config_files.load(os.path.join(ROOT, "configs", "countdown_small_apr_long.py"), "train")
+  assert c.format == "apr" and c.train.stop_at == 2200 and c.workdir.endswith("apr_long")
+  assert _sys.path == before
+  (tmp_path / "broken.py").write_text("def get_config():\n  return 1 / 0\n")
+  from apr_jax.errors import UserError
+  with pytest.raises(UserError, match="ZeroDivisionError"):
+    config_files.load(str(tmp_path / "broken.py"))

@@ -263,7 +263,8 @@ class TreeEngine:
       raise UserError("empty prompt")
     if n > spec.n_queue or n >= spec.slots:
       raise UserError(f"prompt of {n} tokens does not fit the engine (queue {spec.n_queue}, "
-                      f"slots {spec.slots} per request); raise --slots")
+                      f"{spec.slots} KV slots per lane); build it with more slots "
+                      f"(TreeSpec.slots, an eval config's `slots`)")
     bad = [t for t in r.prompt if not 0 <= int(t) < self.cfg.vocab_size]
     if bad:
       raise UserError(f"token id {bad[0]} is outside the model's vocab of {self.cfg.vocab_size}")
@@ -305,12 +306,14 @@ class TreeEngine:
     return int(limits[0])
 
   def run(self, requests: Sequence[Request], on_progress: Callable | None = None,
-          on_done: Callable | None = None) -> list[TreeResult]:
+          on_done: Callable | None = None, on_segment: Callable | None = None) -> list[TreeResult]:
     """Runs every request to completion; results in request order.
 
     `on_progress(views)` is called after every segment with {request index: [thread dicts
     (id, parent, state, tokens)]} for the requests in flight; `on_done(index, result)` as
-    each request finishes."""
+    each request finishes; `on_segment(info)` after every loop segment with
+    {"first_step", "steps", "seconds"} (the segment's device time up to its results being
+    read: what benchmarks time, one step per segment with `segment_steps = 1`)."""
     for r in requests:
       self._check(r)
     spec = self.spec
@@ -355,10 +358,14 @@ class TreeEngine:
       t_seg = time.perf_counter()
       self.state = self._segment(self.graphdef, self.params, self.state,
                                  jnp.int32(step + self.segment_steps), self.costs.cost())
-      done, free, v1 = jax.device_get((self.state["req_done"],
-                                       jnp.sum(self.state["s_owner"] < 0, axis=1), self.state["vsteps"]))
+      done, free, v1, step_now = jax.device_get((
+          self.state["req_done"], jnp.sum(self.state["s_owner"] < 0, axis=1),
+          self.state["vsteps"], self.state["step"]))
+      seconds = time.perf_counter() - t_seg
       v1 = np.asarray(v1)
-      self.costs.observe(v1 - v0, time.perf_counter() - t_seg)
+      self.costs.observe(v1 - v0, seconds)
+      if on_segment is not None:
+        on_segment({"first_step": step, "steps": int(step_now) - step, "seconds": seconds})
       v0 = v1
       self.stats["step_cost"] = [round(float(c), 3) for c in self.costs.cost()]
       done = np.array(done)

@@ -1,7 +1,7 @@
 """Fork/join protocols as data.
 
 A `Protocol` is a small, hashable description (token ids only) that one generic on-device
-state machine (`apr_jax.engine.tree`) executes. The three families of REFERENCE.md §1:
+state machine (`apr_jax.engine.tree`) executes (docs/protocols.md). The three families:
 
 - ThreadWeaver: `</Outlines>` forks one thread per `<Outline>` since the last `<Outlines>`;
   each thread shares the parent's context and is forced `\\n<Thread>\\n{i}:`; it ends at
@@ -100,7 +100,7 @@ def _tag(tok, tag: str) -> int:
   i = tok.token_id(tag)
   if i is None:
     raise UserError(f"the tokenizer has no {tag!r} token; add the protocol tags first "
-                    f"(apr_jax.model.vocab.add_tokens, or --add_protocol_tokens)")
+                    f"(apr_jax.model.vocab.add_tokens; `run --protocol` adds them itself)")
   return i
 
 
