@@ -83,7 +83,8 @@ def main(argv):
       summary[name] = dict(ev.summarize(rs, wall), format=fmt, path=m.path, engine="host")
       continue
     eng = ev.make_engine(model, tok, fmt, lanes=c.lanes, rows=c.rows, slots=c.slots,
-                         step_cost=c.get("step_cost", None) or None)
+                         step_cost=c.get("step_cost", None) or None,
+                         max_total_tokens=c.max_total_tokens)
     t0 = time.perf_counter()
     rs = ev.evaluate(eng, tok, fmt, problems, max_thread_tokens=c.max_thread_tokens,
                      max_total_tokens=c.max_total_tokens, batch=c.batch)

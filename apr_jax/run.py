@@ -188,7 +188,8 @@ def _run_countdown(t0):
     test = cd.test_split(cd.SETTINGS[extra.get("setting", "small")], 1000, seed=0)
     p = test[int(np.random.default_rng(FLAGS.seed).integers(len(test)))]
   model, tok = checkpoint.load(path)
-  eng = ev.make_engine(model, tok, fmt, lanes=1, rows=FLAGS.rows, slots=4096 if len(p.nums) > 3 else 2048)
+  eng = ev.make_engine(model, tok, fmt, lanes=1, rows=FLAGS.rows, slots=4096 if len(p.nums) > 3 else 2048,
+                       max_total_tokens=6000)
   live = sys.stderr.isatty() and not FLAGS.json
   shown = [0]
 
@@ -241,6 +242,7 @@ def _tree_lines(threads: list, prompt_no: int) -> list[str]:
 def _run_tree(model, tok, mesh, prompts, sampling, path, log, t0):
   from apr_jax.engine.generate import bucket
   from apr_jax.engine.runner import Request, TreeEngine
+  from apr_jax.engine import tree
   from apr_jax.engine.tree import TreeSpec
   from apr_jax.model.vocab import add_tokens
   from apr_jax.protocols import TAGS, build
@@ -269,9 +271,12 @@ def _run_tree(model, tok, mesh, prompts, sampling, path, log, t0):
   # one lane per device of the data axis; its requests share its rows, thread table and KV
   lanes = mesh.shape["data"]
   per_lane = -(-min(len(ids), 8) // lanes)
+  depth = pr.max_depth if FLAGS.max_depth is None else min(FLAGS.max_depth, pr.max_depth)
+  log_entries = tree.log_bound(TreeSpec(protocol=pr), longest, FLAGS.max_threads, depth, total)
   spec = TreeSpec(protocol=pr, sampling=sampling, root_stop=tuple(tok.stop_ids()), lanes=lanes,
                   requests=per_lane, rows=FLAGS.rows, threads=FLAGS.max_threads * per_lane,
-                  slots=slots * per_lane, chunk=max(32, FLAGS.rows))
+                  slots=slots * per_lane, chunk=max(32, FLAGS.rows),
+                  log=log_entries * per_lane)
   log(f"compiling the fork/join loop ({name}, {lanes} lane(s) x {per_lane} request(s) sharing "
       f"{FLAGS.rows} rows and {slots * per_lane} KV slots)...")
   eng = TreeEngine(model, tok, spec, mesh=mesh, segment_steps=FLAGS.stream_every)

@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from apr_jax.cache import kv as kvlib
 from apr_jax.engine import tree
+from apr_jax.engine.sampling import derive
 from apr_jax.engine.tree import TreeSpec
 from apr_jax.errors import UserError
 from apr_jax.model.sharding import ShardingRules, single_device_mesh
@@ -43,7 +44,7 @@ BIG = 1 << 30
 class Request:
   """One reasoning request. Limits default to the engine's capacity."""
   prompt: Sequence[int]
-  seed: int = 0
+  seed: int | None = None               # None: derive(engine seed, the request's index in run())
   max_threads: int | None = None        # threads in the tree, the root included
   max_depth: int | None = None          # nesting depth (defaults to the protocol's)
   max_total_tokens: int | None = None   # sampled tokens over all threads
@@ -95,11 +96,18 @@ class TreeResult:
     return d
 
 
-def path_code(path: Sequence[int]) -> int:
-  c = 0
-  for r in path:
-    c = c * tree.CODE_BASE + int(r) + 1
-  return c
+def script_rows(script: dict) -> list:
+  """[(path, tokens, parent row, rank)] of a teacher-forcing script, parents before children;
+  an ancestor without a script of its own gets an empty one (it samples freely), so every
+  scripted thread is found on device from its parent's row and its rank."""
+  paths = set()
+  for p in script:
+    p = tuple(int(r) for r in p)
+    paths.update(p[:k] for k in range(len(p) + 1))
+  order = sorted(paths, key=lambda p: (len(p), p))
+  row = {p: i for i, p in enumerate(order)}
+  toks = {tuple(int(r) for r in p): list(t) for p, t in script.items()}
+  return [(p, toks.get(p, []), row[p[:-1]] if p else -1, p[-1] if p else -1) for p in order]
 
 
 class StepCosts:
@@ -172,11 +180,15 @@ class TreeEngine:
 
   def __init__(self, model: Transformer, tokenizer=None, spec: TreeSpec = TreeSpec(), *,
                mesh: Mesh | None = None, rules: ShardingRules | None = None, cache_dtype=None,
-               segment_steps: int = 32, step_cost: Sequence[float] | str | None = None):
+               segment_steps: int = 32, step_cost: Sequence[float] | str | None = None,
+               seed: int = 0):
     self.graphdef, self.params = nnx.split(model)
     self.cfg = model.cfg
     self.tokenizer = tokenizer
+    if not spec.context:  # threads never write past the model's context
+      spec = dataclasses.replace(spec, context=model.cfg.max_seq_len)
     self.spec = spec
+    self.seed = seed
     self.mesh = mesh or single_device_mesh()
     self.rules = rules or ShardingRules()
     leaves = jax.tree.leaves(self.params)
@@ -247,14 +259,40 @@ class TreeEngine:
 
   # ---- requests
   def _limits(self, r: Request) -> np.ndarray:
+    """The request's limits (tree.LIMITS order), each checked against what the engine can
+    hold: a budget the engine cannot honour is an error, never a silent cap."""
     spec, pr = self.spec, self.spec.protocol
-    vals = [min(r.max_threads or spec.request_threads, spec.threads, tree.CODE_BASE - 1),
+    vals = [spec.request_threads if r.max_threads is None else r.max_threads,
             pr.max_depth if r.max_depth is None else r.max_depth,
             r.max_total_tokens or BIG, r.max_critical_path or BIG, r.max_thread_tokens or BIG]
     for name, v in zip(tree.LIMITS, vals):
       if v < 0 or (v == 0 and name != "max_depth"):
         raise UserError(f"{name} must be positive, got {v}")
+    threads, depth = vals[tree.L_THREADS], min(vals[tree.L_DEPTH], pr.max_depth)
+    if threads > spec.request_threads:
+      raise UserError(f"max_threads {threads} > the {spec.request_threads} threads a request can "
+                      f"have in this engine ({spec.threads} table entries per lane shared by "
+                      f"{spec.requests} requests); build it with more (TreeSpec.threads)")
+    if pr.digits and pr.forks and threads - 1 > 10 ** tree.LABEL_DIGITS - 1:
+      raise UserError(f"max_threads {threads}: thread labels are numbered up to "
+                      f"{10 ** tree.LABEL_DIGITS - 1} children per fork")
+    if pr.forks and tree.label_tokens(spec, depth) > spec.label:
+      raise UserError(f"labels at depth {depth} need {tree.label_tokens(spec, depth)} tokens > "
+                      f"TreeSpec.label {spec.label}; lower max_depth or raise the label size")
     return np.asarray(vals, np.int32)
+
+  def log_need(self, r: Request) -> int | None:
+    """Token-log entries the request can need at most (`tree.log_bound`); None when its
+    sampled tokens are unbounded (no total or per-thread budget: it runs until the engine's
+    memory ends it, `out_of_memory`)."""
+    lim = [int(x) for x in self._limits(r)]
+    total = min(lim[tree.L_TOTAL], lim[tree.L_THREADS] * lim[tree.L_THREAD_TOKENS])
+    if total >= BIG:
+      return None
+    depth = int(min(lim[tree.L_DEPTH], self.spec.protocol.max_depth))
+    if not self.spec.protocol.forks:
+      depth = 0
+    return tree.log_bound(self.spec, len(r.prompt), int(lim[tree.L_THREADS]), depth, total)
 
   def _check(self, r: Request):
     spec = self.spec
@@ -265,19 +303,28 @@ class TreeEngine:
       raise UserError(f"prompt of {n} tokens does not fit the engine (queue {spec.n_queue}, "
                       f"{spec.slots} KV slots per lane); build it with more slots "
                       f"(TreeSpec.slots, an eval config's `slots`)")
+    if n >= spec.context:
+      raise UserError(f"prompt of {n} tokens does not fit the model's context of {spec.context}")
     bad = [t for t in r.prompt if not 0 <= int(t) < self.cfg.vocab_size]
     if bad:
       raise UserError(f"token id {bad[0]} is outside the model's vocab of {self.cfg.vocab_size}")
+    need = self.log_need(r)
+    if need is not None and need > spec.n_log:
+      raise UserError(f"the request's budgets can need {need} token-log entries > the "
+                      f"engine's {spec.n_log} per lane; build it with TreeSpec.log >= {need} "
+                      f"(or lower max_total_tokens / max_threads)")
     if r.script:
       if not spec.script:
         raise UserError("this engine was built without teacher forcing (TreeSpec.script)")
-      if len(r.script) > spec.script_rows:
-        raise UserError(f"{len(r.script)} scripted threads > script_rows {spec.script_rows}")
-      for p, toks in r.script.items():
+      rows = script_rows(r.script)
+      if len(rows) > spec.script_rows:
+        raise UserError(f"{len(rows)} scripted threads (with their ancestors) > script_rows "
+                        f"{spec.script_rows}")
+      for p, toks, _, _ in rows:
         if len(toks) > spec.script:
           raise UserError(f"script of thread {p} has {len(toks)} tokens > {spec.script}")
 
-  def _admit_request(self, lane: int, slot: int, r: Request):
+  def _admit_request(self, lane: int, slot: int, r: Request, seed: int):
     spec, pr = self.spec, self.spec.protocol
     prompt = [int(t) for t in r.prompt]
     q = np.zeros((spec.n_queue,), np.int32)
@@ -290,19 +337,20 @@ class TreeEngine:
       elif t == pr.count:
         count += 1
     limits = self._limits(r)
-    fork0 = pr.forks and prompt[-1] == pr.fork and count >= 1 and min(limits[1], pr.max_depth) >= 1
+    fork0 = (pr.forks and prompt[-1] == pr.fork and mark >= 0 and count >= 1 and
+             min(limits[tree.L_DEPTH], pr.max_depth) >= 1)
     ns, j = max(spec.script_rows, 1), max(spec.script, 1)
     sc_tok = np.zeros((ns, j), np.int32)
     sc_len = np.zeros((ns,), np.int32)
-    sc_code = np.full((ns,), -1, np.int32)
-    for i, (p, toks) in enumerate((r.script or {}).items()):
+    sc_parent = np.full((ns,), -2, np.int32)
+    sc_rank = np.full((ns,), -2, np.int32)
+    for i, (_, toks, parent, rank) in enumerate(script_rows(r.script or {})):
       sc_tok[i, :len(toks)] = toks
-      sc_len[i] = len(toks)
-      sc_code[i] = path_code(p)
-    key = jax.random.key_data(jax.random.key(r.seed))
+      sc_len[i], sc_parent[i], sc_rank[i] = len(toks), parent, rank
+    key = jax.random.key_data(jax.random.key(seed))
     self.state = self._admit(self.state, jnp.int32(lane), jnp.int32(slot), q, jnp.int32(len(prompt)),
-                             limits, key, sc_tok, sc_len, sc_code, jnp.int32(count), jnp.int32(mark),
-                             jnp.bool_(fork0))
+                             limits, key, sc_tok, sc_len, sc_parent, sc_rank, jnp.int32(count),
+                             jnp.int32(mark), jnp.bool_(fork0))
     return int(limits[0])
 
   def run(self, requests: Sequence[Request], on_progress: Callable | None = None,
@@ -312,15 +360,21 @@ class TreeEngine:
     `on_progress(views)` is called after every segment with {request index: [thread dicts
     (id, parent, state, tokens)]} for the requests in flight; `on_done(index, result)` as
     each request finishes; `on_segment(info)` after every loop segment with
-    {"first_step", "steps", "seconds"} (the segment's device time up to its results being
-    read: what benchmarks time, one step per segment with `segment_steps = 1`)."""
+    {"first_step", "steps", "seconds", "lanes"} (the segment's device time up to its results
+    being read: what benchmarks time, one step per segment with `segment_steps = 1`; per lane
+    the (request index, runs alone) pairs that were in it).
+
+    A request without a seed gets `derive(engine seed, its index in requests)`: identical
+    prompts sample differently, and the same list gives the same results."""
     for r in requests:
       self._check(r)
     spec = self.spec
     L, R = spec.lanes, spec.requests
     # waiting: (request index, first admission time or None, must run alone)
     waiting = collections.deque((i, None, False) for i in range(len(requests)))
-    occ: list = [[None] * R for _ in range(L)]   # per lane and slot: dict(i, t0, threads, shared)
+    # per lane and slot: dict(i, t0, threads, shared, alone); a lane holding a request that
+    # runs alone (a restart) takes no other request until that one ends
+    occ: list = [[None] * R for _ in range(L)]
     free_kv = [spec.slots] * L                     # free KV slots per lane, as of the last segment
     results: list = [None] * len(requests)
 
@@ -334,7 +388,8 @@ class TreeEngine:
           used = [o for o in occ[lane] if o is not None]
           if len(used) == R or sum(o["threads"] for o in used) + need > spec.threads:
             continue
-          if used and (alone or free_kv[lane] < len(r.prompt) + spec.chunk):
+          if used and (alone or any(o["alone"] for o in used) or
+                       free_kv[lane] < len(r.prompt) + spec.chunk):
             continue
           if best is None or len(used) < best[1]:
             best = (lane, len(used))
@@ -347,8 +402,10 @@ class TreeEngine:
         for o in occ[lane]:
           if o is not None:
             o["shared"] = True
+        seed = r.seed if r.seed is not None else derive(self.seed, i)
         occ[lane][slot] = dict(i=i, t0=time.perf_counter() if t0 is None else t0,
-                               threads=self._admit_request(lane, slot, r), shared=shared)
+                               threads=self._admit_request(lane, slot, r, seed), shared=shared,
+                               alone=alone)
         free_kv[lane] -= len(r.prompt)
 
     v0 = np.asarray(self.state["vsteps"])   # steps per variant so far (for the cost fit)
@@ -365,7 +422,8 @@ class TreeEngine:
       v1 = np.asarray(v1)
       self.costs.observe(v1 - v0, seconds)
       if on_segment is not None:
-        on_segment({"first_step": step, "steps": int(step_now) - step, "seconds": seconds})
+        on_segment({"first_step": step, "steps": int(step_now) - step, "seconds": seconds,
+                    "lanes": [[(o["i"], o["alone"]) for o in lane if o is not None] for lane in occ]})
       v0 = v1
       self.stats["step_cost"] = [round(float(c), 3) for c in self.costs.cost()]
       done = np.array(done)
@@ -408,10 +466,26 @@ class TreeEngine:
 
   # ---- outputs
   @staticmethod
-  def _order(L: dict, slot: int) -> list:
-    """The request's thread-table entries in creation order (root first)."""
-    mine = np.nonzero(L["t_req"] == slot)[0]
-    return sorted(mine.tolist(), key=lambda t: (int(L["t_bornlog"][t]), int(L["t_code"][t])))
+  def _paths(L: dict, slot: int) -> dict:
+    """{table entry: its path of ranks from the root} for the request in `slot`."""
+    mine = [int(t) for t in np.nonzero(L["t_req"] == slot)[0]]
+    paths: dict = {}
+
+    def path(t):
+      if t not in paths:
+        p = int(L["t_parent"][t])
+        paths[t] = () if p < 0 else path(p) + (int(L["t_rank"][t]),)
+      return paths[t]
+    for t in mine:
+      path(t)
+    return paths
+
+  @classmethod
+  def _order(cls, L: dict, slot: int) -> list:
+    """The request's thread-table entries in creation order (root first; threads created in
+    the same step by depth, then path)."""
+    paths = cls._paths(L, slot)
+    return sorted(paths, key=lambda t: (int(L["t_bornlog"][t]), len(paths[t]), paths[t]))
 
   def _view(self, L: dict, slot: int) -> list:
     order = self._order(L, slot)
@@ -430,9 +504,8 @@ class TreeEngine:
     order = self._order(L, slot)
     root = order[0]
     local = {t: k for k, t in enumerate(order)}
-    paths = {root: ()}
-    for t in order[1:]:
-      paths[t] = paths[int(L["t_parent"][t])] + (int(L["t_rank"][t]),)
+    paths = self._paths(L, slot)
+    dropped = {t for t in order if int(L["t_reason"][t]) in (tree.R_CANCEL, tree.R_PRUNE)}
     decode = (lambda ids: tok.decode(ids)) if tok is not None else (lambda ids: "")
     entries = {t: np.nonzero(g_thr == t)[0] for t in order}
     plen = len(req.prompt)
@@ -453,7 +526,8 @@ class TreeEngine:
           text=decode(ids)))
     children = collections.defaultdict(list)
     for t in order[1:]:
-      children[int(L["t_parent"][t])].append(t)
+      if t not in dropped:  # cancelled threads are left out of their parent's join
+        children[int(L["t_parent"][t])].append(t)
 
     def render(t):
       """A thread's written tokens; stitch joins insert the children where they forked."""

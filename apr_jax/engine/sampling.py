@@ -47,3 +47,14 @@ def sample(logits: jax.Array, keys: jax.Array, cfg: SamplingConfig) -> jax.Array
     cutoff = jnp.take_along_axis(srt, n_keep - 1, axis=-1)
     logits = jnp.where(logits < cutoff, -jnp.inf, logits)
   return jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, logits).astype(jnp.int32)
+
+
+def derive(seed: int, i: int) -> int:
+  """The seed of item i under `seed` (a request of a batch, a sample of a request): a 31-bit
+  splitmix64 mix, so neighbouring items get unrelated streams and nothing depends on the
+  process (never Python's `hash`)."""
+  m = (1 << 64) - 1
+  x = (int(seed) * 0x9E3779B97F4A7C15 + int(i) + 1) & m
+  x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
+  x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
+  return (x ^ (x >> 31)) & 0x7FFFFFFF

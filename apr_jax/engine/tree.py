@@ -62,13 +62,14 @@ STATE_NAMES = ("free", "ready", "running", "waiting", "done")
 NEXT_SAMPLE, NEXT_FORK, NEXT_FINISH = 0, 1, 2
 # why a thread / request stopped
 REASONS = ("", "stop", "budget", "cancelled", "total_budget", "out_of_memory", "deadline",
-           "pruned", "length")
-R_STOP, R_BUDGET, R_CANCEL, R_TOTAL, R_OOM, R_DEADLINE, R_PRUNE, R_LENGTH = range(1, 9)
+           "pruned", "length", "context")
+R_STOP, R_BUDGET, R_CANCEL, R_TOTAL, R_OOM, R_DEADLINE, R_PRUNE, R_LENGTH, R_CONTEXT = range(1, 10)
 # log entry kinds
 K_FORCED, K_SAMPLED = 1, 2
 # per-request limits, in this order
 LIMITS = ("max_threads", "max_depth", "max_total_tokens", "max_critical_path", "max_thread_tokens")
-CODE_BASE = 64  # thread path codes: parent_code * CODE_BASE + rank + 1
+L_THREADS, L_DEPTH, L_TOTAL, L_CRITICAL, L_THREAD_TOKENS = range(len(LIMITS))
+LABEL_DIGITS = 2  # a child's number within its fork is spelled with at most two digits (<= 99)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,10 +83,11 @@ class TreeSpec:
   rows: int = 8                # thread rows per lane (threads beyond wait for a row)
   threads: int = 16            # thread-table entries per lane, shared by its requests
   slots: int = 1024            # KV slots per lane
-  log: int = 0                 # token-log entries per lane (0: 2 x slots)
+  log: int = 0                 # token-log entries per lane (0: 4 x slots; see log_bound)
   queue: int = 0               # forced-queue capacity per thread (0: slots)
   chunk: int = 32              # tokens per step when forced tokens are queued
-  label: int = 12              # label tokens per thread
+  context: int = 0             # positions per thread (the model's context; 0: unlimited)
+  label: int = 16              # label tokens per thread (depth 5 with numbers up to 99)
   script: int = 0              # teacher-forcing: tokens per scripted thread (0: off)
   script_rows: int = 0         # teacher-forcing: scripted threads per lane
   record_logits: bool = False  # keep the logits of every scripted sample (tests)
@@ -104,7 +106,7 @@ class TreeSpec:
 
   @property
   def n_log(self):
-    return self.log or 2 * self.slots
+    return self.log or 4 * self.slots
 
   @property
   def n_queue(self):
@@ -113,7 +115,30 @@ class TreeSpec:
   @property
   def request_threads(self):
     """Default (and largest) max_threads of one request: its share of the thread table."""
-    return min(self.threads // self.requests, CODE_BASE - 1)
+    return self.threads // self.requests
+
+
+def label_tokens(spec: TreeSpec, depth: int) -> int:
+  """Label tokens of a thread at `depth` in the worst case (numbers up to 99)."""
+  pr = spec.protocol
+  if not pr.digits or depth < 1:
+    return 0
+  return depth * LABEL_DIGITS + (depth - 1) * len(pr.label_sep)
+
+
+def log_bound(spec: TreeSpec, prompt_len: int, threads: int, depth: int, total: int) -> int:
+  """The most token-log entries a request can need (the log keeps every token its threads
+  write until it ends): its prompt, every sample, each thread's forced prefix, label and
+  close, each join's forced tokens, and the copies that joins and fresh contexts make (a
+  flat join re-prefills its children's tokens, a results join copies their results, a fresh
+  child's prompt copies its spawn line), once per nesting level."""
+  pr = spec.protocol
+  per_thread = (len(pr.child_pre) + label_tokens(spec, depth) + len(pr.child_post) +
+                len(pr.child_close))
+  per_join = (len(pr.after_join) + len(pr.results_open) + len(pr.results_close) +
+              threads * len(pr.no_result))
+  copies = (depth if pr.join != "stitch" else 0) + (1 if pr.context == "fresh" else 0)
+  return prompt_len + (1 + copies) * (total + threads * per_thread) + threads * per_join
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -136,7 +161,7 @@ def _isin(x, ids):
 def _bucket_sorted(tokens, bucket, valid, n_buckets, size):
   """The valid tokens ordered by bucket in [0, n_buckets), in array order within a bucket
   (a stable counting sort: O(n x n_buckets), no comparison sort), packed into [size], and
-  their count."""
+  their count (which can exceed `size`: the caller decides what overflow means)."""
   n = tokens.shape[0]
   b = jnp.where(valid, bucket, n_buckets)
   onehot = (b[:, None] == jnp.arange(n_buckets)[None, :]).astype(jnp.int32)   # [n, B]
@@ -148,7 +173,7 @@ def _bucket_sorted(tokens, bucket, valid, n_buckets, size):
   dest = jnp.where(valid, dest, max(n, size) + jnp.arange(n))  # dropped, never colliding
   out = jnp.zeros((size,), jnp.int32).at[dest].set(tokens.astype(jnp.int32), mode="drop",
                                                     unique_indices=True)
-  return out, jnp.minimum(jnp.sum(counts), size).astype(jnp.int32)
+  return out, jnp.sum(counts).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------- state
@@ -162,7 +187,8 @@ def _req_fields(spec: TreeSpec) -> dict:
       req_created=i32(r), req_total=i32(r), req_forks=i32(r), req_ending=i32(r), req_start=i32(r),
       req_end=i32(r), req_high=i32(r), req_limits=i32(r, len(LIMITS)),
       req_key=jnp.zeros((r,) + jax.random.key_data(jax.random.key(0)).shape, jnp.uint32),
-      sc_tok=i32(r, ns, j), sc_len=i32(r, ns), sc_code=jnp.full((r, ns), -1, jnp.int32))
+      sc_tok=i32(r, ns, j), sc_len=i32(r, ns), sc_parent=jnp.full((r, ns), -2, jnp.int32),
+      sc_rank=jnp.full((r, ns), -2, jnp.int32))
 
 
 def _thread_fields(spec: TreeSpec) -> dict:
@@ -175,7 +201,8 @@ def _thread_fields(spec: TreeSpec) -> dict:
       t_qsamp=jnp.zeros((nt,), bool), t_after=i32(nt), t_count=i32(nt),
       t_markpend=jnp.zeros((nt,), bool), t_marklog=i32(nt, v=-1), t_markpos=i32(nt),
       t_nsamp=i32(nt), t_nwritten=i32(nt), t_cp=i32(nt), t_start=i32(nt), t_end=i32(nt),
-      t_reason=i32(nt), t_row=i32(nt, v=-1), t_code=i32(nt), t_script=i32(nt, v=-1),
+      t_reason=i32(nt), t_row=i32(nt, v=-1), t_script=i32(nt, v=-1),
+      t_key=jnp.zeros((nt,) + jax.random.key_data(jax.random.key(0)).shape, jnp.uint32),
       t_logp=jnp.zeros((nt,), jnp.float32), t_bornlog=i32(nt),
       t_q=i32(nt, q), t_label=i32(nt, spec.label), t_lablen=i32(nt),
       t_vis=jnp.zeros((nt, nt), bool))
@@ -209,13 +236,22 @@ def _per_request(idx, vals, n_req, op="add"):
   return getattr(z.at[idx], op)(vals, mode="drop")
 
 
-def _script_row(lane, req, code):
-  hit = lane["sc_code"][jnp.clip(req, 0)] == code
-  return jnp.where(jnp.any(hit) & (req >= 0), jnp.argmax(hit), -1).astype(jnp.int32)
+def _script_row(lane, req, parent_row, rank):
+  """The script row of the thread that is child `rank` of the thread with script row
+  `parent_row` (the root: parent_row -1, rank -1), or -1 (not scripted)."""
+  rq = jnp.clip(req, 0)
+  hit = (lane["sc_parent"][rq] == parent_row) & (lane["sc_rank"][rq] == rank)
+  ok = jnp.any(hit) & (req >= 0) & ((parent_row >= 0) | (rank < 0))
+  return jnp.where(ok, jnp.argmax(hit), -1).astype(jnp.int32)
 
 
-def admit_lane(lane, r, prompt, plen, limits, key, sc_tok, sc_len, sc_code, step, count0, mark0,
-               fork0, spec: TreeSpec):
+def _child_key(key_data, rank):
+  """A child's PRNG key from its parent's: streams never collide, at any depth."""
+  return jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(key_data), rank + 1))
+
+
+def admit_lane(lane, r, prompt, plen, limits, key, sc_tok, sc_len, sc_parent, sc_rank, step, count0,
+               mark0, fork0, spec: TreeSpec):
   """Request slot `r` (free) takes a request whose root thread, in the lowest free entry of
   the thread table, will read `prompt` [Q]."""
   lane = dict(lane)
@@ -224,12 +260,12 @@ def admit_lane(lane, r, prompt, plen, limits, key, sc_tok, sc_len, sc_code, step
     lane[k] = lane[k].at[r].set(v[0])
   lane.update({k: lane[k].at[r].set(v) for k, v in dict(
       req_active=True, req_limits=limits, req_key=key, req_created=1, req_start=step,
-      sc_tok=sc_tok, sc_len=sc_len, sc_code=sc_code).items()})
+      sc_tok=sc_tok, sc_len=sc_len, sc_parent=sc_parent, sc_rank=sc_rank).items()})
   t = jnp.argmax(lane["t_req"] < 0)
   sets = dict(t_req=r, t_state=READY, t_q=prompt, t_qlen=plen, t_start=step, t_count=count0,
               t_markpend=mark0 >= 0, t_markpos=mark0,
-              t_after=jnp.where(fork0, NEXT_FORK, NEXT_SAMPLE), t_script=_script_row(lane, r, 0),
-              t_bornlog=lane["g_n"])
+              t_after=jnp.where(fork0, NEXT_FORK, NEXT_SAMPLE), t_script=_script_row(lane, r, -1, -1),
+              t_bornlog=lane["g_n"], t_key=_child_key(key, -1))
   for k, v in sets.items():
     lane[k] = lane[k].at[t].set(v)
   lane["t_vis"] = lane["t_vis"].at[t, t].set(True)
@@ -348,6 +384,12 @@ def pack(lane, step, spec: TreeSpec, m: int):
   room = jnp.maximum(cap - jnp.sum(base), 0)
   extra = jnp.clip(room - (jnp.cumsum(extra_need) - extra_need), 0, extra_need)
   g = base + extra
+  # a thread about to write past the model's context: its request ends ("context")
+  ctx_r = jnp.zeros((nr,), bool)
+  if spec.context:
+    past = has & (g > 0) & (lane["t_pos"][tw] + g > spec.context)
+    ctx_r = _per_request(jnp.where(past, q_w, -1), jnp.ones((w,), jnp.int32), nr) > 0
+    g = jnp.where(ctx_r[jnp.clip(q_w, 0)], 0, g)  # nothing of it is written
   cum = jnp.cumsum(g)
   start = cum - g
   total = cum[-1]
@@ -395,6 +437,7 @@ def pack(lane, step, spec: TreeSpec, m: int):
   wrote = jnp.zeros((s,), bool).at[slot].set(True, mode="drop")
   mask_new = jnp.take(mask, jnp.clip(slot, 0, s - 1), axis=1) & (slot < s)[None, :]  # [M, M]
   lane = _terminate(lane, R_OOM, step, oom_r, spec)
+  lane = _terminate(lane, R_CONTEXT, step, ctx_r, spec)
   drained = drained & (g > 0)
   packed = dict(tok=tok, pos=pos, slot=slot, mask=mask & ~wrote[None, :], mask_new=mask_new,
                 last=last, drained=drained)
@@ -405,7 +448,8 @@ def pack(lane, step, spec: TreeSpec, m: int):
 def _child_queues(lane, spec: TreeSpec, parent, rank, valid_child):
   """rank: the child's number within its fork (0-based): its label is rank + 1 and, for
   fresh contexts, it reads spawn line rank + 1."""
-  """Forced queue [Q] and label for each new child (vectorised over the thread table)."""
+  """Forced queue [Q], its length (unclipped) and label for each new child (vectorised over
+  the thread table)."""
   pr = spec.protocol
   pre, npre = _const(pr.child_pre)
   post, npost = _const(pr.child_post)
@@ -447,7 +491,8 @@ def _child_queues(lane, spec: TreeSpec, parent, rank, valid_child):
       ok = mine & (seg == r + 1) & (lane["g_tok"] != pr.count) & (lane["g_tok"] != pr.fork)
       toks = jnp.concatenate([pre, lane["g_tok"]])
       oks = jnp.concatenate([jnp.arange(pre.shape[0]) < npre, ok])
-      return compact(toks, oks, q)
+      out, _ = compact(toks, oks, q)
+      return out, jnp.sum(oks).astype(jnp.int32)  # the length asked for (may exceed q)
     queue, qlen = jax.vmap(span)(parent, rank)
   qlen = jnp.where(valid_child, qlen, 0)
   return queue, qlen, label, lablen
@@ -461,7 +506,7 @@ def _fork(lane, spec: TreeSpec, fork_w, step):
   q_w = lane["t_req"][t_w]
   want = jnp.where(fork_w, lane["t_count"][t_w], 0)
   # the request's thread limit (rows of one request take it in row order) ...
-  avail = jnp.maximum(jnp.minimum(lane["req_limits"][:, 0], CODE_BASE - 1) - lane["req_created"], 0)
+  avail = jnp.maximum(lane["req_limits"][:, L_THREADS] - lane["req_created"], 0)
   oh = jnp.where((q_w[:, None] == jnp.arange(nr)[None, :]) & fork_w[:, None], want[:, None], 0)
   before = (jnp.cumsum(oh, axis=0) - oh)[jnp.arange(w), jnp.clip(q_w, 0)]
   n_w = jnp.clip(avail[jnp.clip(q_w, 0)] - before, 0, want)
@@ -492,12 +537,11 @@ def _fork(lane, spec: TreeSpec, fork_w, step):
     lane["t_cp"] = sel(lane["t_cp"][parent], lane["t_cp"])
     lane["t_start"] = sel(step, lane["t_start"])
     lane["t_bornlog"] = sel(lane["g_n"], lane["t_bornlog"])
-    code = lane["t_code"][parent] * CODE_BASE + rank + 1
-    lane["t_code"] = sel(code, lane["t_code"])
-    lane["t_script"] = sel(jax.vmap(lambda q, c: _script_row(lane, q, c))(lane["t_req"][parent], code),
-                           lane["t_script"])
+    lane["t_key"] = sel(jax.vmap(_child_key)(lane["t_key"][parent], rank), lane["t_key"])
+    lane["t_script"] = sel(jax.vmap(lambda q, pr_, k: _script_row(lane, q, pr_, k))(
+        lane["t_req"][parent], lane["t_script"][parent], rank), lane["t_script"])
     lane["t_q"] = sel(queue, lane["t_q"])
-    lane["t_qlen"] = sel(qlen, lane["t_qlen"])
+    lane["t_qlen"] = sel(jnp.minimum(qlen, spec.n_queue), lane["t_qlen"])
     lane["t_qhead"] = sel(0, lane["t_qhead"])
     lane["t_qsamp"] = sel(False, lane["t_qsamp"])
     lane["t_label"] = sel(label, lane["t_label"])
@@ -517,9 +561,17 @@ def _fork(lane, spec: TreeSpec, fork_w, step):
     qf = jnp.where(forked, q_w, -1)
     lane["req_forks"] = lane["req_forks"] + _per_request(qf, jnp.ones_like(n_w), nr)
     lane["req_created"] = lane["req_created"] + _per_request(qf, n_w, nr)
-    return lane
+    # a child prompt longer than a thread's queue: the request is out of memory
+    over = _per_request(jnp.where(is_new & (qlen > spec.n_queue), lane["t_req"], -1),
+                        jnp.ones((nt,), jnp.int32), nr) > 0
+    return _terminate(lane, R_OOM, step, over, spec)
 
   return do(lane), n_w
+
+
+def _dropped(lane):
+  """[NT] bool: threads cancelled by race or pruning (left out of their parent's join)."""
+  return (lane["t_reason"] == R_CANCEL) | (lane["t_reason"] == R_PRUNE)
 
 
 def _current_children(lane, p):
@@ -536,7 +588,7 @@ def _join_queue(lane, spec: TreeSpec, p):
   e = jnp.arange(lg)
   c = lane["g_thread"]
   cc = jnp.clip(c, 0)
-  kids = _current_children(lane, p)                                       # [NT]
+  kids = _current_children(lane, p) & ~_dropped(lane)                     # [NT]
   is_child = (c >= 0) & kids[cc] & (e < lane["g_n"])
   first = lane["t_kidbase"][p] - lane["t_nchild"][p]
   local = jnp.clip(lane["t_rank"] - first, 0, spec.threads - 1)   # [NT] index within the fork
@@ -571,7 +623,10 @@ def _join_queue(lane, spec: TreeSpec, p):
 
 
 def _join(lane, spec: TreeSpec, join_p, step):
-  """Joins every parent in `join_p` [NT] (all its children are done)."""
+  """Joins every parent in `join_p` [NT] (all its children are done). Cancelled children are
+  left out (their KV is already dropped); a join queue that does not fit a thread's queue
+  ends its request `out_of_memory`; a parent whose critical path the children used up stops
+  after its forced join tokens (a child parent writes its close tokens first)."""
   pr = spec.protocol
   nt = spec.threads
 
@@ -584,12 +639,13 @@ def _join(lane, spec: TreeSpec, join_p, step):
     of_joining = (owner >= 0) & (par >= 0) & join_p[pc] & (
         lane["t_rank"][oc] >= lane["t_kidbase"][pc] - lane["t_nchild"][pc])
     j = jnp.arange(nt)
+    kept = ~_dropped(lane)
     kids = lambda p: _current_children(lane, p)
-    kid_pos = jax.vmap(lambda p: jnp.max(jnp.where(kids(p), lane["t_pos"], 0)))(j)
+    kid_pos = jax.vmap(lambda p: jnp.max(jnp.where(kids(p) & kept, lane["t_pos"], 0)))(j)
     kid_cp = jax.vmap(lambda p: jnp.max(jnp.where(kids(p), lane["t_cp"], 0)))(j)
     if pr.join == "stitch":
       lane["s_owner"] = jnp.where(of_joining, par, owner)
-      new_pos = kid_pos
+      new_pos = jnp.maximum(kid_pos, lane["t_pos"])
       aj, naj = _const(pr.after_join)
       queue = jnp.zeros((nt, spec.n_queue), jnp.int32).at[:, :aj.shape[0]].set(aj[None, :])
       qlen = jnp.full((nt,), naj, jnp.int32)
@@ -601,29 +657,62 @@ def _join(lane, spec: TreeSpec, join_p, step):
         drop = drop | block
         new_pos = lane["t_markpos"]
       lane["s_owner"] = jnp.where(drop, -1, owner)
-      # one queue per joining parent (usually one a step), not one per table entry
-      todo = jnp.nonzero(join_p, size=nt, fill_value=0)[0]
-
-      def one(c):
-        k, queue, qlen = c
-        qp, lp = _join_queue(lane, spec, todo[k])
-        return k + 1, queue.at[todo[k]].set(qp), qlen.at[todo[k]].set(lp)
-
-      _, queue, qlen = jax.lax.while_loop(lambda c: c[0] < jnp.sum(join_p), one,
-                                          (0, lane["t_q"], lane["t_qlen"]))
+      queue, qlen = _join_queues(lane, spec, join_p)
+    # the children used up the critical path: the parent stops after its join tokens
+    limit = lane["req_limits"][jnp.clip(lane["t_req"], 0), L_CRITICAL]
+    spent = join_p & (kid_cp >= limit)
+    is_child = lane["t_parent"] >= 0
+    queue, qlen = _append_close(queue, qlen, spent & is_child, spec)
+    overflow = join_p & (qlen > spec.n_queue)
     sel = lambda new, old: jnp.where(join_p.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
     lane["t_pos"] = sel(new_pos, lane["t_pos"])
     lane["t_cp"] = sel(kid_cp, lane["t_cp"])
     lane["t_q"] = sel(queue, lane["t_q"])
-    lane["t_qlen"] = sel(qlen, lane["t_qlen"])
+    lane["t_qlen"] = sel(jnp.minimum(qlen, spec.n_queue), lane["t_qlen"])
     lane["t_qhead"] = sel(0, lane["t_qhead"])
     lane["t_qsamp"] = sel(False, lane["t_qsamp"])
     lane["t_count"] = sel(0, lane["t_count"])
-    lane["t_after"] = sel(NEXT_SAMPLE, lane["t_after"])
+    lane["t_marklog"] = sel(-1, lane["t_marklog"])   # the block is over: a new fork needs a new one
+    lane["t_markpend"] = sel(False, lane["t_markpend"])
+    lane["t_after"] = sel(jnp.where(spent, NEXT_FINISH, NEXT_SAMPLE), lane["t_after"])
+    lane["t_reason"] = jnp.where(join_p & spent, jnp.where(is_child, R_BUDGET, R_LENGTH),
+                                 lane["t_reason"])
     lane["t_state"] = sel(READY, lane["t_state"])
-    return lane
+    oom = _per_request(jnp.where(overflow, lane["t_req"], -1), jnp.ones((nt,), jnp.int32),
+                       spec.requests) > 0
+    return _terminate(lane, R_OOM, step, oom, spec)
 
   return do(lane)
+
+
+def _join_queues(lane, spec: TreeSpec, join_p):
+  """Forced queues [NT, Q] and their (unclipped) lengths [NT] of the joining parents (flat
+  and results joins): one queue per joining parent, usually one a step, not one per entry."""
+  nt = spec.threads
+  todo = jnp.nonzero(join_p, size=nt, fill_value=0)[0]
+
+  def one(c):
+    k, queue, qlen = c
+    qp, lp = _join_queue(lane, spec, todo[k])
+    return k + 1, queue.at[todo[k]].set(qp), qlen.at[todo[k]].set(lp)
+
+  _, queue, qlen = jax.lax.while_loop(lambda c: c[0] < jnp.sum(join_p), one,
+                                      (0, lane["t_q"], lane["t_qlen"]))
+  return queue, qlen
+
+
+def _append_close(queue, qlen, where_t, spec: TreeSpec):
+  """Appends the protocol's child close tokens to the queues of threads `where_t` [NT]."""
+  close, nclose = _const(spec.protocol.child_close)
+  if not nclose:
+    return queue, qlen
+  q = spec.n_queue
+  toks = jnp.concatenate([queue, jnp.broadcast_to(close[None, :], (queue.shape[0], close.shape[0]))], 1)
+  ok = jnp.concatenate([jnp.arange(q)[None, :] < qlen[:, None],
+                        jnp.broadcast_to(where_t[:, None], (queue.shape[0], close.shape[0]))], 1)
+  newq, _ = jax.vmap(lambda t, v: compact(t, v, q))(toks, ok)
+  return (jnp.where(where_t[:, None], newq, queue),
+          jnp.where(where_t, jnp.minimum(qlen, q) + nclose, qlen))
 
 
 def _finish(lane, spec: TreeSpec, fin_t, step):
@@ -670,9 +759,10 @@ def _sample_phase(lane, t_w, logits, drained, n_forked, step, spec: TreeSpec):
   samp_w = drained & ((after == NEXT_SAMPLE) | ((after == NEXT_FORK) & (n_forked == 0)))
   # ---- sampling
   nsamp = lane["t_nsamp"][t_w]
-  # keys: the request's seed, the thread's path code, its sample count (batch-independent)
-  keys = jax.vmap(lambda kd, c, n: jax.random.fold_in(jax.random.fold_in(
-      jax.random.wrap_key_data(kd), c), n))(lane["req_key"][jnp.clip(q_w, 0)], lane["t_code"][t_w], nsamp)
+  # keys: the thread's key (from the request's seed down its path), its sample count:
+  # independent of the batch and of the schedule
+  keys = jax.vmap(lambda kd, n: jax.random.fold_in(jax.random.wrap_key_data(kd), n))(
+      lane["t_key"][t_w], nsamp)
   x = sample(logits, keys, spec.sampling)
   if spec.script:
     srow = lane["t_script"][t_w]
@@ -688,23 +778,27 @@ def _sample_phase(lane, t_w, logits, drained, n_forked, step, spec: TreeSpec):
   lim = lane["req_limits"][qc].T                                          # [LIMITS, W]
   oh = ((q_w[:, None] == jnp.arange(nr)[None, :]) & samp_w[:, None]).astype(jnp.int32)
   rank = (jnp.cumsum(oh, axis=0) - oh)[jnp.arange(w), qc]                 # earlier rows, same request
-  allowed = samp_w & (lane["req_total"][qc] + rank < lim[2])
+  allowed = samp_w & (lane["req_total"][qc] + rank < lim[L_TOTAL])
   n_ok = _per_request(jnp.where(samp_w, q_w, -1), allowed.astype(jnp.int32), nr)
   lane["req_total"] = lane["req_total"] + n_ok
   cut = _per_request(jnp.where(samp_w & ~allowed, q_w, -1), jnp.ones((w,), jnp.int32), nr) > 0
-  over = cut | ((lane["req_total"] >= lane["req_limits"][:, 2]) & (n_ok > 0))
+  over = cut | ((lane["req_total"] >= lane["req_limits"][:, L_TOTAL]) & (n_ok > 0))
   lane["req_ending"] = jnp.where(over & live_r, R_TOTAL, lane["req_ending"])
   is_child = lane["t_parent"][t_w] >= 0
   stop = jnp.where(is_child, _isin(x, tuple(pr.child_stop) + tuple(spec.root_stop)),
                    _isin(x, spec.root_stop))
   nsamp1 = nsamp + 1
   cp1 = lane["t_cp"][t_w] + 1
-  budget = (nsamp1 >= lim[4]) | (cp1 >= lim[3])
-  depth_ok = lane["t_depth"][t_w] < lim[1]
+  budget = (nsamp1 >= lim[L_THREAD_TOKENS]) | (cp1 >= lim[L_CRITICAL])
+  depth_ok = lane["t_depth"][t_w] < lim[L_DEPTH]
   if pr.forks:
     count = lane["t_count"][t_w]
     count = jnp.where(x == pr.open, 0, count + (x == pr.count))
-    fork_next = (x == pr.fork) & depth_ok & (count >= 1) & (lane["t_depth"][t_w] < pr.max_depth)
+    # a fork needs a block opened since the thread started or last joined (its spawn lines,
+    # its outlines): the trigger alone does not fork
+    opened = lane["t_markpend"][t_w] | (lane["t_marklog"][t_w] >= 0)
+    fork_next = (x == pr.fork) & opened & depth_ok & (count >= 1) & (
+        lane["t_depth"][t_w] < pr.max_depth)
   else:
     count = lane["t_count"][t_w]
     fork_next = jnp.zeros_like(stop)
@@ -735,27 +829,44 @@ def _sample_phase(lane, t_w, logits, drained, n_forked, step, spec: TreeSpec):
   lane["t_reason"] = jnp.where(
       jnp.zeros((nt,), bool).at[tid].set(finish, mode="drop"),
       jnp.zeros((nt,), jnp.int32).at[tid].set(reason, mode="drop"), lane["t_reason"])
-  # ---- race: a child reaching the goal cancels its unfinished siblings
-  cancel = jnp.zeros((nt,), bool)
-  if spec.race and pr.goal:
-    won = allowed & is_child & _isin(x, pr.goal)
-    par_won = jnp.zeros((nt,), bool).at[jnp.where(won, lane["t_parent"][t_w], nt)].set(True, mode="drop")
-    sib = (lane["t_parent"] >= 0) & par_won[jnp.clip(lane["t_parent"], 0)]
-    winner = jnp.zeros((nt,), bool).at[jnp.where(won, t_w, nt)].set(True, mode="drop")
-    cancel = sib & ~winner & ((lane["t_state"] == READY) | (lane["t_state"] == RUN))
-  # ---- pruning: a child whose mean log-prob trails its best running sibling's
-  if spec.prune_margin > 0:
-    running = (lane["t_state"] == RUN) & (lane["t_parent"] >= 0) & (lane["t_nsamp"] >= spec.prune_min_tokens)
-    mean = lane["t_logp"] / jnp.maximum(lane["t_nsamp"], 1)
-    par = jnp.clip(lane["t_parent"], 0)
-    best = jnp.full((nt,), -jnp.inf).at[jnp.where(running, par, nt)].max(mean, mode="drop")
-    pruned = running & (mean < best[par] - spec.prune_margin)
-    lane["t_reason"] = jnp.where(pruned & ~cancel, R_PRUNE, lane["t_reason"])
-    cancel = cancel | pruned
-  lane["t_reason"] = jnp.where(cancel & (lane["t_reason"] != R_PRUNE), R_CANCEL, lane["t_reason"])
+  cancel, pruned, dropped = _cancellations(lane, t_w, x, allowed, is_child, spec)
+  lane["t_reason"] = jnp.where(cancel, jnp.where(pruned, R_PRUNE, R_CANCEL), lane["t_reason"])
+  # a cancelled subtree is left out of its parent's join: its KV is dropped now
+  ow = lane["s_owner"]
+  lane["s_owner"] = jnp.where((ow >= 0) & dropped[jnp.clip(ow, 0)], -1, ow)
   # ---- finishing threads (queue drained with NEXT_FINISH) and cancelled ones
   fin_t = jnp.zeros((nt,), bool).at[jnp.where(fin_w, t_w, nt)].set(True, mode="drop") | cancel
   return lane, fin_t
+
+
+def _cancellations(lane, t_w, x, allowed, is_child, spec: TreeSpec):
+  """(cancel [NT], pruned [NT], dropped [NT]): threads that stop now because a sibling reached the goal
+  (race) or because their mean log-prob trails their best sibling's (pruning), with their
+  whole subtrees (a sibling waiting on its own children is cancelled with them). A thread
+  whose stop is already pending (it wrote its stop token or hit its budget) is not.
+  `dropped`: the cancelled subtrees, finished descendants included (their KV is freed)."""
+  pr, nt = spec.protocol, spec.threads
+  st, par = lane["t_state"], lane["t_parent"]
+  pc = jnp.clip(par, 0)
+  finishing = lane["t_after"] == NEXT_FINISH
+  active = ((st == READY) | (st == RUN) | (st == WAIT)) & ~((st != WAIT) & finishing)
+  cancel = jnp.zeros((nt,), bool)
+  if spec.race and pr.goal:
+    won = allowed & is_child & _isin(x, pr.goal)
+    par_won = jnp.zeros((nt,), bool).at[jnp.where(won, par[t_w], nt)].set(True, mode="drop")
+    winner = jnp.zeros((nt,), bool).at[jnp.where(won, t_w, nt)].set(True, mode="drop")
+    cancel = (par >= 0) & par_won[pc] & ~winner & active
+  pruned = jnp.zeros((nt,), bool)
+  if spec.prune_margin > 0:
+    running = (st == RUN) & (par >= 0) & (lane["t_nsamp"] >= spec.prune_min_tokens) & ~finishing
+    mean = lane["t_logp"] / jnp.maximum(lane["t_nsamp"], 1)
+    best = jnp.full((nt,), -jnp.inf).at[jnp.where(running, par, nt)].max(mean, mode="drop")
+    pruned = running & (mean < best[pc] - spec.prune_margin) & ~cancel
+    cancel = cancel | pruned
+  tree_ = cancel
+  for _ in range(max(spec.protocol.max_depth, 1)):  # descendants, one generation at a time
+    tree_ = tree_ | ((par >= 0) & tree_[pc] & (st != FREE))
+  return tree_ & (st != FREE) & (st != DONE), pruned, tree_
 
 
 def update(lanes, logits, drained, step, spec: TreeSpec):
@@ -871,11 +982,11 @@ def _on_lane(st, lane_idx, fn):
   return dict(st, **lane)
 
 
-def _admit(st, lane_idx, req_idx, prompt, plen, limits, key, sc_tok, sc_len, sc_code, count0, mark0,
-           fork0, spec: TreeSpec):
+def _admit(st, lane_idx, req_idx, prompt, plen, limits, key, sc_tok, sc_len, sc_parent, sc_rank,
+           count0, mark0, fork0, spec: TreeSpec):
   return _on_lane(st, lane_idx, lambda l: admit_lane(
-      l, req_idx, prompt, plen, limits, key, sc_tok, sc_len, sc_code, st["step"], count0, mark0,
-      fork0, spec))
+      l, req_idx, prompt, plen, limits, key, sc_tok, sc_len, sc_parent, sc_rank, st["step"], count0,
+      mark0, fork0, spec))
 
 
 def _cancel(st, lane_idx, req_idx, reason, spec: TreeSpec):

@@ -48,135 +48,220 @@ class Trace:
     return np.array([[u in self.visible[a] for u in uids] for a in uids], bool)
 
 
+class _RequestEnds(Exception):
+  """The request's total-token budget is spent: every thread stops where it is."""
+
+
 def simulate(pr: Protocol, prompt: Sequence[int], scripts: dict, eos_ids: Sequence[int] = (),
              max_depth: int | None = None, max_threads: int | None = None,
-             max_thread_tokens: int | None = None) -> Trace:
+             max_thread_tokens: int | None = None, max_total_tokens: int | None = None,
+             max_critical_path: int | None = None, race: bool = False) -> Trace:
   """scripts: {path: [sampled tokens]}; a thread whose script runs out stops ("script_end").
 
-  Budgets as the engine applies them: a fork creates at most max_threads - (threads so far)
-  children (in depth-first order here, in time order in the engine: the same unless several
-  forks compete for the last threads); a thread that reaches max_thread_tokens samples
-  stops (a child writes the protocol's close tokens first; its fork trigger is ignored)."""
-  max_depth = pr.max_depth if max_depth is None else min(max_depth, pr.max_depth)
-  max_threads = max_threads or 1 << 30
-  max_thread_tokens = max_thread_tokens or 1 << 30
-  created = [1]
-  threads: dict = {}
-  visible: dict = {}
-  eos = set(eos_ids)
+  Budgets, from their definitions:
+  - max_threads: a fork creates at most max_threads - (threads so far) children (in
+    depth-first order here, in time order in the engine: the same unless several forks
+    compete for the last threads);
+  - max_depth: a thread at that depth does not fork (its trigger is an ordinary token);
+  - max_thread_tokens: a thread stops after that many samples (a child writes the
+    protocol's close tokens first; its fork trigger is ignored);
+  - max_critical_path: a thread stops once the samples on its path (its ancestors' before
+    they forked, the longest child of each of its joins, its own) reach the limit, closed like
+    a per-thread budget; after a join that reaches it, the parent writes its forced join
+    tokens (and a child parent its close tokens) and stops;
+  - max_total_tokens: the request ends after its that-many-th sample, wherever it is (the
+    depth-first order here is the engine's when the budget binds outside parallel blocks);
+  - race: the children that write the goal tag at the earliest sample count win; siblings
+    still running then are cancelled with their subtrees and left out of the join (siblings
+    sample in lockstep, one sample per step each, as in the engine when every child has a
+    row); a sibling that stopped by then, or stops at that very sample, is kept.
+  A fork needs a block opened (`pr.open`) since the thread started or last joined."""
+  sim = _Sim(pr, scripts, eos_ids,
+             pr.max_depth if max_depth is None else min(max_depth, pr.max_depth),
+             max_threads or 1 << 30, max_thread_tokens or 1 << 30, max_total_tokens or 1 << 30,
+             max_critical_path or 1 << 30, race)
+  try:
+    _, _, cp = sim.run((), [], list(prompt), 0, 0, [], True, 0)
+  except _RequestEnds:
+    cp = max(sim.cp_seen)
+  return Trace(threads=sim.threads, final_context=flat_trajectory(sim.threads, pr),
+               total_tokens=sum(len(t.samples) for t in sim.threads.values()), critical_path=cp,
+               visible=sim.visible)
 
-  def run(path, ctx, forced, pos, depth, label, scan_forced):
-    """Returns (what the thread adds to a shared context, final position, critical path)."""
-    th = threads[path] = Thread(path=path, forced=list(forced))
-    seen = list(ctx)
-    n0 = len(seen)
-    count, mark_idx, mark_pos = 0, -1, 0
-    script = list(scripts.get(path, ()))
-    cp = 0
+
+class _Sim:
+  """The depth-first simulation behind `simulate` (Python lists, no engine structures)."""
+
+  def __init__(self, pr, scripts, eos_ids, max_depth, max_threads, max_thread_tokens, max_total,
+               max_cp, race):
+    self.pr, self.scripts, self.eos = pr, scripts, set(eos_ids)
+    self.max_depth, self.max_threads, self.max_thread_tokens = max_depth, max_threads, max_thread_tokens
+    self.max_total, self.max_cp, self.race = max_total, max_cp, race
+    self.created, self.total = 1, 0
+    self.threads: dict = {}
+    self.visible: dict = {}
+    self.cp_seen = [0]
+
+  def run(self, path, ctx, forced, pos, depth, label, scan_forced, cp, limit=None):
+    """Runs thread `path` from context `ctx`, critical path `cp` so far. Returns (what it
+    adds to a shared context, final position, critical path at its end). `limit`: the
+    samples after which it is cancelled (race), with its subtree."""
+    pr = self.pr
+    th = self.threads[path] = Thread(path=path, forced=list(forced))
+    st = dict(seen=list(ctx), pos=pos, count=0, mark=-1, mark_pos=0)
+    n0 = len(ctx)
+    script = list(self.scripts.get(path, ()))
+    is_child = len(path) > 0
 
     def write(t, scan):
-      nonlocal pos, count, mark_idx, mark_pos
       if scan and pr.forks:
         if t == pr.open:
-          count, mark_idx, mark_pos = 0, len(seen), pos
+          st.update(count=0, mark=len(st["seen"]), mark_pos=st["pos"])
         elif t == pr.count:
-          count += 1
-      uid = len(visible)
-      visible[uid] = frozenset([u for _, _, u in seen] + [uid])
-      seen.append((t, pos, uid))
-      th.written.append((t, pos, uid))
-      pos += 1
+          st["count"] += 1
+      uid = len(self.visible)
+      self.visible[uid] = frozenset([u for _, _, u in st["seen"]] + [uid])
+      st["seen"].append((t, st["pos"], uid))
+      th.written.append((t, st["pos"], uid))
+      st["pos"] += 1
+
+    def stop_by_budget():
+      if is_child:
+        for t in pr.child_close:
+          write(t, False)
+      th.stop_reason = "budget" if is_child else "length"
+
+    def can_fork():
+      return pr.forks and st["count"] >= 1 and st["mark"] >= 0 and depth < self.max_depth
 
     for t in forced:
       write(t, scan_forced)
-    pending_fork = bool(scan_forced and forced and forced[-1] == pr.fork and count >= 1 and
-                        depth < max_depth and pr.forks)
-    while True:
-      n_kids = min(count, max_threads - created[0]) if pending_fork else 0
-      if pending_fork and n_kids == 0:
-        pending_fork = False  # no thread budget left: keep decoding sequentially
-      if pending_fork:
-        pending_fork = False
-        count = n_kids
-        created[0] += n_kids
-        kids = []
-        base = sum(len(g) for _, g in th.fork_groups)  # ranks are unique per parent
-        th.fork_groups.append((len(th.written) - 1, [path + (base + i,) for i in range(count)]))
-        for i in range(1, count + 1):
-          cpath = path + (base + i - 1,)
-          if pr.context == "shared":
-            clabel = pr.label(label, i)
-            cforced = list(pr.child_pre) + clabel + list(pr.child_post)
-            kids.append(run(cpath, seen, cforced, pos, depth + 1, clabel, False))
-          else:
-            span, seg = [], 0
-            for t, _, _ in seen[mark_idx + 1:]:
-              if t == pr.count:
-                seg += 1
-              elif t != pr.fork and seg == i:
-                span.append(t)
-            kids.append(run(cpath, [], list(pr.child_pre) + span, 0, depth + 1, [], False))
-        cp += max(k[2] for k in kids)
-        if pr.join == "stitch":
-          for added, _, _ in kids:
-            seen.extend(added)
-          pos = max(k[1] for k in kids)
-          after = list(pr.after_join)
-        elif pr.join == "flat":
-          after = [e[0] for added, _, _ in kids for e in added] + list(pr.after_join)
-        else:  # results
-          del seen[mark_idx:]
-          pos = mark_pos
-          after = list(pr.results_open)
-          for cpath in th.fork_groups[-1][1]:
-            w = [e[0] for e in threads[cpath].written]
-            tags = [j for j, t in enumerate(w) if t in pr.result_tags]
-            if tags:
-              after += [t for t in w[tags[-1]:] if t not in pr.child_stop]
-            else:
-              after += list(pr.no_result)
-          after += list(pr.results_close) + list(pr.after_join)
-        count = 0
-        for t in after:
-          write(t, False)
-      if not script:
-        th.stop_reason = "script_end"
-        break
-      th.contexts.append(list(seen))
-      x = script.pop(0)
-      th.samples.append(x)
-      cp += 1
-      write(x, True)
-      is_child = len(path) > 0
-      if (is_child and (x in pr.child_stop or x in eos)) or (not is_child and x in eos):
-        th.stop_reason = "stop"
-        break
-      if len(th.samples) >= max_thread_tokens:
-        if is_child:
-          for t in pr.child_close:
-            write(t, False)
-        th.stop_reason = "budget" if is_child else "length"
-        break
-      if pr.forks and x == pr.fork and count >= 1 and depth < max_depth:
-        pending_fork = True
-    return seen[n0:], pos, cp
+    pending = bool(scan_forced and forced and forced[-1] == pr.fork and can_fork())
+    try:
+      while True:
+        if pending:
+          pending = False
+          n_kids = min(st["count"], self.max_threads - self.created)
+          if n_kids > 0:  # no thread budget left: keep decoding sequentially
+            cp = self.fork(th, st, write, depth, label, n_kids, cp)
+            if cp >= self.max_cp:
+              stop_by_budget()
+              break
+        if limit is not None and len(th.samples) >= limit:
+          th.stop_reason = "cancelled"
+          break
+        if not script:
+          th.stop_reason = "script_end"
+          break
+        th.contexts.append(list(st["seen"]))
+        x = script.pop(0)
+        th.samples.append(x)
+        self.total += 1
+        cp += 1
+        self.cp_seen.append(cp)
+        write(x, True)
+        if self.total >= self.max_total:
+          th.stop_reason = "total_budget"
+          raise _RequestEnds()
+        if (is_child and (x in pr.child_stop or x in self.eos)) or (not is_child and x in self.eos):
+          th.stop_reason = "stop"
+          break
+        if len(th.samples) >= self.max_thread_tokens or cp >= self.max_cp:
+          stop_by_budget()
+          break
+        pending = x == pr.fork and can_fork()
+    except _RequestEnds:
+      th.stop_reason = th.stop_reason or "total_budget"
+      raise
+    return st["seen"][n0:], st["pos"], cp
 
-  _, _, cp = run((), [], list(prompt), 0, 0, [], True)
-  return Trace(threads=threads, final_context=flat_trajectory(threads, pr),
-               total_tokens=sum(len(t.samples) for t in threads.values()), critical_path=cp,
-               visible=visible)
+  def _goal_at(self, cpath, depth):
+    """The sample index at which child `cpath`'s script writes the goal (None: never, or it
+    stops or forks first: a child that forks pauses, so its clock is not its siblings')."""
+    pr = self.pr
+    for i, x in enumerate(list(self.scripts.get(cpath, ()))[:self.max_thread_tokens]):
+      if x in pr.goal:
+        return i
+      if x in pr.child_stop or x in self.eos or x == pr.fork:
+        return None
+    return None
+
+  def fork(self, th, st, write, depth, label, n_kids, cp):
+    """The fork of thread `th` into n_kids children and its join; returns the parent's
+    critical path after the join."""
+    pr = self.pr
+    path = th.path
+    self.created += n_kids
+    base = sum(len(g) for _, g in th.fork_groups)  # ranks are unique per parent
+    paths = [path + (base + i,) for i in range(n_kids)]
+    th.fork_groups.append((len(th.written) - 1, paths))
+    limits = [None] * n_kids
+    if self.race and pr.goal:
+      goals = [self._goal_at(c, depth + 1) for c in paths]
+      first = min((g for g in goals if g is not None), default=None)
+      if first is not None:
+        # winners stop at their goal sample's step; the rest are cut after first + 1 samples
+        limits = [None if g == first else first + 1 for g in goals]
+    kids = []
+    seen = st["seen"]
+    for i, cpath in enumerate(paths, start=1):
+      if pr.context == "shared":
+        clabel = pr.label(label, i)
+        cforced = list(pr.child_pre) + clabel + list(pr.child_post)
+        kids.append(self.run(cpath, seen, cforced, st["pos"], depth + 1, clabel, False, cp,
+                             limits[i - 1]))
+      else:
+        span, seg = [], 0
+        for t, _, _ in seen[st["mark"] + 1:]:
+          if t == pr.count:
+            seg += 1
+          elif t != pr.fork and seg == i:
+            span.append(t)
+        kids.append(self.run(cpath, [], list(pr.child_pre) + span, 0, depth + 1, [], False, cp,
+                             limits[i - 1]))
+    new_cp = max(k[2] for k in kids)
+    kept = [(cpath, k) for cpath, k in zip(paths, kids)
+            if not self._cancelled(cpath)]
+    if pr.join == "stitch":
+      for _, (added, _, _) in kept:
+        seen.extend(added)
+      st["pos"] = max([st["pos"]] + [k[1] for _, k in kept])
+      after = list(pr.after_join)
+    elif pr.join == "flat":
+      after = [e[0] for _, (added, _, _) in kept for e in added] + list(pr.after_join)
+    else:  # results
+      del seen[st["mark"]:]
+      st["pos"] = st["mark_pos"]
+      after = list(pr.results_open)
+      for cpath, _ in kept:
+        w = [e[0] for e in self.threads[cpath].written]
+        tags = [j for j, t in enumerate(w) if t in pr.result_tags]
+        if tags:
+          after += [t for t in w[tags[-1]:] if t not in pr.child_stop]
+        else:
+          after += list(pr.no_result)
+      after += list(pr.results_close) + list(pr.after_join)
+    st.update(count=0, mark=-1)  # the block is over: a new fork needs a new opening tag
+    for t in after:
+      write(t, False)
+    return new_cp
+
+  def _cancelled(self, path):
+    return self.threads[path].stop_reason == "cancelled"
 
 
 def flat_trajectory(threads: dict, pr: Protocol, path: tuple = ()) -> list:
-  """A thread's written entries; for stitch joins with each fork's children
-  inlined after the fork trigger (the flat trajectory in the protocol's own format)."""
+  """A thread's written entries; for stitch joins with each fork's children (but the
+  cancelled ones) inlined after the fork trigger (the flat trajectory in the protocol's
+  own format)."""
   th = threads[path]
   groups = dict(th.fork_groups) if pr.join == "stitch" else {}
   out = []
   for i, tp in enumerate(th.written):
     out.append(tp)
     for k in groups.get(i, ()):
-      out.extend(flat_trajectory(threads, pr, k))
+      if threads[k].stop_reason not in ("cancelled", "pruned"):  # left out of the join
+        out.extend(flat_trajectory(threads, pr, k))
   return out
 
 
