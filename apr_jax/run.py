@@ -272,7 +272,7 @@ def _run_tree(model, tok, mesh, prompts, sampling, path, log, t0):
   lanes = mesh.shape["data"]
   per_lane = -(-min(len(ids), 8) // lanes)
   depth = pr.max_depth if FLAGS.max_depth is None else min(FLAGS.max_depth, pr.max_depth)
-  log_entries = tree.log_bound(TreeSpec(protocol=pr), longest, FLAGS.max_threads, depth, total)
+  log_entries = tree.log_bound(pr, longest, FLAGS.max_threads, depth, total)
   spec = TreeSpec(protocol=pr, sampling=sampling, root_stop=tuple(tok.stop_ids()), lanes=lanes,
                   requests=per_lane, rows=FLAGS.rows, threads=FLAGS.max_threads * per_lane,
                   slots=slots * per_lane, chunk=max(32, FLAGS.rows),

@@ -125,8 +125,11 @@ def test_readme_is_a_front_door():
 
 
 def test_repository_speaks_of_the_project_only():
-  pattern = "this session|earlier session|previous session|issue #[0-9]|this machine|earlier machine"
-  p = subprocess.run(["git", "grep", "-niE", pattern, "--", ".", ":!tests/test_docs.py"],
+  # the words are joined here so that this file does not match its own search
+  words = [("this", "session"), ("earlier", "session"), ("previous", "session"),
+           ("issue", "#[0-9]"), ("this", "machine"), ("earlier", "machine")]
+  pattern = "|".join(f"{a} {b}" for a, b in words)
+  p = subprocess.run(["git", "grep", "-niE", pattern],
                      cwd=ROOT, capture_output=True, text=True)
   if p.returncode == 128 or "not a git repository" in p.stderr:
     pytest.skip("not a git checkout")

@@ -276,8 +276,8 @@ class TreeEngine:
     if pr.digits and pr.forks and threads - 1 > 10 ** tree.LABEL_DIGITS - 1:
       raise UserError(f"max_threads {threads}: thread labels are numbered up to "
                       f"{10 ** tree.LABEL_DIGITS - 1} children per fork")
-    if pr.forks and tree.label_tokens(spec, depth) > spec.label:
-      raise UserError(f"labels at depth {depth} need {tree.label_tokens(spec, depth)} tokens > "
+    if pr.forks and tree.label_tokens(pr, depth) > spec.label:
+      raise UserError(f"labels at depth {depth} need {tree.label_tokens(pr, depth)} tokens > "
                       f"TreeSpec.label {spec.label}; lower max_depth or raise the label size")
     return np.asarray(vals, np.int32)
 
@@ -292,7 +292,7 @@ class TreeEngine:
     depth = int(min(lim[tree.L_DEPTH], self.spec.protocol.max_depth))
     if not self.spec.protocol.forks:
       depth = 0
-    return tree.log_bound(self.spec, len(r.prompt), int(lim[tree.L_THREADS]), depth, total)
+    return tree.log_bound(self.spec.protocol, len(r.prompt), int(lim[tree.L_THREADS]), depth, total)
 
   def _check(self, r: Request):
     spec = self.spec

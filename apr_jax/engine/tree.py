@@ -118,22 +118,20 @@ class TreeSpec:
     return self.threads // self.requests
 
 
-def label_tokens(spec: TreeSpec, depth: int) -> int:
+def label_tokens(pr: Protocol, depth: int) -> int:
   """Label tokens of a thread at `depth` in the worst case (numbers up to 99)."""
-  pr = spec.protocol
   if not pr.digits or depth < 1:
     return 0
   return depth * LABEL_DIGITS + (depth - 1) * len(pr.label_sep)
 
 
-def log_bound(spec: TreeSpec, prompt_len: int, threads: int, depth: int, total: int) -> int:
+def log_bound(pr: Protocol, prompt_len: int, threads: int, depth: int, total: int) -> int:
   """The most token-log entries a request can need (the log keeps every token its threads
   write until it ends): its prompt, every sample, each thread's forced prefix, label and
   close, each join's forced tokens, and the copies that joins and fresh contexts make (a
   flat join re-prefills its children's tokens, a results join copies their results, a fresh
   child's prompt copies its spawn line), once per nesting level."""
-  pr = spec.protocol
-  per_thread = (len(pr.child_pre) + label_tokens(spec, depth) + len(pr.child_post) +
+  per_thread = (len(pr.child_pre) + label_tokens(pr, depth) + len(pr.child_post) +
                 len(pr.child_close))
   per_join = (len(pr.after_join) + len(pr.results_open) + len(pr.results_close) +
               threads * len(pr.no_result))
@@ -863,10 +861,10 @@ def _cancellations(lane, t_w, x, allowed, is_child, spec: TreeSpec):
     best = jnp.full((nt,), -jnp.inf).at[jnp.where(running, par, nt)].max(mean, mode="drop")
     pruned = running & (mean < best[pc] - spec.prune_margin) & ~cancel
     cancel = cancel | pruned
-  tree_ = cancel
+  subtree = cancel
   for _ in range(max(spec.protocol.max_depth, 1)):  # descendants, one generation at a time
-    tree_ = tree_ | ((par >= 0) & tree_[pc] & (st != FREE))
-  return tree_ & (st != FREE) & (st != DONE), pruned, tree_
+    subtree = subtree | ((par >= 0) & subtree[pc] & (st != FREE))
+  return subtree & (st != FREE) & (st != DONE), pruned, subtree
 
 
 def update(lanes, logits, drained, step, spec: TreeSpec):

@@ -71,7 +71,7 @@ def make_engine(model, tok, fmt: str, lanes: int = 8, rows: int = 8, slots: int 
   spec = TreeSpec(protocol=pr, root_stop=(tok.eos_id,), lanes=lanes, rows=rows, threads=max_threads,
                   slots=slots, chunk=32)
   depth = pr.max_depth if pr.forks else 0
-  log = tree.log_bound(spec, PROMPT_TOKENS, max_threads, depth, max_total_tokens)
+  log = tree.log_bound(pr, PROMPT_TOKENS, max_threads, depth, max_total_tokens)
   spec = dataclasses.replace(spec, log=max(log, spec.n_log))
   return TreeEngine(model, tok, spec, segment_steps=64, step_cost=step_cost)
 

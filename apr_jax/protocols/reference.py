@@ -175,7 +175,7 @@ class _Sim:
       raise
     return st["seen"][n0:], st["pos"], cp
 
-  def _goal_at(self, cpath, depth):
+  def _goal_at(self, cpath):
     """The sample index at which child `cpath`'s script writes the goal (None: never, or it
     stops or forks first: a child that forks pauses, so its clock is not its siblings')."""
     pr = self.pr
@@ -197,7 +197,7 @@ class _Sim:
     th.fork_groups.append((len(th.written) - 1, paths))
     limits = [None] * n_kids
     if self.race and pr.goal:
-      goals = [self._goal_at(c, depth + 1) for c in paths]
+      goals = [self._goal_at(c) for c in paths]
       first = min((g for g in goals if g is not None), default=None)
       if first is not None:
         # winners stop at their goal sample's step; the rest are cut after first + 1 samples

@@ -6,15 +6,17 @@
 - `verifier`: replays every search line and the claimed solution;
 - `data`: the tokenizer trained on the traces and the per-format token trajectories.
 """
-from apr_jax.tasks.countdown.problems import (APR, OPS, PROGRESS_MIN, SETTINGS, SMALL, Problem, Setting, apply,
-                                              generate, moves, solvable, splits, test_split)
+from apr_jax.tasks.countdown.problems import (APR, OPS, PROGRESS_MIN, SETTINGS, SMALL, Problem,
+                                              Setting, apply, generate, moves, solvable, splits,
+                                              test_split)
 from apr_jax.tasks.countdown.solvers import (ParallelTrace, fmt_nums, fmt_op, fmt_ops, fmt_state,
                                              node_id, prompt_text, solution_line, solve_parallel,
                                              solve_sos)
 from apr_jax.tasks.countdown.verifier import (RE_EXPLORE, RE_GEN, RE_OP, RE_SOLUTION, RE_STATE,
                                               replay, verify)
 
-__all__ = ["APR", "OPS", "PROGRESS_MIN", "SETTINGS", "SMALL", "Problem", "Setting", "apply", "generate", "moves",
-           "solvable", "splits", "test_split", "ParallelTrace", "fmt_nums", "fmt_op", "fmt_ops", "fmt_state",
+__all__ = ["APR", "OPS", "PROGRESS_MIN", "SETTINGS", "SMALL", "Problem", "Setting", "apply",
+           "generate", "moves", "solvable", "splits", "test_split", "ParallelTrace", "fmt_nums",
+           "fmt_op", "fmt_ops", "fmt_state",
            "node_id", "prompt_text", "solution_line", "solve_parallel", "solve_sos", "RE_EXPLORE",
            "RE_GEN", "RE_OP", "RE_SOLUTION", "RE_STATE", "replay", "verify"]
