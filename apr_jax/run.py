@@ -140,7 +140,7 @@ def main(argv):
   stats = _stats(gen, results, time.perf_counter() - t0)
   if FLAGS.json:
     rows = [{"text": r.text, "token_ids": r.token_ids, "stop_reason": r.stop_reason,
-             "prompt_tokens": r.prompt_tokens} for r in results]
+             "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens} for r in results]
     out = dict(rows[0]) if len(rows) == 1 else {"results": rows}
     out["stats"] = stats
     out["model"] = path

@@ -88,7 +88,8 @@ def test_json_output_is_one_object():
   assert rc == 0, err
   d = json.loads(out)
   assert d["text"].startswith("2 + 3 = 5") and d["token_ids"][:1] == [34]
-  assert d["stats"]["decode_tokens_per_s"] > 0 and d["stop_reason"] == "stop_token"
+  assert d["stats"]["decode_tokens_per_s"] > 0 and d["stop_reason"] == "stop"
+  assert d["finish_reason"] == "stop"
 
 
 def test_protocol_run_shows_the_thread_tree():

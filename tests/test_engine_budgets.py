@@ -2,11 +2,12 @@
 reference (`protocols.reference`, which implements every budget from its definition) or a
 direct check: one named regression test per fixed defect."""
 import dataclasses
+import zlib
 
 import numpy as np
 import pytest
 
-from apr_jax.engine import tree
+from apr_jax.engine.tree.requests import child_key
 from apr_jax.engine.runner import Request
 from apr_jax.engine.sampling import SamplingConfig, derive
 from apr_jax.errors import UserError
@@ -100,15 +101,43 @@ def test_race_cancels_waiting_subtrees_and_keeps_pending_stops():
              if t["path"][:1] == (1,))  # the subtree did not run on after the race
 
 
-def test_pruned_children_are_left_out_of_the_join():
-  scripts = {(): [3, tf.OPEN, tf.COUNT, tf.COUNT, tf.COUNT, tf.FORK, 7, tf.EOS]}
-  for i in range(3):
-    scripts[(i,)] = [int(x) for x in np.random.default_rng(i).integers(3, 40, 12)] + [tf.STOP]
-  eng = engine("multiverse", rows=4, prune_margin=1e-6, prune_min_tokens=4, record_logits=False)
-  res = eng.run([Request([tf.BOS, 3], script=scripts)])[0]
-  assert sorted(t["stop_reason"] for t in res.threads if t["parent"] == 0) == [
-      "pruned", "pruned", "stop"]
-  assert _balanced(res.token_ids) and res.token_ids.count(tf.TAG_A) == 1
+def _sample_logprobs(trace):
+  """{path: [log-prob of each sample]} from plain full forwards over the reference contexts
+  (independent of the engine)."""
+  out = {}
+  for path, th in trace.threads.items():
+    lps = []
+    for ctx, x in zip(th.contexts, th.samples):
+      lo = tf.reference_logits(model(), trace, ctx).astype(np.float64)
+      lps.append(float(lo[x] - lo.max() - np.log(np.exp(lo - lo.max()).sum())))
+    out[path] = lps
+  return out
+
+
+@pytest.mark.parametrize("name", ["multiverse", "threadweaver"])
+def test_pruning_matches_the_reference(name):
+  """Pruned children are left out of the join, and which child is pruned after how many
+  samples is what the reference's definition gives from independently computed log-probs."""
+  rng = np.random.default_rng(zlib.crc32(name.encode()))
+  pr = tf.PROTOCOLS[name]
+  eng = engine(name, step_cost=None, rows=4, chunk=32, prune_margin=0.15, prune_min_tokens=3)
+  seen = set()
+  for _ in range(3):
+    k = int(rng.integers(2, 4))
+    scripts = {(): [3, tf.OPEN] + [tf.COUNT] * k + [tf.FORK, 7, tf.EOS]}
+    for i in range(k):
+      scripts[(i,)] = tf.plain(rng, 3, 10) + [tf.STOP]
+    prompt = [tf.BOS, 3]
+    logprobs = _sample_logprobs(reference.simulate(pr, prompt, scripts, eos_ids=(tf.EOS,)))
+    trace = reference.simulate(pr, prompt, scripts, eos_ids=(tf.EOS,), prune_margin=0.15,
+                               prune_min_tokens=3, logprobs=logprobs)
+    res = eng.run([Request(prompt, script=scripts)])[0]
+    got = {tuple(t["path"]): t["stop_reason"] for t in res.threads}
+    assert got == {p: t.stop_reason for p, t in trace.threads.items()}
+    assert _balanced(res.token_ids)
+    tf.check_exact(model(), res, trace, 2)
+    seen.update(got.values())
+  assert {"pruned", "stop"} <= seen, seen
 
 
 def test_second_fork_needs_a_new_opening_tag():
@@ -158,9 +187,9 @@ def test_deep_nesting_keeps_scripts_and_streams_apart():
   tf.check_exact(model(), res, trace, 2)
   keys = {}
   for p in [(0,) * 7, (0,) * 6 + (1,), (1,) + (0,) * 6]:
-    k = np.asarray(tree._child_key(np.asarray([0, 0], np.uint32), -1))
+    k = np.asarray(child_key(np.asarray([0, 0], np.uint32), -1))
     for r in p:
-      k = np.asarray(tree._child_key(k, r))
+      k = np.asarray(child_key(k, r))
     keys[p] = tuple(k.tolist())
   assert len(set(keys.values())) == 3
 
@@ -233,3 +262,18 @@ def test_log_bound_covers_what_requests_write():
       res = eng.run([r])[0]
       written = len(r.prompt) + sum(len(t["token_ids"]) for t in res.threads) - 0
       assert written <= eng.log_need(r), (name, written, eng.log_need(r))
+
+
+def test_one_stop_reason_vocabulary_with_openai_finish_reasons():
+  """Every reason either engine reports is a StopReason label with one OpenAI
+  finish_reason; results carry it."""
+  from apr_jax.engine.stop_reasons import REASONS, StopReason, finish_reason
+  assert set(REASONS[1:]) == {r.label for r in StopReason if r is not StopReason.NONE}
+  assert {finish_reason(x) for x in REASONS[1:]} <= {"stop", "length"}
+  scripts = {(): [3, 4, 5, 6, tf.EOS]}
+  for limit, want in ((None, "stop"), (3, "length")):
+    res = engine("multiverse").run([Request([tf.BOS, 3], script=scripts, max_thread_tokens=limit)])[0]
+    assert res.stop_reason == want and res.finish_reason == want
+    assert res.summary()["finish_reason"] == want
+  res = engine("multiverse").run([Request([tf.BOS, 3], script=scripts, max_total_tokens=2)])[0]
+  assert res.stop_reason == "total_budget" and res.finish_reason == "length"

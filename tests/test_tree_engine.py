@@ -3,6 +3,7 @@ invariance, sharding, budgets and robustness (hypothesis fuzzing)."""
 import re
 import zlib
 
+import jax
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -50,10 +51,10 @@ def test_exact_against_reference(name, layout):
   rng = np.random.default_rng(zlib.crc32(name.encode()) % 1000)  # the same in every process
   eng = engine(name, **LAYOUTS[layout])
   cases = [tf.random_trajectory(name, rng, blocks=b) for b in (0, 1, 2, 2, 1)]
-  step0 = int(eng.state["step"])
+  step0 = int(eng.state.step)
   results = eng.run([Request(p, script=s) for p, s in cases])
   if layout == "shared":  # the requests really ran side by side on the shared rows
-    assert int(eng.state["step"]) - step0 < sum(r.steps for r in results)
+    assert int(eng.state.step) - step0 < sum(r.steps for r in results)
   forks = 0
   for (prompt, scripts), res in zip(cases, results):
     trace = reference.simulate(tf.PROTOCOLS[name], prompt, scripts, eos_ids=(tf.EOS,))
@@ -155,7 +156,7 @@ def test_sharded_engine_matches_one_device():
   spec = TreeSpec(protocol=tf.PROTOCOLS["threadweaver"], root_stop=(tf.EOS,), lanes=2, rows=3,
                   threads=16, slots=256, chunk=8, script=64, script_rows=16, record_logits=True)
   eng = TreeEngine(sharded_model, None, spec, mesh=mesh)
-  assert eng.state["cache"][0].k.sharding.spec[:2] == ("data", "model")
+  assert eng.state.cache[0].k.sharding.spec[:2] == ("data", "model")
   two = eng.run(reqs)
   for a, b in zip(one, two):
     assert a.token_ids == b.token_ids
@@ -269,10 +270,10 @@ def _fuzz_state_machine(name, scripts, max_threads, max_depth, thread_tokens, to
   FUZZ["examples"] += 1
   assert len(res2.threads) <= 8 and res2.stop_reason in ("stop", "length", "out_of_memory")
   # the request is over and released: nothing of it is left in the lane
-  lane = {k: np.asarray(v[0]) for k, v in eng.state.items() if k in tree.LANE_KEYS}
-  assert (lane["r_thread"] == -1).all() and (lane["t_req"] == -1).all()
-  assert (lane["t_state"] == tree.FREE).all() and (lane["s_owner"] == -1).all()
-  assert int(lane["g_n"]) == 0 and not lane["req_active"].any()
+  lane = jax.tree.map(lambda v: np.asarray(v[0]), eng.state.lanes)
+  assert (lane.rows.thread == -1).all() and (lane.threads.req == -1).all()
+  assert (lane.threads.state == tree.ThreadState.FREE).all() and (lane.slots.owner == -1).all()
+  assert int(lane.log.n) == 0 and not lane.requests.active.any()
   created = len(res.threads)
   assert all(t["stop_reason"] != "running" for t in res.threads)
   assert created <= max_threads and res.total_tokens <= total

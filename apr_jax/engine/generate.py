@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from apr_jax.cache import kv as kvlib
 from apr_jax.engine.sampling import SamplingConfig, sample
+from apr_jax.engine.stop_reasons import StopReason, finish_reason
 from apr_jax.errors import UserError
 from apr_jax.model.sharding import ShardingRules, single_device_mesh
 from apr_jax.model.transformer import Transformer
@@ -72,8 +73,13 @@ def bucket(n: int, minimum: int = 16) -> int:
 class Result:
   token_ids: list[int]       # generated ids, the stop token included if one was produced
   text: str                  # decoded text without the stop token
-  stop_reason: str           # "stop_token" | "max_new_tokens"
+  stop_reason: str           # "stop" (a stop token) | "length" (max_new_tokens): StopReason labels
   prompt_tokens: int
+
+  @property
+  def finish_reason(self) -> str:
+    """OpenAI's finish_reason."""
+    return finish_reason(self.stop_reason)
 
 
 def prefill_mask(pad, prompt_len: int, slots: int):
@@ -270,6 +276,6 @@ class Generator:
       stopped = bool(done[r])
       body = gen[:-1] if stopped else gen
       text = tok.decode(body) if tok is not None else ""
-      out.append(Result(token_ids=gen, text=text, stop_reason="stop_token" if stopped else "max_new_tokens",
+      out.append(Result(token_ids=gen, text=text, stop_reason=(StopReason.STOP if stopped else StopReason.LENGTH).label,
                         prompt_tokens=len(ids[r])))
     return out

@@ -32,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from apr_jax.cache import kv as kvlib
 from apr_jax.engine import tree
 from apr_jax.engine.sampling import derive
+from apr_jax.engine.stop_reasons import finish_reason
 from apr_jax.engine.tree import TreeSpec
 from apr_jax.errors import UserError
 from apr_jax.model.sharding import ShardingRules, single_device_mesh
@@ -86,9 +87,15 @@ class TreeResult:
   kv_stored_bytes: int        # high-water mark of KV actually stored
   logits: dict | None = None  # teacher forcing with record_logits: {path: [n, V]}
 
+  @property
+  def finish_reason(self) -> str:
+    """OpenAI's finish_reason for `stop_reason` (docs/engine.md)."""
+    return finish_reason(self.stop_reason)
+
   def summary(self) -> dict:
     d = dataclasses.asdict(self)
     d.pop("logits")
+    d["finish_reason"] = self.finish_reason
     d["threads"] = [{k: v for k, v in t.items() if k not in ("token_ids", "positions")}
                     for t in d["threads"]]
     for t in d["threads"]:
@@ -171,6 +178,106 @@ class StepCosts:
     self.fitted = (c / c[0]).astype(np.float32)
 
 
+class _Batch:
+  """The host's bookkeeping of one `TreeEngine.run`: the waiting queue (first come, first
+  served), which request holds which lane and slot, and the results."""
+
+  def __init__(self, eng: "TreeEngine", requests: Sequence[Request]):
+    self.eng, self.requests, spec = eng, requests, eng.spec
+    # waiting: (request index, first admission time or None, must run alone)
+    self.waiting = collections.deque((i, None, False) for i in range(len(requests)))
+    # per lane and slot: dict(i, t0, threads, shared, alone); a lane holding a request that
+    # runs alone (a restart) takes no other request until that one ends
+    self.occ: list = [[None] * spec.requests for _ in range(spec.lanes)]
+    self.free_kv = [spec.slots] * spec.lanes      # free KV slots per lane, as of the last segment
+    self.results: list = [None] * len(requests)
+
+  def busy(self) -> bool:
+    return bool(self.waiting) or any(o is not None for lane in self.occ for o in lane)
+
+  def lane_view(self) -> list:
+    return [[(o["i"], o["alone"]) for o in lane if o is not None] for lane in self.occ]
+
+  def _lane_for(self, r: Request, alone: bool):
+    """The least busy lane with a free slot, the request's threads and (when shared) room
+    for its prompt, or None."""
+    spec, need, best = self.eng.spec, self.eng._limits(r)[0], None
+    for lane in range(spec.lanes):
+      used = [o for o in self.occ[lane] if o is not None]
+      if len(used) == spec.requests or sum(o["threads"] for o in used) + need > spec.threads:
+        continue
+      if used and (alone or any(o["alone"] for o in used) or
+                   self.free_kv[lane] < len(r.prompt) + spec.chunk):
+        continue
+      if best is None or len(used) < best[1]:
+        best = (lane, len(used))
+    return None if best is None else best[0]
+
+  def admit(self):
+    """Admits waiting requests in order while the head finds a lane."""
+    while self.waiting:
+      i, t0, alone = self.waiting[0]
+      r = self.requests[i]
+      lane = self._lane_for(r, alone)
+      if lane is None:
+        return  # first come, first served: the head waits for room
+      self.waiting.popleft()
+      slot = self.occ[lane].index(None)
+      shared = any(o is not None for o in self.occ[lane])
+      for o in self.occ[lane]:
+        if o is not None:
+          o["shared"] = True
+      seed = r.seed if r.seed is not None else derive(self.eng.seed, i)
+      self.occ[lane][slot] = dict(i=i, t0=time.perf_counter() if t0 is None else t0,
+                                  threads=self.eng._admit_request(lane, slot, r, seed),
+                                  shared=shared, alone=alone)
+      self.free_kv[lane] -= len(r.prompt)
+
+  def deadlines(self, done: np.ndarray) -> np.ndarray:
+    """Cancels the running requests past their deadline; returns done [lanes, R] with them."""
+    eng, now = self.eng, time.perf_counter()
+    for lane, slots in enumerate(self.occ):
+      for slot, o in enumerate(slots):
+        if o is None or done[lane, slot]:
+          continue
+        dl = self.requests[o["i"]].deadline_s
+        if dl is not None and now - o["t0"] > dl:
+          eng.state = eng._cancel(eng.state, jnp.int32(lane), jnp.int32(slot),
+                                  jnp.int32(tree.StopReason.DEADLINE))
+          done[lane, slot] = True
+    return done
+
+  def collect(self, done: np.ndarray, on_progress, on_done):
+    """Reads and releases the finished requests (a shared one out of memory is queued
+    again, first, to run alone in a lane); reports progress."""
+    eng, occ = self.eng, self.occ
+    finished = [(lane, slot) for lane, slots in enumerate(occ) for slot, o in enumerate(slots)
+                if o is not None and done[lane, slot]]
+    if on_progress is None and not finished:
+      return
+    snap = jax.device_get(eng.state.lanes.replace(rec=None))
+    if on_progress is not None:
+      on_progress({o["i"]: eng._view(jax.tree.map(lambda v: v[lane], snap), slot)
+                   for lane, slots in enumerate(occ) for slot, o in enumerate(slots) if o is not None})
+    requeue = []
+    for lane, slot in finished:
+      o = occ[lane][slot]
+      lane_np = jax.tree.map(lambda v: v[lane], snap)
+      if eng.spec.record_logits:
+        lane_np = lane_np.replace(rec=np.asarray(jax.device_get(eng.state.lanes.rec[lane])))
+      res = eng._result(lane_np, slot, self.requests[o["i"]], time.perf_counter() - o["t0"])
+      if res.stop_reason == "out_of_memory" and o["shared"]:
+        requeue.append((o["i"], o["t0"], True))  # run it again, alone in a lane
+        eng.stats["restarts"] += 1
+      else:
+        self.results[o["i"]] = res
+        if on_done is not None:
+          on_done(o["i"], res)
+      eng.state = eng._release(eng.state, jnp.int32(lane), jnp.int32(slot))
+      occ[lane][slot] = None
+    self.waiting.extendleft(reversed(requeue))
+
+
 class TreeEngine:
   """The fork/join engine for one model, protocol and static `TreeSpec`.
 
@@ -213,39 +320,32 @@ class TreeEngine:
 
   # ---- compiled programs
   def _shardings(self):
-    lane = {k: self._lane_sh for k in tree.LANE_KEYS}
+    shape = jax.eval_shape(lambda: tree.empty_lane(self.spec, self.cfg.vocab_size))
+    lanes = jax.tree.map(lambda _: self._lane_sh, shape)
     cache = tuple(kvlib.LayerKV(self._cache_sh, self._cache_sh) for _ in range(self.cfg.n_layers))
-    return dict(lane, cache=cache, step=self._rep, vsteps=self._rep)
+    return tree.EngineState(lanes=lanes, cache=cache, step=self._rep, vsteps=self._rep)
 
   def _build(self):
     t0 = time.perf_counter()
     spec, cfg = self.spec, self.cfg
     sh = self._shardings()
-    vocab = cfg.vocab_size
-
-    def init():
-      lane = tree.empty_lane(spec, vocab)
-      lanes = jax.tree.map(lambda a: jnp.broadcast_to(a, (spec.lanes,) + a.shape), lane)
-      cache = kvlib.init_cache(cfg, spec.lanes, spec.slots, self.cache_dtype, self._cache_sh)
-      return dict(lanes, cache=cache, step=jnp.zeros((), jnp.int32),
-                  vsteps=jnp.zeros((len(tree.step_sizes(spec)),), jnp.int32))
-
-    self._init = jax.jit(init, out_shardings=sh)
+    self._init = jax.jit(lambda: tree.init(spec, cfg, self.cache_dtype, self._cache_sh),
+                         out_shardings=sh)
     # a partial per engine: its jit cache counts this engine's loop programs only
     self._segment = jax.jit(functools.partial(tree.segment, spec=spec), static_argnums=(0,),
                             donate_argnums=(2,), out_shardings=sh)
-    self._admit = jax.jit(functools.partial(tree._admit, spec=spec), donate_argnums=(0,),
+    self._admit = jax.jit(functools.partial(tree.admit, spec=spec), donate_argnums=(0,),
                           out_shardings=sh)
-    self._cancel = jax.jit(functools.partial(tree._cancel, spec=spec), donate_argnums=(0,),
+    self._cancel = jax.jit(functools.partial(tree.cancel, spec=spec), donate_argnums=(0,),
                            out_shardings=sh)
-    self._release = jax.jit(functools.partial(tree._release, spec=spec), donate_argnums=(0,),
+    self._release = jax.jit(functools.partial(tree.release, spec=spec), donate_argnums=(0,),
                             out_shardings=sh)
     self.state = self._init()
     # compile the loop now (one program for every protocol event, request and batch): a call
     # with until_step = 0 runs no step
     self.state = self._segment(self.graphdef, self.params, self.state, jnp.zeros((), jnp.int32),
                                self.costs.cost())
-    jax.block_until_ready(self.state["step"])
+    jax.block_until_ready(self.state.step)
     self.stats["compile_s"] += time.perf_counter() - t0
 
   def loop_hlo(self) -> str:
@@ -268,7 +368,7 @@ class TreeEngine:
     for name, v in zip(tree.LIMITS, vals):
       if v < 0 or (v == 0 and name != "max_depth"):
         raise UserError(f"{name} must be positive, got {v}")
-    threads, depth = vals[tree.L_THREADS], min(vals[tree.L_DEPTH], pr.max_depth)
+    threads, depth = vals[tree.Limit.THREADS], min(vals[tree.Limit.DEPTH], pr.max_depth)
     if threads > spec.request_threads:
       raise UserError(f"max_threads {threads} > the {spec.request_threads} threads a request can "
                       f"have in this engine ({spec.threads} table entries per lane shared by "
@@ -286,13 +386,13 @@ class TreeEngine:
     sampled tokens are unbounded (no total or per-thread budget: it runs until the engine's
     memory ends it, `out_of_memory`)."""
     lim = [int(x) for x in self._limits(r)]
-    total = min(lim[tree.L_TOTAL], lim[tree.L_THREADS] * lim[tree.L_THREAD_TOKENS])
+    total = min(lim[tree.Limit.TOTAL], lim[tree.Limit.THREADS] * lim[tree.Limit.THREAD_TOKENS])
     if total >= BIG:
       return None
-    depth = int(min(lim[tree.L_DEPTH], self.spec.protocol.max_depth))
+    depth = int(min(lim[tree.Limit.DEPTH], self.spec.protocol.max_depth))
     if not self.spec.protocol.forks:
       depth = 0
-    return tree.log_bound(self.spec.protocol, len(r.prompt), int(lim[tree.L_THREADS]), depth, total)
+    return tree.log_bound(self.spec.protocol, len(r.prompt), int(lim[tree.Limit.THREADS]), depth, total)
 
   def _check(self, r: Request):
     spec = self.spec
@@ -338,19 +438,16 @@ class TreeEngine:
         count += 1
     limits = self._limits(r)
     fork0 = (pr.forks and prompt[-1] == pr.fork and mark >= 0 and count >= 1 and
-             min(limits[tree.L_DEPTH], pr.max_depth) >= 1)
+             min(limits[tree.Limit.DEPTH], pr.max_depth) >= 1)
     ns, j = max(spec.script_rows, 1), max(spec.script, 1)
-    sc_tok = np.zeros((ns, j), np.int32)
-    sc_len = np.zeros((ns,), np.int32)
-    sc_parent = np.full((ns,), -2, np.int32)
-    sc_rank = np.full((ns,), -2, np.int32)
+    sc = tree.Scripts(tokens=np.zeros((ns, j), np.int32), length=np.zeros((ns,), np.int32),
+                      parent=np.full((ns,), -2, np.int32), rank=np.full((ns,), -2, np.int32))
     for i, (_, toks, parent, rank) in enumerate(script_rows(r.script or {})):
-      sc_tok[i, :len(toks)] = toks
-      sc_len[i], sc_parent[i], sc_rank[i] = len(toks), parent, rank
+      sc.tokens[i, :len(toks)] = toks
+      sc.length[i], sc.parent[i], sc.rank[i] = len(toks), parent, rank
     key = jax.random.key_data(jax.random.key(seed))
     self.state = self._admit(self.state, jnp.int32(lane), jnp.int32(slot), q, jnp.int32(len(prompt)),
-                             limits, key, sc_tok, sc_len, sc_parent, sc_rank, jnp.int32(count),
-                             jnp.int32(mark), jnp.bool_(fork0))
+                             limits, key, sc, jnp.int32(count), jnp.int32(mark), jnp.bool_(fork0))
     return int(limits[0])
 
   def run(self, requests: Sequence[Request], on_progress: Callable | None = None,
@@ -368,201 +465,140 @@ class TreeEngine:
     prompts sample differently, and the same list gives the same results."""
     for r in requests:
       self._check(r)
-    spec = self.spec
-    L, R = spec.lanes, spec.requests
-    # waiting: (request index, first admission time or None, must run alone)
-    waiting = collections.deque((i, None, False) for i in range(len(requests)))
-    # per lane and slot: dict(i, t0, threads, shared, alone); a lane holding a request that
-    # runs alone (a restart) takes no other request until that one ends
-    occ: list = [[None] * R for _ in range(L)]
-    free_kv = [spec.slots] * L                     # free KV slots per lane, as of the last segment
-    results: list = [None] * len(requests)
-
-    def admit():
-      while waiting:
-        i, t0, alone = waiting[0]
-        r = requests[i]
-        need = self._limits(r)[0]
-        best = None
-        for lane in range(L):
-          used = [o for o in occ[lane] if o is not None]
-          if len(used) == R or sum(o["threads"] for o in used) + need > spec.threads:
-            continue
-          if used and (alone or any(o["alone"] for o in used) or
-                       free_kv[lane] < len(r.prompt) + spec.chunk):
-            continue
-          if best is None or len(used) < best[1]:
-            best = (lane, len(used))
-        if best is None:
-          return  # first come, first served: the head waits for room
-        lane = best[0]
-        waiting.popleft()
-        slot = occ[lane].index(None)
-        shared = any(o is not None for o in occ[lane])
-        for o in occ[lane]:
-          if o is not None:
-            o["shared"] = True
-        seed = r.seed if r.seed is not None else derive(self.seed, i)
-        occ[lane][slot] = dict(i=i, t0=time.perf_counter() if t0 is None else t0,
-                               threads=self._admit_request(lane, slot, r, seed), shared=shared,
-                               alone=alone)
-        free_kv[lane] -= len(r.prompt)
-
-    v0 = np.asarray(self.state["vsteps"])   # steps per variant so far (for the cost fit)
-    while waiting or any(o is not None for lane in occ for o in lane):
-      admit()
-      step = int(self.state["step"])
+    batch = _Batch(self, requests)
+    v0 = np.asarray(self.state.vsteps)   # steps per variant so far (for the cost fit)
+    while batch.busy():
+      batch.admit()
+      step = int(self.state.step)
       t_seg = time.perf_counter()
       self.state = self._segment(self.graphdef, self.params, self.state,
                                  jnp.int32(step + self.segment_steps), self.costs.cost())
+      st = self.state
       done, free, v1, step_now = jax.device_get((
-          self.state["req_done"], jnp.sum(self.state["s_owner"] < 0, axis=1),
-          self.state["vsteps"], self.state["step"]))
+          st.lanes.requests.done, jnp.sum(st.lanes.slots.owner < 0, axis=1), st.vsteps, st.step))
       seconds = time.perf_counter() - t_seg
       v1 = np.asarray(v1)
       self.costs.observe(v1 - v0, seconds)
+      v0 = v1
       if on_segment is not None:
         on_segment({"first_step": step, "steps": int(step_now) - step, "seconds": seconds,
-                    "lanes": [[(o["i"], o["alone"]) for o in lane if o is not None] for lane in occ]})
-      v0 = v1
+                    "lanes": batch.lane_view()})
       self.stats["step_cost"] = [round(float(c), 3) for c in self.costs.cost()]
-      done = np.array(done)
-      free_kv = [int(x) for x in free]
-      now = time.perf_counter()
-      for lane in range(L):
-        for slot, o in enumerate(occ[lane]):
-          if o is None or done[lane, slot]:
-            continue
-          dl = requests[o["i"]].deadline_s
-          if dl is not None and now - o["t0"] > dl:
-            self.state = self._cancel(self.state, jnp.int32(lane), jnp.int32(slot),
-                                      jnp.int32(tree.R_DEADLINE))
-            done[lane, slot] = True
-      finished = [(lane, slot) for lane in range(L) for slot in range(R)
-                  if occ[lane][slot] is not None and done[lane, slot]]
-      if on_progress is not None or finished:
-        snap = jax.device_get({k: self.state[k] for k in tree.LANE_KEYS if k not in ("rec",)})
-      if on_progress is not None:
-        on_progress({o["i"]: self._view({k: v[lane] for k, v in snap.items()}, slot)
-                     for lane in range(L) for slot, o in enumerate(occ[lane]) if o is not None})
-      requeue = []
-      for lane, slot in finished:
-        o = occ[lane][slot]
-        lane_np = {k: v[lane] for k, v in snap.items()}
-        if spec.record_logits:
-          lane_np["rec"] = np.asarray(jax.device_get(self.state["rec"][lane]))
-        res = self._result(lane_np, slot, requests[o["i"]], time.perf_counter() - o["t0"])
-        if res.stop_reason == "out_of_memory" and o["shared"]:
-          requeue.append((o["i"], o["t0"], True))  # run it again, alone in a lane
-          self.stats["restarts"] += 1
-        else:
-          results[o["i"]] = res
-          if on_done is not None:
-            on_done(o["i"], res)
-        self.state = self._release(self.state, jnp.int32(lane), jnp.int32(slot))
-        occ[lane][slot] = None
-      waiting.extendleft(reversed(requeue))
-    return results
+      batch.free_kv = [int(x) for x in free]
+      done = batch.deadlines(np.array(done))
+      batch.collect(done, on_progress, on_done)
+    return batch.results
 
   # ---- outputs
   @staticmethod
-  def _paths(L: dict, slot: int) -> dict:
+  def _paths(L: tree.Lane, slot: int) -> dict:
     """{table entry: its path of ranks from the root} for the request in `slot`."""
-    mine = [int(t) for t in np.nonzero(L["t_req"] == slot)[0]]
+    mine = [int(t) for t in np.nonzero(L.threads.req == slot)[0]]
     paths: dict = {}
 
     def path(t):
       if t not in paths:
-        p = int(L["t_parent"][t])
-        paths[t] = () if p < 0 else path(p) + (int(L["t_rank"][t]),)
+        p = int(L.threads.parent[t])
+        paths[t] = () if p < 0 else path(p) + (int(L.threads.rank[t]),)
       return paths[t]
     for t in mine:
       path(t)
     return paths
 
   @classmethod
-  def _order(cls, L: dict, slot: int) -> list:
+  def _order(cls, L: tree.Lane, slot: int) -> list:
     """The request's thread-table entries in creation order (root first; threads created in
     the same step by depth, then path)."""
     paths = cls._paths(L, slot)
-    return sorted(paths, key=lambda t: (int(L["t_bornlog"][t]), len(paths[t]), paths[t]))
+    return sorted(paths, key=lambda t: (int(L.threads.born_log[t]), len(paths[t]), paths[t]))
 
-  def _view(self, L: dict, slot: int) -> list:
+  def _view(self, L: tree.Lane, slot: int) -> list:
     order = self._order(L, slot)
     local = {t: k for k, t in enumerate(order)}
-    return [dict(id=local[t], parent=local.get(int(L["t_parent"][t]), -1),
-                 state=tree.STATE_NAMES[int(L["t_state"][t])], tokens=int(L["t_nsamp"][t]))
+    return [dict(id=local[t], parent=local.get(int(L.threads.parent[t]), -1),
+                 state=tree.STATE_NAMES[int(L.threads.state[t])], tokens=int(L.threads.n_sampled[t]))
             for t in order]
 
   # ---- outputs
-  def _result(self, L: dict, slot: int, req: Request, wall: float) -> TreeResult:
-    """The result of the request in `slot` of lane arrays `L`. Threads are numbered in
-    creation order (the root is 0) whatever table entries they used."""
-    spec, pr, tok = self.spec, self.spec.protocol, self.tokenizer
-    n = int(L["g_n"])
-    g_tok, g_thr = L["g_tok"][:n], L["g_thread"][:n]
-    order = self._order(L, slot)
-    root = order[0]
+  def _threads(self, L: tree.Lane, slot: int, req: Request, order: list) -> list:
+    """ThreadInfo of each of the request's threads (`order`: creation order)."""
+    th, tok = L.threads, self.tokenizer
+    n = int(L.log.n)
+    g_tok, g_thr, g_pos = L.log.tok[:n], L.log.thread[:n], L.log.pos[:n]
     local = {t: k for k, t in enumerate(order)}
     paths = self._paths(L, slot)
-    dropped = {t for t in order if int(L["t_reason"][t]) in (tree.R_CANCEL, tree.R_PRUNE)}
-    decode = (lambda ids: tok.decode(ids)) if tok is not None else (lambda ids: "")
-    entries = {t: np.nonzero(g_thr == t)[0] for t in order}
-    plen = len(req.prompt)
-    own = dict(entries)
-    own[root] = entries[root][plen:]  # the root's own tokens start after the prompt
-    start = int(L["req_start"][slot])
-    threads = []
+    root, plen, start = order[0], len(req.prompt), int(L.requests.start[slot])
+    out = []
     for t in order:
-      ids = [int(x) for x in g_tok[own[t]]]
-      threads.append(ThreadInfo(
-          id=local[t], parent=local.get(int(L["t_parent"][t]), -1), path=paths[t],
-          depth=int(L["t_depth"][t]),
-          start_step=int(L["t_start"][t]) - start, end_step=int(L["t_end"][t]) - start,
-          tokens=int(L["t_nsamp"][t]),
-          forced=int(L["t_nwritten"][t]) - int(L["t_nsamp"][t]) - (plen if t == root else 0),
-          stop_reason=tree.REASONS[int(L["t_reason"][t])] or "running", token_ids=ids,
-          positions=[int(x) for x in L["g_pos"][:n][own[t]]],
-          text=decode(ids)))
+      own = np.nonzero(g_thr == t)[0]
+      if t == root:
+        own = own[plen:]  # the root's own tokens start after the prompt
+      ids = [int(x) for x in g_tok[own]]
+      out.append(ThreadInfo(
+          id=local[t], parent=local.get(int(th.parent[t]), -1), path=paths[t],
+          depth=int(th.depth[t]), start_step=int(th.start[t]) - start,
+          end_step=int(th.end[t]) - start, tokens=int(th.n_sampled[t]),
+          forced=int(th.n_written[t]) - int(th.n_sampled[t]) - (plen if t == root else 0),
+          stop_reason=tree.REASONS[int(th.reason[t])] or "running", token_ids=ids,
+          positions=[int(x) for x in g_pos[own]], text=tok.decode(ids) if tok is not None else ""))
+    return out
+
+  def _render(self, L: tree.Lane, order: list) -> list:
+    """The request's flat trajectory (prompt included) in the protocol's format: each
+    thread's written tokens; stitch joins insert the children where they forked; cancelled
+    threads are left out (as they are of their parent's join)."""
+    th, pr = L.threads, self.spec.protocol
+    n = int(L.log.n)
+    g_tok, g_thr = L.log.tok[:n], L.log.thread[:n]
+    dropped = {t for t in order if int(th.reason[t]) in (tree.StopReason.CANCELLED,
+                                                         tree.StopReason.PRUNED)}
     children = collections.defaultdict(list)
     for t in order[1:]:
-      if t not in dropped:  # cancelled threads are left out of their parent's join
-        children[int(L["t_parent"][t])].append(t)
+      if t not in dropped:
+        children[int(th.parent[t])].append(t)
+    by_rank = lambda cs: sorted(cs, key=lambda c: int(th.rank[c]))
 
     def render(t):
-      """A thread's written tokens; stitch joins insert the children where they forked."""
-      out = []
-      groups = []
+      out, groups = [], []
       if pr.join == "stitch":
         by_born = collections.defaultdict(list)
         for c in children[t]:
-          by_born[int(L["t_bornlog"][c])].append(c)
+          by_born[int(th.born_log[c])].append(c)
         groups = sorted(by_born.items())
       gi = 0
-      for e in entries[t]:
+      for e in np.nonzero(g_thr == t)[0]:
         while gi < len(groups) and groups[gi][0] <= e:
-          for c in sorted(groups[gi][1], key=lambda c: int(L["t_rank"][c])):
+          for c in by_rank(groups[gi][1]):
             out += render(c)
           gi += 1
         out.append(int(g_tok[e]))
       for _, cs in groups[gi:]:
-        for c in sorted(cs, key=lambda c: int(L["t_rank"][c])):
+        for c in by_rank(cs):
           out += render(c)
       return out
+    return render(order[0])
 
-    traj = render(root)[plen:]
+  def _result(self, L: tree.Lane, slot: int, req: Request, wall: float) -> TreeResult:
+    """The result of the request in `slot` of lane arrays `L`. Threads are numbered in
+    creation order (the root is 0) whatever table entries they used."""
+    spec, tok, th, rq = self.spec, self.tokenizer, L.threads, L.requests
+    order = self._order(L, slot)
+    plen = len(req.prompt)
+    traj = self._render(L, order)[plen:]
     body = traj
     if body and tok is not None and body[-1] in set(tok.stop_ids()):
       body = body[:-1]
     logits = None
     if spec.record_logits:
-      logits = {paths[t]: np.asarray(L["rec"][t, :min(int(L["t_nsamp"][t]), spec.script)])
+      paths = self._paths(L, slot)
+      logits = {paths[t]: np.asarray(L.rec[t, :min(int(th.n_sampled[t]), spec.script)])
                 for t in order}
+    start = int(rq.start[slot])
     return TreeResult(
-        prompt_tokens=plen, token_ids=traj, text=decode(body),
-        stop_reason=tree.REASONS[int(L["req_reason"][slot])],
-        threads=[dataclasses.asdict(x) for x in threads],
-        total_tokens=int(L["t_nsamp"][order].sum()), critical_path=int(L["t_cp"][order].max()),
-        forks=int(L["req_forks"][slot]), steps=int(L["req_end"][slot]) - start, wall_s=wall,
+        prompt_tokens=plen, token_ids=traj, text=tok.decode(body) if tok is not None else "",
+        stop_reason=tree.REASONS[int(rq.reason[slot])],
+        threads=[dataclasses.asdict(x) for x in self._threads(L, slot, req, order)],
+        total_tokens=int(th.n_sampled[order].sum()), critical_path=int(th.cp[order].max()),
+        forks=int(rq.forks[slot]), steps=int(rq.end[slot]) - start, wall_s=wall,
         kv_bytes=spec.slots * self.bytes_per_token,
-        kv_stored_bytes=int(L["req_high"][slot]) * self.bytes_per_token, logits=logits)
+        kv_stored_bytes=int(rq.high[slot]) * self.bytes_per_token, logits=logits)

@@ -55,7 +55,8 @@ class _RequestEnds(Exception):
 def simulate(pr: Protocol, prompt: Sequence[int], scripts: dict, eos_ids: Sequence[int] = (),
              max_depth: int | None = None, max_threads: int | None = None,
              max_thread_tokens: int | None = None, max_total_tokens: int | None = None,
-             max_critical_path: int | None = None, race: bool = False) -> Trace:
+             max_critical_path: int | None = None, race: bool = False, prune_margin: float = 0.0,
+             prune_min_tokens: int = 8, logprobs: dict | None = None) -> Trace:
   """scripts: {path: [sampled tokens]}; a thread whose script runs out stops ("script_end").
 
   Budgets, from their definitions:
@@ -74,12 +75,19 @@ def simulate(pr: Protocol, prompt: Sequence[int], scripts: dict, eos_ids: Sequen
   - race: the children that write the goal tag at the earliest sample count win; siblings
     still running then are cancelled with their subtrees and left out of the join (siblings
     sample in lockstep, one sample per step each, as in the engine when every child has a
-    row); a sibling that stopped by then, or stops at that very sample, is kept.
+    row); a sibling that stopped by then, or stops at that very sample, is kept;
+  - pruning (prune_margin > 0, with `logprobs` {path: [log-prob of each sample]}): after
+    each lockstep sample k >= prune_min_tokens, among the siblings still sampling (not
+    ending at this sample) a child whose mean log-prob over its k samples trails the best
+    such sibling's by more than the margin is cancelled ("pruned") with its subtree and left
+    out of the join. Exact for children that do not fork (a child that forks pauses, so its
+    clock leaves its siblings': not modelled, an error).
   A fork needs a block opened (`pr.open`) since the thread started or last joined."""
   sim = _Sim(pr, scripts, eos_ids,
              pr.max_depth if max_depth is None else min(max_depth, pr.max_depth),
              max_threads or 1 << 30, max_thread_tokens or 1 << 30, max_total_tokens or 1 << 30,
              max_critical_path or 1 << 30, race)
+  sim.prune = (prune_margin, prune_min_tokens, logprobs or {}) if prune_margin > 0 else None
   try:
     _, _, cp = sim.run((), [], list(prompt), 0, 0, [], True, 0)
   except _RequestEnds:
@@ -101,11 +109,12 @@ class _Sim:
     self.threads: dict = {}
     self.visible: dict = {}
     self.cp_seen = [0]
+    self.prune = None  # (margin, min tokens, logprobs)
 
   def run(self, path, ctx, forced, pos, depth, label, scan_forced, cp, limit=None):
     """Runs thread `path` from context `ctx`, critical path `cp` so far. Returns (what it
-    adds to a shared context, final position, critical path at its end). `limit`: the
-    samples after which it is cancelled (race), with its subtree."""
+    adds to a shared context, final position, critical path at its end). `limit`:
+    (samples, reason) after which it is cancelled (race) or pruned, with its subtree."""
     pr = self.pr
     th = self.threads[path] = Thread(path=path, forced=list(forced))
     st = dict(seen=list(ctx), pos=pos, count=0, mark=-1, mark_pos=0)
@@ -147,8 +156,8 @@ class _Sim:
             if cp >= self.max_cp:
               stop_by_budget()
               break
-        if limit is not None and len(th.samples) >= limit:
-          th.stop_reason = "cancelled"
+        if limit is not None and len(th.samples) >= limit[0]:
+          th.stop_reason = limit[1]
           break
         if not script:
           th.stop_reason = "script_end"
@@ -201,7 +210,9 @@ class _Sim:
       first = min((g for g in goals if g is not None), default=None)
       if first is not None:
         # winners stop at their goal sample's step; the rest are cut after first + 1 samples
-        limits = [None if g == first else first + 1 for g in goals]
+        limits = [None if g == first else (first + 1, "cancelled") for g in goals]
+    if self.prune is not None:
+      limits = self._prune_limits(paths, cp, limits)
     kids = []
     seen = st["seen"]
     for i, cpath in enumerate(paths, start=1):
@@ -247,7 +258,41 @@ class _Sim:
     return new_cp
 
   def _cancelled(self, path):
-    return self.threads[path].stop_reason == "cancelled"
+    return self.threads[path].stop_reason in ("cancelled", "pruned")
+
+  def _natural_end(self, cpath, cp):
+    """How many samples child `cpath` takes when nothing cancels it (its stop token, its
+    token budget or the critical path)."""
+    pr = self.pr
+    script = list(self.scripts.get(cpath, ()))
+    n = min(len(script), self.max_thread_tokens, max(self.max_cp - cp, 0))
+    for i, x in enumerate(script[:n]):
+      if x in pr.child_stop or x in self.eos:
+        return i + 1
+      if x == pr.fork and pr.forks:
+        raise ValueError(f"the pruning reference needs children that do not fork ({cpath})")
+    return n
+
+  def _prune_limits(self, paths, cp, limits):
+    """Per child: (samples, "pruned") where pruning stops it, else its race limit."""
+    margin, min_tokens, logprobs = self.prune
+    ends = [self._natural_end(c, cp) for c in paths]
+    for i, lim in enumerate(limits):
+      if lim is not None:
+        ends[i] = min(ends[i], lim[0])
+    out = list(limits)
+    alive = set(range(len(paths)))
+    for k in range(max(min_tokens, 1), max(ends, default=0) + 1):
+      running = [i for i in sorted(alive) if k < ends[i]]
+      if not running:
+        continue
+      mean = {i: sum(logprobs[paths[i]][:k]) / k for i in running}
+      best = max(mean.values())
+      for i in running:
+        if mean[i] < best - margin:
+          out[i] = (k, "pruned")
+          alive.discard(i)
+    return out
 
 
 def flat_trajectory(threads: dict, pr: Protocol, path: tuple = ()) -> list:

@@ -1,0 +1,299 @@
+"""Fork and join: children created in free thread-table entries (their forced prefix, label
+and, for fresh contexts, their prompt copied from the parent's spawn line); threads that
+finish release their rows; a parent whose children are all done joins them (stitch: relabel
+their KV; flat: re-prefill their tokens; results: a results block) and resumes."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from apr_jax.engine.tree.ops import (any_per_request, before_in_request, bucket_sorted, compact,
+                                     const, isin, per_request, targets)
+from apr_jax.engine.tree.requests import child_key, script_row, terminate
+from apr_jax.engine.tree.state import (Lane, Limit, Next, StopReason, ThreadState, Threads,
+                                       TreeSpec)
+
+
+# ----------------------------------------------------------------------------- fork
+def _labels(th: Threads, spec: TreeSpec, parent, rank):
+  """Label tokens [NT, LBL] and lengths of children number rank + 1 of `parent` [NT]:
+  the parent's label, the separator, then the number's digits."""
+  pr = spec.protocol
+  plab, plen = th.label[parent], th.label_len[parent]
+  if not pr.digits:
+    return jnp.zeros_like(plab), jnp.zeros_like(plen)
+  num = rank + 1
+  d_hi, d_lo = num // 10, num % 10
+  digits = jnp.asarray(pr.digits, jnp.int32)
+  sep, nsep = const(pr.label_sep)
+  n = plab.shape[0]
+  lab_tok = jnp.concatenate([plab, jnp.broadcast_to(sep, (n, sep.shape[0])),
+                             digits[d_hi][:, None], digits[d_lo][:, None]], axis=1)
+  lab_ok = jnp.concatenate([
+      jnp.arange(spec.label)[None, :] < plen[:, None],
+      jnp.broadcast_to((jnp.arange(sep.shape[0]) < nsep)[None, :], (n, sep.shape[0]))
+      & (plen > 0)[:, None],
+      (d_hi > 0)[:, None], jnp.ones_like(d_lo, bool)[:, None]], axis=1)
+  return jax.vmap(lambda t, v: compact(t, v, spec.label))(lab_tok, lab_ok)
+
+
+def _spawn_line(lane: Lane, spec: TreeSpec, p, r):
+  """A fresh child's prompt: child_pre + the text of spawn line r + 1 of p's open block
+  (the tokens after its r + 1-th count tag). Returns (queue [Q], length asked for: it may
+  exceed Q)."""
+  pr, log = spec.protocol, lane.log
+  pre, npre = const(pr.child_pre)
+  e = jnp.arange(spec.n_log)
+  mine = (log.thread == p) & (e > lane.threads.mark_log[p]) & (e < log.n)
+  seg = jnp.cumsum(mine & (log.tok == pr.count))
+  ok = mine & (seg == r + 1) & (log.tok != pr.count) & (log.tok != pr.fork)
+  toks = jnp.concatenate([pre, log.tok])
+  oks = jnp.concatenate([jnp.arange(pre.shape[0]) < npre, ok])
+  out, _ = compact(toks, oks, spec.n_queue)
+  return out, jnp.sum(oks).astype(jnp.int32)
+
+
+def _child_queues(lane: Lane, spec: TreeSpec, parent, rank, valid_child):
+  """Forced queue [NT, Q], its length (unclipped) and label for each new child (vectorised
+  over the thread table). rank: the child's number within its fork (0-based): its label is
+  rank + 1 and, for fresh contexts, it reads spawn line rank + 1."""
+  pr = spec.protocol
+  label, lablen = _labels(lane.threads, spec, parent, rank)
+  if pr.context == "shared":  # child_pre + label + child_post
+    pre, npre = const(pr.child_pre)
+    post, npost = const(pr.child_post)
+    n = label.shape[0]
+    toks = jnp.concatenate([jnp.broadcast_to(pre, (n, pre.shape[0])), label,
+                            jnp.broadcast_to(post, (n, post.shape[0]))], axis=1)
+    ok = jnp.concatenate([
+        jnp.broadcast_to(jnp.arange(pre.shape[0]) < npre, (n, pre.shape[0])),
+        jnp.arange(spec.label)[None, :] < lablen[:, None],
+        jnp.broadcast_to(jnp.arange(post.shape[0]) < npost, (n, post.shape[0]))], axis=1)
+    queue, qlen = jax.vmap(lambda t, v: compact(t, v, spec.n_queue))(toks, ok)
+  else:
+    queue, qlen = jax.vmap(lambda p, r: _spawn_line(lane, spec, p, r))(parent, rank)
+  return queue, jnp.where(valid_child, qlen, 0), label, lablen
+
+
+def _fork_sizes(lane: Lane, spec: TreeSpec, fork_w):
+  """Children each row in `fork_w` [W] gets, n_w [W]: what it announced, within its
+  request's thread limit (rows of one request take it in row order) and the free entries of
+  the thread table."""
+  th, rq = lane.threads, lane.requests
+  t_w = jnp.clip(lane.rows.thread, 0)
+  q_w = th.req[t_w]
+  want = jnp.where(fork_w, th.count[t_w], 0)
+  avail = jnp.maximum(rq.limits[:, Limit.THREADS] - rq.created, 0)
+  before = before_in_request(q_w, want, spec.requests)
+  n_w = jnp.clip(avail[jnp.clip(q_w, 0)] - before, 0, want)
+  free_t = th.req < 0
+  return jnp.clip(jnp.sum(free_t) - (jnp.cumsum(n_w) - n_w), 0, n_w)
+
+
+def _new_children(lane: Lane, spec: TreeSpec, n_w, step):
+  """Fills the thread table's lowest free entries with the children of each row (n_w [W]).
+  Returns (lane, is_new [NT], child prompt length asked for [NT])."""
+  pr, th, nt, w = spec.protocol, lane.threads, spec.threads, spec.rows
+  t_w = jnp.clip(lane.rows.thread, 0)
+  cum_n = jnp.cumsum(n_w)
+  free_t = th.req < 0
+  k = jnp.cumsum(free_t) - 1                                           # rank among free entries
+  is_new = free_t & (k < cum_n[-1])
+  row = jnp.clip(jnp.searchsorted(cum_n, k, side="right"), 0, w - 1)
+  parent = t_w[row]
+  idx = jnp.where(is_new, k - (cum_n[row] - n_w[row]), 0)              # number within its fork
+  rank = th.kid_base[parent] + idx                                     # unique among siblings
+  queue, qlen, label, lablen = _child_queues(lane, spec, parent, idx, is_new)
+  shared = pr.context == "shared"
+  own = jax.nn.one_hot(jnp.arange(nt), nt, dtype=bool)
+  th = th.where(
+      is_new, req=th.req[parent], state=ThreadState.READY, parent=parent, depth=th.depth[parent] + 1,
+      rank=rank, pos=th.pos[parent] if shared else 0, cp=th.cp[parent], start=step,
+      born_log=lane.log.n, key=jax.vmap(child_key)(th.key[parent], rank),
+      script=jax.vmap(lambda q, p, r: script_row(lane.scripts, q, p, r))(
+          th.req[parent], th.script[parent], rank),
+      queue=queue, q_len=jnp.minimum(qlen, spec.n_queue), q_head=0, q_sampled=False, label=label,
+      label_len=lablen, vis=(th.vis[parent] | own) if shared else own)
+  return lane.replace(threads=th), is_new, qlen
+
+
+def fork(lane: Lane, spec: TreeSpec, fork_w, step):
+  """Creates the children of every row in `fork_w` [W] that gets >= 1; its thread waits for
+  them and leaves its row. Returns (lane, n_w [W]: children per row)."""
+  nt, nr = spec.threads, spec.requests
+  n_w = _fork_sizes(lane, spec, fork_w)
+  t_w = jnp.clip(lane.rows.thread, 0)
+  q_w = lane.threads.req[t_w]
+  lane, is_new, qlen = _new_children(lane, spec, n_w, step)
+  forked = n_w > 0
+  th = lane.threads.set_at(targets(forked, t_w, nt), state=ThreadState.WAIT, n_children=n_w,
+                           pending=n_w, row=-1)
+  th = th.add_at(targets(forked, t_w, nt), kid_base=n_w)
+  qf = jnp.where(forked, q_w, -1)
+  rq = lane.requests
+  rq = rq.replace(forks=rq.forks + per_request(qf, jnp.ones_like(n_w), nr),
+                  created=rq.created + per_request(qf, n_w, nr))
+  rows = lane.rows.replace(thread=jnp.where(forked, -1, lane.rows.thread))
+  lane = lane.replace(threads=th, requests=rq, rows=rows)
+  # a child prompt longer than a thread's queue: the request is out of memory
+  over = any_per_request(th.req, is_new & (qlen > spec.n_queue), nr)
+  return terminate(lane, StopReason.OUT_OF_MEMORY, step, over), n_w
+
+
+# ----------------------------------------------------------------------------- finish
+def finish(lane: Lane, spec: TreeSpec, fin_t, step):
+  """Threads in `fin_t` [NT] are done: release rows, count down their parents. Returns
+  (lane, join_p [NT], root_done [R], root_reason [R]): the parents whose children are now all
+  done; the requests whose root finished and why (the caller closes them)."""
+  nt, th = spec.threads, lane.threads
+  was_waiting = th.state == ThreadState.WAIT
+  th = th.where(fin_t, state=ThreadState.DONE, end=step, row=-1)
+  rt = lane.rows.thread
+  rows = lane.rows.replace(thread=jnp.where((rt >= 0) & fin_t[jnp.clip(rt, 0)], -1, rt))
+  par = th.parent
+  th = th.add_at(jnp.where(fin_t & (par >= 0), par, nt), pending=-1)
+  join_p = was_waiting & (th.state == ThreadState.WAIT) & (th.pending <= 0)
+  root = fin_t & (par < 0) & (th.req >= 0)
+  q = jnp.where(root, th.req, -1)
+  root_done = per_request(q, jnp.ones((nt,), jnp.int32), spec.requests) > 0
+  root_reason = per_request(q, th.reason, spec.requests)
+  return lane.replace(threads=th, rows=rows), join_p, root_done, root_reason
+
+
+# ----------------------------------------------------------------------------- join
+def dropped(th: Threads):
+  """[NT] bool: threads cancelled by race or pruning (left out of their parent's join)."""
+  return (th.reason == StopReason.CANCELLED) | (th.reason == StopReason.PRUNED)
+
+
+def current_children(th: Threads, p):
+  """[NT] bool: the children of p's latest fork (ranks are unique among all of p's children,
+  so the latest fork holds the last `n_children` of them)."""
+  return (th.parent == p) & (th.req >= 0) & (th.rank >= th.kid_base[p] - th.n_children[p])
+
+
+def _results_queue(lane: Lane, spec: TreeSpec, kids, is_child, local):
+  """A results join's queue: results_open, per child (in fork order) its span from its last
+  result tag (stop tokens left out) or no_result, results_close, after_join."""
+  pr, log, nt = spec.protocol, lane.log, spec.threads
+  e = jnp.arange(spec.n_log)
+  cc = jnp.clip(log.thread, 0)
+  tag = is_child & isin(log.tok, pr.result_tags)
+  last_tag = jnp.full((nt,), -1, jnp.int32).at[jnp.where(tag, cc, nt)].max(
+      jnp.where(tag, e, -1), mode="drop")
+  span = is_child & (last_tag[cc] >= 0) & (e >= last_tag[cc]) & ~isin(log.tok, tuple(pr.child_stop))
+  ro, nro = const(pr.results_open)
+  no, nno = const(pr.no_result)
+  rc, nrc = const(pr.results_close)
+  aj, naj = const(pr.after_join)
+  kid_ok = kids & (last_tag < 0)  # a child without a result tag: no_result (never with a span)
+  v_tok = jnp.broadcast_to(no[None, :], (nt, no.shape[0])).reshape(-1)
+  v_bucket = jnp.broadcast_to(1 + local[:, None], (nt, no.shape[0])).reshape(-1)
+  v_ok = (kid_ok[:, None] & (jnp.arange(no.shape[0]) < nno)[None, :]).reshape(-1)
+  # buckets: 0 results_open | 1 + child index: its span or no_result | nt + 1 close, after
+  toks = jnp.concatenate([ro, v_tok, log.tok, rc, aj])
+  bucket = jnp.concatenate([jnp.zeros(ro.shape, jnp.int32), v_bucket, 1 + local[cc],
+                            jnp.full(rc.shape[0] + aj.shape[0], nt + 1)])
+  valid = jnp.concatenate([jnp.arange(ro.shape[0]) < nro, v_ok, span, jnp.arange(rc.shape[0]) < nrc,
+                           jnp.arange(aj.shape[0]) < naj])
+  return bucket_sorted(toks, bucket, valid, nt + 2, spec.n_queue)
+
+
+def _join_queue(lane: Lane, spec: TreeSpec, p):
+  """The forced queue of parent p after its children's join (flat / results modes) and its
+  length (unclipped)."""
+  pr, th, log, nt = spec.protocol, lane.threads, lane.log, spec.threads
+  e = jnp.arange(spec.n_log)
+  cc = jnp.clip(log.thread, 0)
+  kids = current_children(th, p) & ~dropped(th)                          # [NT]
+  is_child = (log.thread >= 0) & kids[cc] & (e < log.n)
+  first = th.kid_base[p] - th.n_children[p]
+  local = jnp.clip(th.rank - first, 0, nt - 1)    # [NT] index within the fork
+  if pr.join == "results":
+    return _results_queue(lane, spec, kids, is_child, local)
+  aj, naj = const(pr.after_join)  # flat: child 0's tokens, child 1's, ..., after_join
+  toks = jnp.concatenate([log.tok, aj])
+  bucket = jnp.concatenate([local[cc], jnp.full(aj.shape, nt)])
+  valid = jnp.concatenate([is_child, jnp.arange(aj.shape[0]) < naj])
+  return bucket_sorted(toks, bucket, valid, nt + 1, spec.n_queue)
+
+
+def _join_queues(lane: Lane, spec: TreeSpec, join_p):
+  """Forced queues [NT, Q] and their (unclipped) lengths [NT] of the joining parents (flat
+  and results joins): one queue per joining parent, usually one a step, not one per entry."""
+  nt = spec.threads
+  todo = jnp.nonzero(join_p, size=nt, fill_value=0)[0]
+
+  def one(c):
+    k, queue, qlen = c
+    qp, lp = _join_queue(lane, spec, todo[k])
+    return k + 1, queue.at[todo[k]].set(qp), qlen.at[todo[k]].set(lp)
+
+  _, queue, qlen = jax.lax.while_loop(lambda c: c[0] < jnp.sum(join_p), one,
+                                      (0, lane.threads.queue, lane.threads.q_len))
+  return queue, qlen
+
+
+def append_close(queue, qlen, where_t, spec: TreeSpec):
+  """Appends the protocol's child close tokens to the queues of threads `where_t` [NT]."""
+  close, nclose = const(spec.protocol.child_close)
+  if not nclose:
+    return queue, qlen
+  q = spec.n_queue
+  toks = jnp.concatenate([queue, jnp.broadcast_to(close[None, :], (queue.shape[0], close.shape[0]))], 1)
+  ok = jnp.concatenate([jnp.arange(q)[None, :] < qlen[:, None],
+                        jnp.broadcast_to(where_t[:, None], (queue.shape[0], close.shape[0]))], 1)
+  newq, _ = jax.vmap(lambda t, v: compact(t, v, q))(toks, ok)
+  return (jnp.where(where_t[:, None], newq, queue),
+          jnp.where(where_t, jnp.minimum(qlen, q) + nclose, qlen))
+
+
+def _merge_kv(lane: Lane, spec: TreeSpec, join_p):
+  """The joining children's KV: relabelled to the parent (stitch) or freed (flat, results;
+  a results join also frees the parent's spawn block). Returns (lane, the parents' new
+  positions [NT], their forced queues [NT, Q] and lengths [NT] (unclipped))."""
+  pr, th, nt = spec.protocol, lane.threads, spec.threads
+  owner = lane.slots.owner
+  oc = jnp.clip(owner, 0)
+  par = th.parent[oc]
+  pc = jnp.clip(par, 0)
+  of_joining = (owner >= 0) & (par >= 0) & join_p[pc] & (
+      th.rank[oc] >= th.kid_base[pc] - th.n_children[pc])
+  kept = ~dropped(th)
+  kid_pos = jax.vmap(lambda p: jnp.max(jnp.where(current_children(th, p) & kept, th.pos, 0)))(
+      jnp.arange(nt))
+  if pr.join == "stitch":
+    aj, naj = const(pr.after_join)
+    queue = jnp.zeros((nt, spec.n_queue), jnp.int32).at[:, :aj.shape[0]].set(aj[None, :])
+    slots = lane.slots.replace(owner=jnp.where(of_joining, par, owner))
+    return lane.replace(slots=slots), jnp.maximum(kid_pos, th.pos), queue, jnp.full((nt,), naj, jnp.int32)
+  drop, new_pos = of_joining, th.pos
+  if pr.join == "results":
+    drop = drop | ((owner >= 0) & join_p[oc] & (lane.slots.pos >= th.mark_pos[oc]))
+    new_pos = th.mark_pos
+  lane = lane.replace(slots=lane.slots.replace(owner=jnp.where(drop, -1, owner)))
+  queue, qlen = _join_queues(lane, spec, join_p)
+  return lane, new_pos, queue, qlen
+
+
+def join(lane: Lane, spec: TreeSpec, join_p, step):
+  """Joins every parent in `join_p` [NT] (all its children are done). Cancelled children are
+  left out (their KV is already dropped); a join queue that does not fit a thread's queue
+  ends its request `out_of_memory`; a parent whose critical path the children used up stops
+  after its forced join tokens (a child parent writes its close tokens first)."""
+  th = lane.threads
+  kid_cp = jax.vmap(lambda p: jnp.max(jnp.where(current_children(th, p), th.cp, 0)))(
+      jnp.arange(spec.threads))
+  lane, new_pos, queue, qlen = _merge_kv(lane, spec, join_p)
+  th = lane.threads
+  spent = join_p & (kid_cp >= lane.requests.limits[jnp.clip(th.req, 0), Limit.CRITICAL])
+  is_child = th.parent >= 0
+  queue, qlen = append_close(queue, qlen, spent & is_child, spec)
+  th = th.where(
+      join_p, pos=new_pos, cp=kid_cp, queue=queue, q_len=jnp.minimum(qlen, spec.n_queue), q_head=0,
+      q_sampled=False, count=0, mark_log=-1, mark_pending=False,  # a new fork needs a new block
+      after=jnp.where(spent, Next.FINISH, Next.SAMPLE), state=ThreadState.READY)
+  th = th.where(join_p & spent,
+                reason=jnp.where(is_child, StopReason.BUDGET, StopReason.LENGTH))
+  oom = any_per_request(th.req, join_p & (qlen > spec.n_queue), spec.requests)
+  return terminate(lane.replace(threads=th), StopReason.OUT_OF_MEMORY, step, oom)

@@ -1,0 +1,159 @@
+"""The loop: one engine step (pack, model, sample, fork, finish, join) over every lane, the
+step variants, the `while_loop` segment, and the whole-state entry points the host calls
+between segments (admit, cancel, release)."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from apr_jax.cache import kv as kvlib
+from apr_jax.engine.tree import budgets, forkjoin, requests
+from apr_jax.engine.tree.packing import assign_rows, pack
+from apr_jax.engine.tree.state import EngineState, Lane, Scripts, TreeSpec, empty_lane
+from apr_jax.model.transformer import Transformer
+
+
+def update(lanes: Lane, logits, drained, step, spec: TreeSpec) -> Lane:
+  """Acts on every drained row of every lane: fork, finish, or sample and run the protocol
+  state machine; then joins. The rare, heavier phases (fork, join, a request's end) sit
+  behind `lax.cond`s taken over all lanes at once (inside a vmap they would run every step)."""
+  vm = jax.vmap
+  lanes, drained, fork_w = vm(lambda l, d: budgets.classify(l, d, step))(lanes, drained)
+  t_w = jnp.clip(lanes.rows.thread, 0)  # before forks release rows
+  zeros = jnp.zeros(fork_w.shape, jnp.int32)
+  lanes, n_forked = jax.lax.cond(
+      jnp.any(fork_w), lambda l: vm(lambda a, f: forkjoin.fork(a, spec, f, step))(l, fork_w),
+      lambda l: (l, zeros), lanes)
+  lanes, fin_t = vm(lambda l, t, lo, d, n: budgets.sample_phase(l, t, lo, d, n, step, spec))(
+      lanes, t_w, logits, drained, n_forked)
+  lanes, join_p, root_done, root_reason = vm(lambda l, f: forkjoin.finish(l, spec, f, step))(lanes, fin_t)
+  lanes = jax.lax.cond(
+      jnp.any(root_done),
+      lambda l: vm(lambda a, d, r: requests.close(a, d, r, step))(l, root_done, root_reason),
+      lambda l: l, lanes)
+  return jax.lax.cond(jnp.any(join_p), lambda l: vm(lambda a, j: forkjoin.join(a, spec, j, step))(l, join_p),
+                      lambda l: l, lanes)
+
+
+def _last_logits(model: Transformer, h, pk, spec: TreeSpec, m: int):
+  """Logits [lanes, W, V] of each row that drained (at most min(rows, m) of them per lane)."""
+  r = min(spec.rows, m)
+  sel = jax.vmap(lambda d: jnp.nonzero(d, size=r, fill_value=spec.rows)[0])(pk["drained"])  # [L, R]
+  last = jnp.take_along_axis(pk["last"], jnp.clip(sel, 0, spec.rows - 1), axis=1)
+  hl = jnp.take_along_axis(h, last[..., None], axis=1)                    # [L, R, E]
+  lo = model.logits(hl)                                                   # [L, R, V]
+  b = jnp.arange(lo.shape[0])[:, None]
+  return jnp.zeros((lo.shape[0], spec.rows, lo.shape[-1]), lo.dtype).at[b, sel].set(lo, mode="drop")
+
+
+def forward_step(model: Transformer, st: EngineState, spec: TreeSpec, m: int, pad_to: int = 0):
+  """One engine step packing at most `m` tokens per lane. Returns (lanes, a LayerKV per
+  layer with k, v [lanes, K, pad_to, D], their slots [lanes, pad_to]): the cache is only read here, and not returned; the caller writes the new KV
+  (outside any lax.switch, so in place)."""
+  step = st.step
+  lanes, pk = jax.vmap(lambda l: pack(l, step, spec, m))(st.lanes)
+  h, new_kv = model.read_cache(pk["tok"], pk["pos"], pk["mask"], pk["mask_new"], st.cache)
+  slot = pk["slot"]
+  if pad_to > m:  # every variant hands back the same shapes; pad slots are dropped
+    new_kv = jax.tree.map(lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, pad_to - m), (0, 0))), new_kv)
+    pad = jnp.broadcast_to(spec.slots + jnp.arange(m, pad_to), (slot.shape[0], pad_to - m))
+    slot = jnp.concatenate([slot, pad.astype(slot.dtype)], axis=1)
+  logits = _last_logits(model, h, pk, spec, m)
+  return update(lanes, logits, pk["drained"], step, spec), new_kv, slot
+
+
+def step_sizes(spec: TreeSpec) -> tuple:
+  """Token budgets of the step variants: 1 (one thread decoding), rows (every row decoding),
+  2 x rows (a few forced tokens: closing tags, a join's forced tokens) and chunk (prompts,
+  re-prefills). More variants cost compile time, not run time."""
+  return tuple(sorted({1, spec.rows, min(max(2 * spec.rows, 8), spec.chunk), spec.chunk}))
+
+
+def _variant(st: EngineState, cost, spec: TreeSpec):
+  """Which step variant to run: the smallest that covers the busiest lane, or (every cost
+  > 0) the one that writes the most tokens per unit of cost."""
+  sizes = step_sizes(spec)
+  lanes = st.lanes
+  tw = jnp.clip(lanes.rows.thread, 0)
+  qlen = jnp.take_along_axis(lanes.threads.q_len, tw, axis=1)
+  busy = lanes.rows.thread >= 0  # rows of ended requests are freed the step they end
+  per_lane = jnp.sum(jnp.where(busy, jnp.minimum(qlen, spec.chunk), 0), axis=1)   # [L]
+  which = jnp.minimum(jnp.sum(jnp.asarray(sizes) < jnp.max(per_lane)), len(sizes) - 1)
+  covered = jnp.stack([jnp.sum(jnp.minimum(per_lane, m)) for m in sizes]).astype(jnp.float32)
+  best = jnp.argmax(covered / jnp.maximum(cost, 1e-9)).astype(which.dtype)
+  return jnp.where(jnp.all(cost > 0), best, which)
+
+
+def segment(graphdef, params, st: EngineState, until_step, cost, spec: TreeSpec) -> EngineState:
+  """Runs engine steps while step < until_step and some lane has work.
+
+  Each step runs one variant of `step_sizes(spec)` (tokens per lane). `cost` [n variants]
+  float32 is their relative cost per step: with every entry > 0 the step runs the variant
+  that writes the most tokens per unit of cost (a busy lane whose work exceeds it waits:
+  its forced chunk, or its rows past the budget; e.g. one lane's 30-token prompt does not
+  make every lane run a 32-token step on a machine where that costs 6x a 1-token step);
+  otherwise (all zeros, the default) the smallest variant that covers the busiest lane.
+  The schedule changes when tokens are written, not which: sampled tokens and logits are
+  the same; only what depends on siblings' relative progress can differ (which thread a
+  total-token budget cuts, race cancellation, pruning). `st.vsteps` counts the steps run
+  of each variant (the runner fits `cost` from them)."""
+  model: Transformer = nnx.merge(graphdef, params)
+  sizes = step_sizes(spec)
+
+  def cond(st):
+    rq = st.lanes.requests
+    return (st.step < until_step) & jnp.any(rq.active & ~rq.done)
+
+  def body(st):
+    st = st.replace(lanes=jax.vmap(lambda l: assign_rows(l, spec))(st.lanes))
+    which = _variant(st, cost, spec)
+    if len(sizes) == 1:
+      new, new_kv, slot = forward_step(model, st, spec, sizes[0])
+    else:
+      new, new_kv, slot = jax.lax.switch(
+          which, [functools.partial(forward_step, model, spec=spec, m=m, pad_to=sizes[-1]) for m in sizes],
+          st)
+    # the cache is written here, not in the switch's branches: a buffer that a lax.cond
+    # returns is copied whole every step (the KV pool, at every step)
+    cache = tuple(kvlib.write(c, kv.k, kv.v, slot) for c, kv in zip(st.cache, new_kv))
+    return EngineState(lanes=new, cache=cache, step=st.step + 1, vsteps=st.vsteps.at[which].add(1))
+
+  return jax.lax.while_loop(cond, body, st)
+
+
+# ----------------------------------------------------------------------------- host entry points
+def _on_lane(st: EngineState, lane_idx, fn) -> EngineState:
+  old = jax.tree.map(lambda a: a[lane_idx], st.lanes)
+  return st.replace(lanes=jax.tree.map(lambda a, b: a.at[lane_idx].set(b), st.lanes, fn(old)))
+
+
+def admit(st: EngineState, lane_idx, req_idx, prompt, plen, limits, key, script: Scripts, count0,
+          mark0, fork0, spec: TreeSpec) -> EngineState:
+  """Request slot `req_idx` of lane `lane_idx` takes a request (`requests.admit`); `script`:
+  its rows of the Scripts table (no request axis)."""
+  rows = (script.tokens, script.length, script.parent, script.rank)
+  return _on_lane(st, lane_idx, lambda l: requests.admit(
+      l, req_idx, prompt, plen, limits, key, rows, st.step, count0, mark0, fork0, spec))
+
+
+def cancel(st: EngineState, lane_idx, req_idx, reason, spec: TreeSpec) -> EngineState:
+  """Ends a running request with `reason` (a StopReason; the deadline)."""
+  cond = jnp.arange(spec.requests) == req_idx
+  return _on_lane(st, lane_idx, lambda l: requests.terminate(l, reason, st.step, cond))
+
+
+def release(st: EngineState, lane_idx, req_idx, spec: TreeSpec) -> EngineState:
+  """Frees a finished request's slot once its result has been read (`requests.release`)."""
+  return _on_lane(st, lane_idx, lambda l: requests.release(l, req_idx, spec))
+
+
+def init(spec: TreeSpec, cfg, cache_dtype, cache_sharding=None) -> EngineState:
+  """An engine state with no request: every lane empty, a zero KV cache."""
+  lane = empty_lane(spec, cfg.vocab_size)
+  lanes = jax.tree.map(lambda a: jnp.broadcast_to(a, (spec.lanes,) + a.shape), lane)
+  cache = kvlib.init_cache(cfg, spec.lanes, spec.slots, cache_dtype, cache_sharding)
+  return EngineState(lanes=lanes, cache=cache, step=jnp.zeros((), jnp.int32),
+                     vsteps=jnp.zeros((len(step_sizes(spec)),), jnp.int32))
