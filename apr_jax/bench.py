@@ -34,6 +34,10 @@ flags.DEFINE_integer("thread_tokens", 48, "fork: tokens per thread (n).", lower_
 flags.DEFINE_integer("after_tokens", 16, "fork: tokens after the join (m).", lower_bound=1)
 flags.DEFINE_string("train_config", "configs/countdown_small_sos.py", "train: the config to measure.")
 flags.DEFINE_list("methods", ["apr_jax", "apr_jax_flat", "sequential", "host"], "fork: methods.")
+flags.DEFINE_list("pools", ["1536", "3072"], "attention: KV slots per lane to compare.")
+flags.DEFINE_list("attentions", ["dense", "tree"], "attention: the attention paths to compare.")
+flags.DEFINE_integer("problems", 16, "attention: Countdown problems per run.", lower_bound=1)
+flags.DEFINE_integer("lanes", 8, "attention: lanes.", lower_bound=1)
 
 PROMPT = "Write a short story about a robot who learns to paint."
 
@@ -320,7 +324,77 @@ def bench_train():
   return [rec]
 
 
-BENCHMARKS = {"decode": bench_decode, "fork": bench_fork, "train": bench_train}
+def bench_attention():
+  """Engine step time of the shipped parallel (APR) Countdown model on the same problems
+  with each attention path and pool size, side by side: the tree path's step time should not
+  grow with the pool; the KV slots read per step (counted by the engine) against the slots
+  some token saw (the unique visible KV)."""
+  from apr_jax import checkpoint
+  from apr_jax.engine.runner import Request
+  from apr_jax.evaluation import countdown as ev
+  from apr_jax.shipped import resolve
+  from apr_jax.tasks import countdown as cd
+  model, tok = checkpoint.load(resolve("countdown_small_apr"))
+  problems = cd.test_split(cd.SETTINGS["small"], FLAGS.problems, seed=0)
+  reqs = [Request([tok.bos_id] + tok.encode(cd.prompt_text(p)), max_thread_tokens=1536,
+                  max_total_tokens=6000) for p in problems]
+  pools = [int(x) for x in FLAGS.pools]
+  bad = set(FLAGS.attentions) - {"dense", "tree"}
+  if bad:
+    raise UserError(f"unknown --attentions {sorted(bad)}")
+  engines = {}
+  for pool in pools:
+    for att in FLAGS.attentions:
+      _log(f"compiling {att} attention, {pool} slots per lane")
+      engines[(att, pool)] = ev.make_engine(model, tok, "apr", lanes=FLAGS.lanes, slots=pool,
+                                            attention=att)
+  samples, outputs = {k: [] for k in engines}, {}
+  for r in range(FLAGS.repeats + 1):  # the first round warms up
+    for key, eng in engines.items():
+      st0 = (int(eng.state.step), [float(x) for x in eng.state.reads])
+      t0 = time.perf_counter()
+      res = eng.run(reqs)
+      wall = time.perf_counter() - t0
+      steps = int(eng.state.step) - st0[0]
+      seen, read = (float(x) - y for x, y in zip(eng.state.reads, st0[1]))
+      outputs[key] = [x.token_ids for x in res]
+      if r:
+        samples[key].append(dict(wall_s=wall, steps=steps, seen=seen / steps, read=read / steps))
+        _log(f"repeat {r}/{FLAGS.repeats} {key[0]:5s} {key[1]:6d} slots: {wall:.2f} s, "
+             f"{1e3 * wall / steps:.2f} ms/step")
+  ref = outputs[next(iter(outputs))]
+  bpt = 2 * model.cfg.n_kv_heads * model.cfg.head_dim * 4  # float32 K and V, per layer
+  records = []
+  for (att, pool), rs in samples.items():
+    step_ms = statistics.median(1e3 * x["wall_s"] / x["steps"] for x in rs)
+    records.append({
+        "benchmark": "attention", "attention": att, "slots": pool, "lanes": FLAGS.lanes,
+        "problems": FLAGS.problems, "repeats": len(rs), "steps": rs[0]["steps"],
+        "wall_s": round(statistics.median(x["wall_s"] for x in rs), 3),
+        "step_ms": round(step_ms, 3),
+        "kv_read_bytes_per_step_per_layer": round(rs[0]["read"] * bpt),
+        "kv_visible_bytes_per_step_per_layer": round(rs[0]["seen"] * bpt),
+        "same_outputs": outputs[(att, pool)] == ref})
+  for r in records:
+    small = next(x for x in records if x["attention"] == r["attention"] and x["slots"] == pools[0])
+    dense = next((x for x in records if x["attention"] == "dense" and x["slots"] == r["slots"]), None)
+    r["step_vs_smallest_pool"] = round(r["step_ms"] / small["step_ms"], 3)
+    if dense:
+      r["speedup_vs_dense"] = round(dense["step_ms"] / r["step_ms"], 3)
+    r["read_vs_visible"] = round(r["kv_read_bytes_per_step_per_layer"] /
+                                 max(r["kv_visible_bytes_per_step_per_layer"], 1), 3)
+  print(f"{'attention':9s} {'slots':>6s} {'steps':>6s} {'ms/step':>8s} {'x pool0':>8s} "
+        f"{'x dense':>8s} {'KV read/step':>13s} {'read/visible':>12s} same")
+  for r in records:
+    print(f"{r['attention']:9s} {r['slots']:6d} {r['steps']:6d} {r['step_ms']:8.2f} "
+          f"{r['step_vs_smallest_pool']:8.2f} {r.get('speedup_vs_dense', float('nan')):8.2f} "
+          f"{r['kv_read_bytes_per_step_per_layer'] / 2**20:11.2f}MB {r['read_vs_visible']:12.2f} "
+          f"{r['same_outputs']}")
+  return records
+
+
+BENCHMARKS = {"decode": bench_decode, "fork": bench_fork, "train": bench_train,
+              "attention": bench_attention}
 
 
 @cli_main

@@ -36,10 +36,11 @@ def engine(name, step_cost="auto", **kw):
 
 
 # layouts: a lane per request; one lane whose rows, thread table, log and KV pool are
-# shared by three requests at a time (entries are reused as requests come and go); and a
-# schedule of one-token steps (forced tokens and sibling rows wait for later steps)
-LAYOUTS = {"lanes": {}, "shared": dict(lanes=1, requests=3, rows=3, threads=48, slots=768),
-           "one_token_steps": dict(step_cost="one_token")}
+# shared by three requests at a time (entries are reused as requests come and go); a
+# schedule of one-token steps (forced tokens and sibling rows wait for later steps); and the
+# dense attention reference instead of tree attention (blocks of 16 slots elsewhere)
+LAYOUTS = {"lanes": dict(block=16), "shared": dict(lanes=1, requests=3, rows=3, threads=48, slots=768),
+           "one_token_steps": dict(step_cost="one_token", block=16), "dense": dict(attention="dense")}
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))

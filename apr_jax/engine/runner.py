@@ -323,7 +323,8 @@ class TreeEngine:
     shape = jax.eval_shape(lambda: tree.empty_lane(self.spec, self.cfg.vocab_size))
     lanes = jax.tree.map(lambda _: self._lane_sh, shape)
     cache = tuple(kvlib.LayerKV(self._cache_sh, self._cache_sh) for _ in range(self.cfg.n_layers))
-    return tree.EngineState(lanes=lanes, cache=cache, step=self._rep, vsteps=self._rep)
+    return tree.EngineState(lanes=lanes, cache=cache, step=self._rep, vsteps=self._rep,
+                            reads=self._rep)
 
   def _build(self):
     t0 = time.perf_counter()

@@ -61,7 +61,8 @@ PROMPT_TOKENS = 128  # more than any Countdown prompt of the shipped settings
 
 
 def make_engine(model, tok, fmt: str, lanes: int = 8, rows: int = 8, slots: int = 2048,
-                max_threads: int = 16, step_cost=None, max_total_tokens: int = 6000):
+                max_threads: int = 16, step_cost=None, max_total_tokens: int = 6000,
+                attention: str = "tree"):
   """An engine for the format's protocol whose token log holds any request with these
   budgets (`tree.log_bound`), so a request ends at its budget, never because of the log."""
   from apr_jax.engine import tree
@@ -69,7 +70,7 @@ def make_engine(model, tok, fmt: str, lanes: int = 8, rows: int = 8, slots: int 
   from apr_jax.engine.tree import TreeSpec
   pr = data.protocol_for(fmt, tok)
   spec = TreeSpec(protocol=pr, root_stop=(tok.eos_id,), lanes=lanes, rows=rows, threads=max_threads,
-                  slots=slots, chunk=32)
+                  slots=slots, chunk=32, attention=attention)
   depth = pr.max_depth if pr.forks else 0
   log = tree.log_bound(pr, PROMPT_TOKENS, max_threads, depth, max_total_tokens)
   spec = dataclasses.replace(spec, log=max(log, spec.n_log))

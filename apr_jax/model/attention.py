@@ -1,5 +1,7 @@
-"""Attention over key slots with an explicit mask: the plain reference (`attend`) and the
-decode form over a read-only cache plus the step's new keys (`attend_split`).
+"""Attention over key slots with an explicit mask: the plain reference (`attend`), the
+decode form over a read-only cache plus the step's new keys (`attend_split`, the dense
+reference of the tree engine), and the same over only the cache slots some query sees
+(`attend_visible`, the tree engine's fast path).
 
 Shapes: B batch, T queries, S key slots, H q heads, K kv heads, G = H/K, D head_dim.
 """
@@ -60,3 +62,60 @@ def attend_split(q, k_old, v_old, mask_old, k_new, v_new, mask_new):
                       preferred_element_type=jnp.float32, _dot_general=dot_f32)
 
   return (pv(e_old, v_old) + pv(e_new, v_new)).reshape(b, t, h, d).astype(q.dtype)
+
+
+def attend_visible(q, k_cache, v_cache, mask, idx, count, n_blocks, k_new, v_new, mask_new,
+                   block: int):
+  """`attend_split` reading only the cache slots that some query sees: the tree engine's
+  attention (each visible KV slot read once per step for every query of its lane, nothing
+  else read).
+
+  q [B, T, H, D]; k_cache, v_cache [B, K, S, D]; mask [B, T, S]; idx [B, S] int32: each
+  row's visible slots first (`count` [B] of them), in any order; n_blocks: a scalar,
+  >= ceil(max(count) / block), the blocks to visit; k_new, v_new [B, K, T', D] with mask_new
+  [B, T, T']. Visits blocks of `block` slots of idx with an online softmax (flash-decoding
+  over a ragged list of KV chunks): the work and the KV bytes read grow with what the step's
+  queries see, not with S. Float32 scores and statistics; equals `attend_split` up to
+  summation order."""
+  b, t, h, d = q.shape
+  kh = k_cache.shape[1]
+  g = h // kh
+  qg = q.reshape(b, t, kh, g, d)
+  sc = 1.0 / math.sqrt(d)
+  s = k_cache.shape[2]
+  pad = (-s) % block
+  idx = jnp.pad(idx, ((0, 0), (0, pad + block)))  # a block starting anywhere stays in range
+
+  def scores(k, m):
+    x = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32,
+                   _dot_general=dot_f32) * sc
+    return jnp.where(m[:, None, None, :, :], x, NEG_INF)
+
+  def pv(p, v):
+    return jnp.einsum("bkgts,bksd->bkgtd", p.astype(v.dtype), v,
+                      preferred_element_type=jnp.float32, _dot_general=dot_f32)
+
+  # the new keys first: every query sees at least itself, so the running max is finite
+  s_new = scores(k_new, mask_new)
+  mx = jnp.max(s_new, -1)
+  e = jnp.exp(s_new - mx[..., None])
+  carry = (jnp.int32(0), mx, jnp.sum(e, -1), pv(e, v_new))
+
+  def body(c):
+    i, mx, den, acc = c
+    sl = jax.lax.dynamic_slice_in_dim(idx, i * block, block, axis=1)          # [B, blk]
+    live = (i * block + jnp.arange(block))[None, :] < count[:, None]         # [B, blk]
+    kb = jnp.take_along_axis(k_cache, sl[:, None, :, None], axis=2)          # [B, K, blk, D]
+    vb = jnp.take_along_axis(v_cache, sl[:, None, :, None], axis=2)
+    vb = jnp.where(live[:, None, :, None], vb, 0)  # entries past the list: never in the output
+    mb = jnp.take_along_axis(mask, jnp.broadcast_to(sl[:, None, :], (b, t, block)), axis=2)
+    sb = scores(kb.astype(q.dtype), mb & live[:, None, :])
+    new_mx = jnp.maximum(mx, jnp.max(sb, -1))
+    alpha = jnp.exp(mx - new_mx)
+    p = jnp.exp(sb - new_mx[..., None])
+    return (i + 1, new_mx, den * alpha + jnp.sum(p, -1),
+            acc * alpha[..., None] + pv(p, vb.astype(q.dtype)))
+
+  _, _, den, acc = jax.lax.while_loop(lambda c: c[0] < n_blocks, body, carry)
+  o = acc / den[..., None]                                                   # [B, K, G, T, D]
+  return o.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from apr_jax.cache import kv as kvlib
-from apr_jax.model.attention import attend, attend_split
+from apr_jax.model.attention import attend, attend_split, attend_visible
 from apr_jax.model.config import ModelConfig
 from apr_jax.model.ops import dot_f32, linear, rms_norm, times_wt
 from apr_jax.model.train_attention import attend_blocks
@@ -149,13 +149,21 @@ def write_then_attend(cache: kvlib.LayerKV, mask, write_index) -> AttendFn:
   return attn
 
 
-def read_only_attention(cache: kvlib.LayerKV, cache_mask, new_mask) -> AttendFn:
+def read_only_attention(cache: kvlib.LayerKV, cache_mask, new_mask, visible=None) -> AttendFn:
   """Attention over `cache` (read, not written; mask [B, T, S]) and the new tokens (mask
-  [B, T, T]) in one softmax; returns the new tokens' LayerKV ([B, K, T, D], cache dtype)."""
+  [B, T, T]) in one softmax; returns the new tokens' LayerKV ([B, K, T, D], cache dtype).
+  `visible` = (idx [B, S], count [B], n_blocks, block): read only the cache slots listed
+  (`attend_visible`); None: every slot (`attend_split`, the reference)."""
   def attn(q, k, v):
     new = kvlib.LayerKV(_cache_layout(k).astype(cache.k.dtype), _cache_layout(v).astype(cache.v.dtype))
-    o = attend_split(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), cache_mask,
-                     new.k.astype(q.dtype), new.v.astype(q.dtype), new_mask)
+    nk, nv = new.k.astype(q.dtype), new.v.astype(q.dtype)
+    if visible is None:
+      o = attend_split(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), cache_mask, nk, nv,
+                       new_mask)
+    else:
+      idx, count, n_blocks, block = visible
+      o = attend_visible(q, cache.k, cache.v, cache_mask, idx, count, n_blocks, nk, nv, new_mask,
+                         block)
     return o, new
   return attn
 
@@ -233,14 +241,14 @@ class Transformer(nnx.Module):
     return self._layers(tokens, positions,
                         lambda i: write_then_attend(cache[i], mask, write_index))
 
-  def read_cache(self, tokens, positions, cache_mask, new_mask, cache):
+  def read_cache(self, tokens, positions, cache_mask, new_mask, cache, visible=None):
     """(hidden, new KV): attention over the read-only `cache` (mask [B, T, S]) and the new
     tokens (mask [B, T, T]); the second result is each layer's LayerKV of the new tokens
-    ([B, K, T, D]) for the caller to write. A loop that picks a step variant with
-    `lax.switch` must write the cache outside the switch, or XLA copies the whole cache
-    every step."""
+    ([B, K, T, D]) for the caller to write. `visible` (see `read_only_attention`): read only
+    the listed slots. A loop that picks a step variant with `lax.switch` must write the
+    cache outside the switch, or XLA copies the whole cache every step."""
     return self._layers(tokens, positions,
-                        lambda i: read_only_attention(cache[i], cache_mask, new_mask))
+                        lambda i: read_only_attention(cache[i], cache_mask, new_mask, visible))
 
   def train_logits(self, tokens, positions, tree_mask, remat=False):
     """Training forward over packed rows: causal blockwise attention with a block tree mask

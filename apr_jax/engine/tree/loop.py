@@ -51,18 +51,27 @@ def _last_logits(model: Transformer, h, pk, spec: TreeSpec, m: int):
 
 def forward_step(model: Transformer, st: EngineState, spec: TreeSpec, m: int, pad_to: int = 0):
   """One engine step packing at most `m` tokens per lane. Returns (lanes, a LayerKV per
-  layer with k, v [lanes, K, pad_to, D], their slots [lanes, pad_to]): the cache is only read here, and not returned; the caller writes the new KV
+  layer with k, v [lanes, K, pad_to, D], their slots [lanes, pad_to], the KV slots seen and
+  read [2]): the cache is only read here, and not returned; the caller writes the new KV
   (outside any lax.switch, so in place)."""
   step = st.step
   lanes, pk = jax.vmap(lambda l: pack(l, step, spec, m))(st.lanes)
-  h, new_kv = model.read_cache(pk["tok"], pk["pos"], pk["mask"], pk["mask_new"], st.cache)
+  visible = None
+  seen = jnp.sum(jnp.any(pk["mask"], axis=1)).astype(jnp.float32)
+  read = jnp.float32(spec.lanes * spec.slots)
+  if spec.attention == "tree":  # blocks to visit: the lane that sees the most decides
+    n_blocks = (jnp.max(pk["vis_count"]) + spec.block - 1) // spec.block
+    visible = (pk["vis_idx"], pk["vis_count"], n_blocks, spec.block)
+    read = (n_blocks * spec.block * spec.lanes).astype(jnp.float32)
+  h, new_kv = model.read_cache(pk["tok"], pk["pos"], pk["mask"], pk["mask_new"], st.cache,
+                               visible)
   slot = pk["slot"]
   if pad_to > m:  # every variant hands back the same shapes; pad slots are dropped
     new_kv = jax.tree.map(lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, pad_to - m), (0, 0))), new_kv)
     pad = jnp.broadcast_to(spec.slots + jnp.arange(m, pad_to), (slot.shape[0], pad_to - m))
     slot = jnp.concatenate([slot, pad.astype(slot.dtype)], axis=1)
   logits = _last_logits(model, h, pk, spec, m)
-  return update(lanes, logits, pk["drained"], step, spec), new_kv, slot
+  return update(lanes, logits, pk["drained"], step, spec), new_kv, slot, jnp.stack([seen, read])
 
 
 def step_sizes(spec: TreeSpec) -> tuple:
@@ -111,15 +120,16 @@ def segment(graphdef, params, st: EngineState, until_step, cost, spec: TreeSpec)
     st = st.replace(lanes=jax.vmap(lambda l: assign_rows(l, spec))(st.lanes))
     which = _variant(st, cost, spec)
     if len(sizes) == 1:
-      new, new_kv, slot = forward_step(model, st, spec, sizes[0])
+      new, new_kv, slot, reads = forward_step(model, st, spec, sizes[0])
     else:
-      new, new_kv, slot = jax.lax.switch(
+      new, new_kv, slot, reads = jax.lax.switch(
           which, [functools.partial(forward_step, model, spec=spec, m=m, pad_to=sizes[-1]) for m in sizes],
           st)
     # the cache is written here, not in the switch's branches: a buffer that a lax.cond
     # returns is copied whole every step (the KV pool, at every step)
     cache = tuple(kvlib.write(c, kv.k, kv.v, slot) for c, kv in zip(st.cache, new_kv))
-    return EngineState(lanes=new, cache=cache, step=st.step + 1, vsteps=st.vsteps.at[which].add(1))
+    return EngineState(lanes=new, cache=cache, step=st.step + 1, vsteps=st.vsteps.at[which].add(1),
+                       reads=st.reads + reads)
 
   return jax.lax.while_loop(cond, body, st)
 
@@ -156,4 +166,5 @@ def init(spec: TreeSpec, cfg, cache_dtype, cache_sharding=None) -> EngineState:
   lanes = jax.tree.map(lambda a: jnp.broadcast_to(a, (spec.lanes,) + a.shape), lane)
   cache = kvlib.init_cache(cfg, spec.lanes, spec.slots, cache_dtype, cache_sharding)
   return EngineState(lanes=lanes, cache=cache, step=jnp.zeros((), jnp.int32),
-                     vsteps=jnp.zeros((len(step_sizes(spec)),), jnp.int32))
+                     vsteps=jnp.zeros((len(step_sizes(spec)),), jnp.int32),
+                     reads=jnp.zeros((2,), jnp.float32))

@@ -108,12 +108,20 @@ def _masks(lane: Lane, pk: dict, spec: TreeSpec, m: int):
   return mask & ~wrote[None, :], mask_new
 
 
+def visible_slots(mask):
+  """The slots some packed token sees (mask [M, S]): (idx [S], those slots first, count)."""
+  seen = jnp.any(mask, axis=0)
+  return (jnp.nonzero(seen, size=seen.shape[0], fill_value=0)[0].astype(jnp.int32),
+          jnp.sum(seen).astype(jnp.int32))
+
+
 def pack(lane: Lane, step, spec: TreeSpec, m: int):
   """Chooses this step's tokens for one lane and books their slots and log entries.
 
   Returns (lane, packed) with packed = tok/pos/slot [M], mask [M, S] over the slots held
   before this step, mask_new [M, M] over this step's tokens, last [W] (index of each row's
-  last token), drained [W] (the row's queue emptied: sample or act).
+  last token), drained [W] (the row's queue emptied: sample or act); with tree attention
+  vis_idx [S] / vis_count: the slots some token sees, listed first.
   """
   g, has, qlen, oom_r, ctx_r = _row_tokens(lane, spec, m)
   lane, pk, cum = _book(lane, g, step, spec, m)
@@ -123,4 +131,6 @@ def pack(lane: Lane, step, spec: TreeSpec, m: int):
   lane = terminate(lane, StopReason.CONTEXT, step, ctx_r)
   packed = dict(tok=pk["tok"], pos=pk["pos"], slot=pk["slot"], mask=mask, mask_new=mask_new,
                 last=jnp.clip(cum - 1, 0, m - 1), drained=drained)
+  if spec.attention == "tree":
+    packed["vis_idx"], packed["vis_count"] = visible_slots(mask)
   return lane, packed

@@ -82,9 +82,13 @@ class TreeSpec:
   race: bool = False           # a child reaching the protocol's goal cancels its siblings
   prune_margin: float = 0.0    # >0: cancel a child whose mean log-prob trails its best sibling's by this
   prune_min_tokens: int = 8    # ... once both have sampled at least this many tokens
+  attention: str = "tree"      # "tree": read only the slots the step's tokens see; "dense": every slot
+  block: int = 64              # tree attention: KV slots per block
 
   def __post_init__(self):
-    for f in ("lanes", "requests", "rows", "threads", "slots", "chunk"):
+    if self.attention not in ("tree", "dense"):
+      raise UserError(f"attention must be tree or dense, got {self.attention!r}")
+    for f in ("lanes", "requests", "rows", "threads", "slots", "chunk", "block"):
       if getattr(self, f) < 1:
         raise UserError(f"{f} must be >= 1, got {getattr(self, f)}")
     if self.chunk < self.rows:
@@ -310,12 +314,15 @@ class Lane:
 @struct.dataclass
 class EngineState:
   """The whole engine: lanes (a Lane whose every field has a leading [lanes] axis), the KV
-  cache (a LayerKV per layer, k/v [lanes, kv_heads, S, head_dim]), the step counter and the
-  steps run per step variant (vsteps [len(step_sizes)])."""
+  cache (a LayerKV per layer, k/v [lanes, kv_heads, S, head_dim]), the step counter, the
+  steps run per step variant (vsteps [len(step_sizes)]) and the KV slots attention read
+  (reads [2] float32, summed over steps and lanes: the slots some packed token saw, the slots
+  attention visited; per layer)."""
   lanes: Lane
   cache: tuple
   step: jax.Array
   vsteps: jax.Array
+  reads: jax.Array
 
 
 def empty_lane(spec: TreeSpec, vocab: int) -> Lane:
