@@ -34,7 +34,7 @@ flags.DEFINE_integer("thread_tokens", 48, "fork: tokens per thread (n).", lower_
 flags.DEFINE_integer("after_tokens", 16, "fork: tokens after the join (m).", lower_bound=1)
 flags.DEFINE_string("train_config", "configs/countdown_small_sos.py", "train: the config to measure.")
 flags.DEFINE_list("methods", ["apr_jax", "apr_jax_flat", "sequential", "host"], "fork: methods.")
-flags.DEFINE_list("pools", ["1536", "3072"], "attention: KV slots per lane to compare.")
+flags.DEFINE_list("pools", ["1536", "3072", "6144"], "attention: KV slots per lane to compare.")
 flags.DEFINE_list("attentions", ["dense", "tree"], "attention: the attention paths to compare.")
 flags.DEFINE_integer("problems", 16, "attention: Countdown problems per run.", lower_bound=1)
 flags.DEFINE_integer("lanes", 8, "attention: lanes.", lower_bound=1)
