@@ -330,14 +330,12 @@ def bench_attention():
   grow with the pool; the KV slots read per step (counted by the engine) against the slots
   some token saw (the unique visible KV)."""
   from apr_jax import checkpoint
-  from apr_jax.engine.runner import Request
   from apr_jax.evaluation import countdown as ev
   from apr_jax.shipped import resolve
   from apr_jax.tasks import countdown as cd
   model, tok = checkpoint.load(resolve("countdown_small_apr"))
   problems = cd.test_split(cd.SETTINGS["small"], FLAGS.problems, seed=0)
-  reqs = [Request([tok.bos_id] + tok.encode(cd.prompt_text(p)), max_thread_tokens=1536,
-                  max_total_tokens=6000) for p in problems]
+  reqs = ev.requests(tok, problems)
   pools = [int(x) for x in FLAGS.pools]
   bad = set(FLAGS.attentions) - {"dense", "tree"}
   if bad:

@@ -77,14 +77,20 @@ def make_engine(model, tok, fmt: str, lanes: int = 8, rows: int = 8, slots: int 
   return TreeEngine(model, tok, spec, segment_steps=64, step_cost=step_cost)
 
 
+def requests(tok, problems: Sequence[cd.Problem], max_thread_tokens: int = 1536,
+             max_total_tokens: int = 6000) -> list:
+  """One engine request per problem: BOS + the prompt, with the evaluation's budgets."""
+  from apr_jax.engine.runner import Request
+  return [Request([tok.bos_id] + tok.encode(cd.prompt_text(p)), max_thread_tokens=max_thread_tokens,
+                  max_total_tokens=max_total_tokens) for p in problems]
+
+
 def evaluate(engine, tok, fmt: str, problems: Sequence[cd.Problem], max_thread_tokens: int = 1536,
              max_total_tokens: int = 6000, batch: int = 64, log=None) -> list[ProblemResult]:
   """Every problem through the engine in one run; progress every `batch` problems or 10 s."""
-  from apr_jax.engine.runner import Request
   log = log or (lambda s: print(s, file=sys.stderr, flush=True))
   t0 = time.perf_counter()
-  reqs = [Request([tok.bos_id] + tok.encode(cd.prompt_text(p)), max_thread_tokens=max_thread_tokens,
-                  max_total_tokens=max_total_tokens) for p in problems]
+  reqs = requests(tok, problems, max_thread_tokens, max_total_tokens)
   out: list = [None] * len(problems)
   shown, n_ok, done = [0.0], [0], [0]
 

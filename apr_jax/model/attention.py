@@ -84,7 +84,7 @@ def attend_visible(q, k_cache, v_cache, mask, idx, count, n_blocks, k_new, v_new
   sc = 1.0 / math.sqrt(d)
   s = k_cache.shape[2]
   pad = (-s) % block
-  idx = jnp.pad(idx, ((0, 0), (0, pad + block)))  # a block starting anywhere stays in range
+  idx = jnp.pad(idx, ((0, 0), (0, pad)))  # n_blocks <= ceil(S / block): every block in range
 
   def scores(k, m):
     x = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32,

@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 
 from apr_jax.engine.sampling import sample
-from apr_jax.engine.tree.ops import before_in_request, compact, const, isin, per_request, targets
+from apr_jax.engine.tree.ops import (any_per_request, before_in_request, compact, const, isin,
+                                     per_request, targets)
 from apr_jax.engine.tree.requests import live_threads, terminate
 from apr_jax.engine.tree.state import Lane, Limit, Next, StopReason, ThreadState, TreeSpec
 
@@ -45,13 +46,13 @@ def _draw(lane: Lane, t_w, logits, samp_w, spec: TreeSpec):
 def _total_budget(lane: Lane, q_w, samp_w, spec: TreeSpec):
   """The total-token budget: samples beyond it (rows of one request in row order) are
   dropped and the request ends next step (`total_budget`). Returns (lane, allowed [W])."""
-  rq, nr, w = lane.requests, spec.requests, spec.rows
+  rq, nr = lane.requests, spec.requests
   qc = jnp.clip(q_w, 0)
   rank = before_in_request(q_w, samp_w.astype(jnp.int32), nr)
   allowed = samp_w & (rq.total[qc] + rank < rq.limits[qc, Limit.TOTAL])
   n_ok = per_request(jnp.where(samp_w, q_w, -1), allowed.astype(jnp.int32), nr)
   total = rq.total + n_ok
-  cut = per_request(jnp.where(samp_w & ~allowed, q_w, -1), jnp.ones((w,), jnp.int32), nr) > 0
+  cut = any_per_request(q_w, samp_w & ~allowed, nr)
   over = cut | ((total >= rq.limits[:, Limit.TOTAL]) & (n_ok > 0))
   live_r = rq.active & ~rq.done
   ending = jnp.where(over & live_r, StopReason.TOTAL_BUDGET, rq.ending)

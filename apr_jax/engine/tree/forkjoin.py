@@ -155,7 +155,7 @@ def finish(lane: Lane, spec: TreeSpec, fin_t, step):
   join_p = was_waiting & (th.state == ThreadState.WAIT) & (th.pending <= 0)
   root = fin_t & (par < 0) & (th.req >= 0)
   q = jnp.where(root, th.req, -1)
-  root_done = per_request(q, jnp.ones((nt,), jnp.int32), spec.requests) > 0
+  root_done = any_per_request(th.req, root, spec.requests)
   root_reason = per_request(q, th.reason, spec.requests)
   return lane.replace(threads=th, rows=rows), join_p, root_done, root_reason
 

@@ -57,7 +57,7 @@ def forward_step(model: Transformer, st: EngineState, spec: TreeSpec, m: int, pa
   step = st.step
   lanes, pk = jax.vmap(lambda l: pack(l, step, spec, m))(st.lanes)
   visible = None
-  seen = jnp.sum(jnp.any(pk["mask"], axis=1)).astype(jnp.float32)
+  seen = jnp.sum(pk["vis_count"]).astype(jnp.float32)
   read = jnp.float32(spec.lanes * spec.slots)
   if spec.attention == "tree":  # blocks to visit: the lane that sees the most decides
     n_blocks = (jnp.max(pk["vis_count"]) + spec.block - 1) // spec.block

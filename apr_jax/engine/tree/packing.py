@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from apr_jax.engine.tree.ops import per_request, targets
+from apr_jax.engine.tree.ops import any_per_request, per_request, targets
 from apr_jax.engine.tree.requests import live_threads, terminate
 from apr_jax.engine.tree.state import Lane, LogKind, StopReason, ThreadState, TreeSpec
 
@@ -30,7 +30,7 @@ def _row_tokens(lane: Lane, spec: TreeSpec, m: int):
   Returns (g, has [W], oom_r [R], ctx_r [R]): rows past the memory end their requests
   `out_of_memory`, a thread about to write past the model's context ends its request
   (`context`); nothing of either is written. Rows past `m` wait for a later step."""
-  th, nr, w = lane.threads, spec.requests, spec.rows
+  th, nr = lane.threads, spec.requests
   tw = jnp.clip(lane.rows.thread, 0)
   has = (lane.rows.thread >= 0) & live_threads(lane)[tw]
   q_w = jnp.where(has, th.req[tw], -1)
@@ -49,7 +49,7 @@ def _row_tokens(lane: Lane, spec: TreeSpec, m: int):
   ctx_r = jnp.zeros((nr,), bool)
   if spec.context:
     past = has & (g > 0) & (th.pos[tw] + g > spec.context)
-    ctx_r = per_request(jnp.where(past, q_w, -1), jnp.ones((w,), jnp.int32), nr) > 0
+    ctx_r = any_per_request(q_w, past, nr)
     g = jnp.where(ctx_r[jnp.clip(q_w, 0)], 0, g)
   return g, has, qlen, oom_r, ctx_r
 
@@ -83,8 +83,7 @@ def _book(lane: Lane, g, step, spec: TreeSpec, m: int):
   # a pending mark (an opening tag) gets the log index of its token
   hit = valid & th.mark_pending[t_m] & (pos == th.mark_pos[t_m])
   th = th.set_at(targets(hit, t_m, nt), mark_log=li, mark_pending=False)
-  has = (lane.rows.thread >= 0) & (g > 0)
-  th = th.add_at(targets(has, tw, nt), pos=g, q_head=g, q_len=-g, n_written=g)
+  th = th.add_at(targets(g > 0, tw, nt), pos=g, q_head=g, q_len=-g, n_written=g)  # g > 0: a live row
   ow = slots.owner
   held = per_request(jnp.where(ow >= 0, th.req[jnp.clip(ow, 0)], -1), jnp.ones_like(ow),
                      spec.requests)
@@ -120,8 +119,8 @@ def pack(lane: Lane, step, spec: TreeSpec, m: int):
 
   Returns (lane, packed) with packed = tok/pos/slot [M], mask [M, S] over the slots held
   before this step, mask_new [M, M] over this step's tokens, last [W] (index of each row's
-  last token), drained [W] (the row's queue emptied: sample or act); with tree attention
-  vis_idx [S] / vis_count: the slots some token sees, listed first.
+  last token), drained [W] (the row's queue emptied: sample or act); vis_count: how many
+  slots some token sees (with tree attention vis_idx [S]: those slots, listed first).
   """
   g, has, qlen, oom_r, ctx_r = _row_tokens(lane, spec, m)
   lane, pk, cum = _book(lane, g, step, spec, m)
@@ -133,4 +132,6 @@ def pack(lane: Lane, step, spec: TreeSpec, m: int):
                 last=jnp.clip(cum - 1, 0, m - 1), drained=drained)
   if spec.attention == "tree":
     packed["vis_idx"], packed["vis_count"] = visible_slots(mask)
+  else:  # the counters only: what the step's tokens see
+    packed["vis_count"] = jnp.sum(jnp.any(mask, axis=0)).astype(jnp.int32)
   return lane, packed
