@@ -26,11 +26,13 @@ PROTOCOLS = {
                            child_pre=(NL, TAG_A, NL), child_post=(COLON,), digits=DIGITS,
                            label_sep=(SEP,), child_stop=(STOP,), child_close=(NL, STOP),
                            join="stitch", after_join=(NL, TAG_B, NL), max_depth=3),
-    # ThreadWeaver-like: shared context, flat re-prefill join, one level
+    # ThreadWeaver-like: shared context, flat re-prefill join (later threads without their
+    # leading NL; a thread ended by EOS or a budget closes the block and ends the request), one level
     "threadweaver": Protocol(name="threadweaver", fork=FORK, open=OPEN, count=COUNT,
                              child_pre=(NL, TAG_A, NL), child_post=(COLON,), digits=DIGITS,
                              child_stop=(STOP,), child_close=(NL, STOP), join="flat",
-                             after_join=(NL,), max_depth=1),
+                             after_join=(NL,), join_skip_first=True, malformed_close=(NL, CLOSE_B),
+                             max_depth=1),
     # APR-like: fresh contexts from spawn lines, results join, one level
     "apr": Protocol(name="apr", fork=FORK, open=OPEN, count=COUNT, child_pre=(BOS,), context="fresh",
                     child_stop=(EOS,), join="results", results_open=(TAG_B,),

@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from apr_jax.evaluation import accounting
 from apr_jax.tasks import countdown as cd
 from apr_jax.tasks.countdown import data
 
@@ -37,6 +38,23 @@ class ProblemResult:
   threads: int
   wall_s: float
   stop_reason: str
+  apr_tokens: int = -1          # APR's accounting: every call's sequence (`accounting.py`)
+  apr_longest: int = -1         # ... and its longest sequence
+  tw_critical_path: int = -1    # ThreadWeaver's critical path (wrapper tags counted)
+
+
+def original_counts(tok, fmt: str, texts: Sequence[str], root_ids=()) -> dict:
+  """The originals' accountings of one problem's threads (-1 where one does not apply):
+  APR's for the sequential and APR formats, ThreadWeaver's critical path for its format."""
+  out = {}
+  if fmt in ("sos", "apr"):
+    n = lambda s: len(tok.encode(s))
+    c = accounting.apr_token_counts(accounting.apr_root_calls(texts[0]), list(texts[1:]), n)
+    out.update(apr_tokens=c["token_count"], apr_longest=c["longest_seq_token_count"])
+  if fmt == "threadweaver":
+    tags = [tok.token_id(t) for t in ("<Parallel>", "</Parallel>", "<Thread>", "</Thread>")]
+    out["tw_critical_path"] = accounting.threadweaver_stats(root_ids, *tags)["critical_path"]
+  return out
 
 
 def thread_texts(res, tok, fmt: str, prompt_text: str) -> list[str]:
@@ -96,12 +114,14 @@ def evaluate(engine, tok, fmt: str, problems: Sequence[cd.Problem], max_thread_t
 
   def on_done(i, r):
     p = problems[i]
-    ok, valid, why = verdict(p, thread_texts(r, tok, fmt, cd.prompt_text(p)))
+    texts = thread_texts(r, tok, fmt, cd.prompt_text(p))
+    ok, valid, why = verdict(p, texts)
     ctx = max((max(t["positions"]) + 1 if t["positions"] else 0) for t in r.threads)
     out[i] = ProblemResult(problem=(p.nums, p.target), correct=ok, trace_valid=valid, why=why,
                            total_tokens=r.total_tokens, critical_path=r.critical_path,
                            max_context=ctx, forks=r.forks, threads=len(r.threads),
-                           wall_s=r.wall_s, stop_reason=r.stop_reason)
+                           wall_s=r.wall_s, stop_reason=r.stop_reason,
+                           **original_counts(tok, fmt, texts, r.token_ids))
     done[0] += 1
     n_ok[0] += ok
     dt = time.perf_counter() - t0
@@ -126,7 +146,14 @@ def summarize(rs: Sequence[ProblemResult], wall: float) -> dict:
           "trace_valid": m(lambda x: x.trace_valid), "total_tokens_mean": m(lambda x: x.total_tokens),
           "critical_path_mean": m(lambda x: x.critical_path), "max_context_mean": m(lambda x: x.max_context),
           "forks_mean": m(lambda x: x.forks), "threads_mean": m(lambda x: x.threads),
-          "wall_s_mean": m(lambda x: x.wall_s), "problems_per_s": len(rs) / wall if wall else None}
+          "wall_s_mean": m(lambda x: x.wall_s), "problems_per_s": len(rs) / wall if wall else None,
+          **{f"{k}_mean": _mean_known(rs, k) for k in ("apr_tokens", "apr_longest", "tw_critical_path")}}
+
+
+def _mean_known(rs, key):
+  """The mean of an accounting over the problems it applies to (None: none)."""
+  vals = [getattr(x, key) for x in rs if getattr(x, key) >= 0]
+  return float(statistics.mean(vals)) if vals else None
 
 
 def curve(rs, key, limits):
@@ -170,12 +197,14 @@ def plot(cs: dict, out_dir: str) -> list[str]:
 
 
 def markdown(summary: dict) -> str:
-  keys = ["accuracy", "trace_valid", "total_tokens_mean", "critical_path_mean", "max_context_mean", "forks_mean",
-          "wall_s_mean", "problems_per_s"]
+  keys = ["accuracy", "trace_valid", "total_tokens_mean", "apr_tokens_mean", "critical_path_mean",
+          "apr_longest_mean", "tw_critical_path_mean", "max_context_mean", "forks_mean", "wall_s_mean",
+          "problems_per_s"]
   lines = ["| method | " + " | ".join(keys) + " |", "| --- |" + " ---: |" * len(keys)]
   for name, s in summary.items():
-    lines.append(f"| {name} | " + " | ".join(f"{s[k]:.3f}" if isinstance(s[k], float) else str(s[k])
-                                             for k in keys) + " |")
+    lines.append(f"| {name} | " + " | ".join(
+        f"{s.get(k):.3f}" if isinstance(s.get(k), float) else ("-" if s.get(k) is None else str(s[k]))
+        for k in keys) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -198,7 +227,7 @@ def evaluate_host(host, tok, problems: Sequence[cd.Problem], max_thread_tokens: 
       out.append(ProblemResult(problem=(p.nums, p.target), correct=ok, trace_valid=valid,
                                why=why, total_tokens=r["total_tokens"], critical_path=-1, max_context=-1,
                                forks=r["forks"], threads=1 + len(r["children"]), wall_s=wall,
-                               stop_reason=""))
+                               stop_reason="", **original_counts(tok, "apr", texts)))
     done = len(out)
     dt = time.perf_counter() - t0
     log(f"[host] {done}/{len(problems)} problems | accuracy {sum(x.correct for x in out) / done:.3f} | "

@@ -6,7 +6,10 @@ state machine (`apr_jax.engine.tree`) executes (docs/protocols.md). The three fa
 - ThreadWeaver: `</Outlines>` forks one thread per `<Outline>` since the last `<Outlines>`;
   each thread shares the parent's context and is forced `\\n<Thread>\\n{i}:`; it ends at
   `</Thread>`; the join re-prefills the threads flat, in order, at sequential positions,
-  then `\\n` (join = "flat"). One nesting level.
+  adjacent (`</Thread><Thread>`: later threads without their leading newline), then `\\n`
+  (join = "flat"). A thread that ended at EOS or a budget gets `\\n</Thread>` (its EOS left
+  out), the block is closed with `\\n</Parallel>` and the request ends, as the original
+  agent loop does. One nesting level.
 - Multiverse: `</Goal>` forks one path per `<Outline>` since `<Goal>`; paths share the
   context and all start at the same position, forced `\\n<Path>\\n{label}:` (nested labels
   `2.1`); they end at `</Path>`; the join keeps every path's KV where it was written
@@ -60,6 +63,11 @@ class Protocol:
   child_close: tuple = ()         # forced when a child ends without a stop token (budget)
   join: str = "stitch"            # "stitch" | "flat" | "results"
   after_join: tuple = ()          # forced into the parent after the join
+  join_skip_first: bool = False   # flat join: children after the first leave out their first
+                                  # forced token (ThreadWeaver's `</Thread><Thread>`)
+  malformed_close: tuple = ()     # flat join: if a child ended without its stop tag (EOS, a
+                                  # budget), its EOS is replaced by child_close, these tokens
+                                  # close the block instead of after_join and the parent ends
   results_open: tuple = ()        # results join: the block's opening tokens
   results_close: tuple = ()
   result_tags: tuple = ()         # results join: a child's result starts at its last such tag
@@ -74,6 +82,8 @@ class Protocol:
       raise UserError(f"protocol join must be one of {JOIN_MODES}, got {self.join!r}")
     if self.fork >= 0 and self.join == "stitch" and not self.after_join:
       raise UserError("a stitch join needs after_join tokens (the parent resumes by reading them)")
+    if (self.join_skip_first or self.malformed_close) and self.join != "flat":
+      raise UserError("join_skip_first and malformed_close apply to flat joins only")
     if self.digits and len(self.digits) != 10:
       raise UserError("digits must list the ids of '0'..'9'")
 
@@ -124,14 +134,15 @@ def build(name: str, tok) -> Protocol:
         count=_tag(tok, "<Outline>"), child_pre=_seq(tok, ["\n", "<Thread>", "\n"]),
         child_post=_seq(tok, [":"]), digits=digits, context="shared",
         child_stop=(_tag(tok, "</Thread>"),), child_close=_seq(tok, ["\n", "</Thread>"]),
-        join="flat", after_join=_seq(tok, ["\n"]), max_depth=1)
+        join="flat", after_join=_seq(tok, ["\n"]), join_skip_first=True,
+        malformed_close=_seq(tok, ["\n", "</Parallel>"]), max_depth=1)
   if name == "multiverse":
     return Protocol(
         name=name, fork=_tag(tok, "</Goal>"), open=_tag(tok, "<Goal>"), count=_tag(tok, "<Outline>"),
         child_pre=_seq(tok, ["\n", "<Path>", "\n"]), child_post=_seq(tok, [":"]), digits=digits,
         label_sep=_seq(tok, ["."]), context="shared", child_stop=(_tag(tok, "</Path>"),),
         child_close=_seq(tok, ["\n", "</Path>"]), join="stitch",
-        after_join=_seq(tok, ["\n", "<Conclusion>", "\n"]), max_depth=5)
+        after_join=_seq(tok, ["<Conclusion>", "\n"]), max_depth=5)
   if name == "apr":
     bos = () if tok.bos_id is None else (tok.bos_id,)
     return Protocol(

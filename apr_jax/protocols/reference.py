@@ -156,6 +156,9 @@ class _Sim:
             if cp >= self.max_cp:
               stop_by_budget()
               break
+            if ended := st.pop("ended", None):  # a malformed join closed the block: the thread ends
+              th.stop_reason = ended
+              break
         if limit is not None and len(th.samples) >= limit[0]:
           th.stop_reason = limit[1]
           break
@@ -239,7 +242,10 @@ class _Sim:
       st["pos"] = max([st["pos"]] + [k[1] for _, k in kept])
       after = list(pr.after_join)
     elif pr.join == "flat":
-      after = [e[0] for _, (added, _, _) in kept for e in added] + list(pr.after_join)
+      after, bad = self._flat_join(kept)
+      if bad:
+        cut = any(self.threads[c].stop_reason == "budget" for c, _ in kept)
+        st["ended"] = ("budget" if len(path) else "length") if cut else "stop"
     else:  # results
       del seen[st["mark"]:]
       st["pos"] = st["mark_pos"]
@@ -256,6 +262,23 @@ class _Sim:
     for t in after:
       write(t, False)
     return new_cp
+
+  def _flat_join(self, kept):
+    """The tokens a flat join re-prefills into the parent, and whether it is malformed (a
+    child ended without its stop tag, for protocols that close the block then)."""
+    pr, after, bad = self.pr, [], False
+    for j, (cpath, (added, _, _)) in enumerate(kept):
+      toks = [e[0] for e in added]
+      if j > 0 and pr.join_skip_first:
+        toks = toks[1:]
+      kid = self.threads[cpath]
+      if pr.malformed_close:
+        at_eos = kid.stop_reason == "stop" and kid.samples[-1] in self.eos
+        if at_eos:
+          toks = toks[:-1] + list(pr.child_close)
+        bad = bad or at_eos or kid.stop_reason == "budget"
+      after += toks
+    return after + list(pr.malformed_close if bad else pr.after_join), bad
 
   def _cancelled(self, path):
     return self.threads[path].stop_reason in ("cancelled", "pruned")

@@ -199,9 +199,61 @@ def _results_queue(lane: Lane, spec: TreeSpec, kids, is_child, local):
   return bucket_sorted(toks, bucket, valid, nt + 2, spec.n_queue)
 
 
-def _join_queue(lane: Lane, spec: TreeSpec, p):
+def _child_ends(lane: Lane, spec: TreeSpec):
+  """Per thread [NT]: the log index of its first and of its last entry, and whether the
+  last is a stop id of the tokenizer (an EOS)."""
+  log, nt = lane.log, spec.threads
+  e = jnp.arange(spec.n_log)
+  cc = jnp.where((log.thread >= 0) & (e < log.n), log.thread, nt)
+  first = jnp.full((nt,), spec.n_log, jnp.int32).at[cc].min(e, mode="drop")
+  last = jnp.full((nt,), -1, jnp.int32).at[cc].max(e, mode="drop")
+  eos_end = (last >= 0) & isin(log.tok[jnp.clip(last, 0)], tuple(spec.root_stop))
+  return first, last, eos_end
+
+
+def malformed(lane: Lane, spec: TreeSpec):
+  """[NT] per parent: a child of its latest fork (not cancelled) ended without its stop tag
+  (at an EOS or a budget). Only for protocols with `malformed_close` (all False otherwise)."""
+  th, nt = lane.threads, spec.threads
+  if not spec.protocol.malformed_close:
+    return jnp.zeros((nt,), bool)
+  _, _, eos_end = _child_ends(lane, spec)
+  bad = ~dropped(th) & (eos_end | (th.reason == StopReason.BUDGET))
+  return jax.vmap(lambda p: jnp.any(current_children(th, p) & bad))(jnp.arange(nt))
+
+
+def _flat_queue(lane: Lane, spec: TreeSpec, kids, is_child, local, bad):
+  """A flat join's queue: each child's tokens in fork order (children after the first
+  joined one without their first forced token where the protocol says so; an EOS that ended a child
+  replaced by child_close where the protocol has `malformed_close`), then after_join, or
+  malformed_close when `bad` (a child ended without its stop tag)."""
+  pr, log, nt = spec.protocol, lane.log, spec.threads
+  e = jnp.arange(spec.n_log)
+  cc = jnp.clip(log.thread, 0)
+  first, last, eos_end = _child_ends(lane, spec)
+  valid = is_child
+  if pr.join_skip_first:  # every joined child but the first kept one
+    lead = jnp.min(jnp.where(kids, local, nt))
+    valid = valid & ~((local[cc] > lead) & (e == first[cc]))
+  cl, ncl = const(pr.child_close if pr.malformed_close else ())
+  eos_kid = kids & eos_end
+  if pr.malformed_close:
+    valid = valid & ~((e == last[cc]) & eos_kid[cc])
+  aj, naj = const(pr.after_join)
+  mc, nmc = const(pr.malformed_close)
+  c_tok = jnp.broadcast_to(cl[None, :], (nt, cl.shape[0])).reshape(-1)
+  c_bucket = jnp.broadcast_to(local[:, None], (nt, cl.shape[0])).reshape(-1)
+  c_ok = (eos_kid[:, None] & (jnp.arange(cl.shape[0]) < ncl)[None, :]).reshape(-1)
+  toks = jnp.concatenate([log.tok, c_tok, aj, mc])   # a child's close after its tokens
+  bucket = jnp.concatenate([local[cc], c_bucket, jnp.full(aj.shape[0] + mc.shape[0], nt)])
+  valid = jnp.concatenate([valid, c_ok, (jnp.arange(aj.shape[0]) < naj) & ~bad,
+                           (jnp.arange(mc.shape[0]) < nmc) & bad])
+  return bucket_sorted(toks, bucket, valid, nt + 1, spec.n_queue)
+
+
+def _join_queue(lane: Lane, spec: TreeSpec, p, bad):
   """The forced queue of parent p after its children's join (flat / results modes) and its
-  length (unclipped)."""
+  length (unclipped). bad: p's join is malformed (`malformed`)."""
   pr, th, log, nt = spec.protocol, lane.threads, lane.log, spec.threads
   e = jnp.arange(spec.n_log)
   cc = jnp.clip(log.thread, 0)
@@ -211,14 +263,10 @@ def _join_queue(lane: Lane, spec: TreeSpec, p):
   local = jnp.clip(th.rank - first, 0, nt - 1)    # [NT] index within the fork
   if pr.join == "results":
     return _results_queue(lane, spec, kids, is_child, local)
-  aj, naj = const(pr.after_join)  # flat: child 0's tokens, child 1's, ..., after_join
-  toks = jnp.concatenate([log.tok, aj])
-  bucket = jnp.concatenate([local[cc], jnp.full(aj.shape, nt)])
-  valid = jnp.concatenate([is_child, jnp.arange(aj.shape[0]) < naj])
-  return bucket_sorted(toks, bucket, valid, nt + 1, spec.n_queue)
+  return _flat_queue(lane, spec, kids, is_child, local, bad)
 
 
-def _join_queues(lane: Lane, spec: TreeSpec, join_p):
+def _join_queues(lane: Lane, spec: TreeSpec, join_p, bad_p):
   """Forced queues [NT, Q] and their (unclipped) lengths [NT] of the joining parents (flat
   and results joins): one queue per joining parent, usually one a step, not one per entry."""
   nt = spec.threads
@@ -226,7 +274,7 @@ def _join_queues(lane: Lane, spec: TreeSpec, join_p):
 
   def one(c):
     k, queue, qlen = c
-    qp, lp = _join_queue(lane, spec, todo[k])
+    qp, lp = _join_queue(lane, spec, todo[k], bad_p[todo[k]])
     return k + 1, queue.at[todo[k]].set(qp), qlen.at[todo[k]].set(lp)
 
   _, queue, qlen = jax.lax.while_loop(lambda c: c[0] < jnp.sum(join_p), one,
@@ -248,7 +296,7 @@ def append_close(queue, qlen, where_t, spec: TreeSpec):
           jnp.where(where_t, jnp.minimum(qlen, q) + nclose, qlen))
 
 
-def _merge_kv(lane: Lane, spec: TreeSpec, join_p):
+def _merge_kv(lane: Lane, spec: TreeSpec, join_p, bad_p):
   """The joining children's KV: relabelled to the parent (stitch) or freed (flat, results;
   a results join also frees the parent's spawn block). Returns (lane, the parents' new
   positions [NT], their forced queues [NT, Q] and lengths [NT] (unclipped))."""
@@ -272,7 +320,7 @@ def _merge_kv(lane: Lane, spec: TreeSpec, join_p):
     drop = drop | ((owner >= 0) & join_p[oc] & (lane.slots.pos >= th.mark_pos[oc]))
     new_pos = th.mark_pos
   lane = lane.replace(slots=lane.slots.replace(owner=jnp.where(drop, -1, owner)))
-  queue, qlen = _join_queues(lane, spec, join_p)
+  queue, qlen = _join_queues(lane, spec, join_p, bad_p)
   return lane, new_pos, queue, qlen
 
 
@@ -284,7 +332,10 @@ def join(lane: Lane, spec: TreeSpec, join_p, step):
   th = lane.threads
   kid_cp = jax.vmap(lambda p: jnp.max(jnp.where(current_children(th, p), th.cp, 0)))(
       jnp.arange(spec.threads))
-  lane, new_pos, queue, qlen = _merge_kv(lane, spec, join_p)
+  bad_p = malformed(lane, spec) & join_p
+  cut_p = jax.vmap(lambda p: jnp.any(current_children(th, p) & ~dropped(th)
+                                     & (th.reason == StopReason.BUDGET)))(jnp.arange(spec.threads))
+  lane, new_pos, queue, qlen = _merge_kv(lane, spec, join_p, bad_p)
   th = lane.threads
   spent = join_p & (kid_cp >= lane.requests.limits[jnp.clip(th.req, 0), Limit.CRITICAL])
   is_child = th.parent >= 0
@@ -292,7 +343,11 @@ def join(lane: Lane, spec: TreeSpec, join_p, step):
   th = th.where(
       join_p, pos=new_pos, cp=kid_cp, queue=queue, q_len=jnp.minimum(qlen, spec.n_queue), q_head=0,
       q_sampled=False, count=0, mark_log=-1, mark_pending=False,  # a new fork needs a new block
-      after=jnp.where(spent, Next.FINISH, Next.SAMPLE), state=ThreadState.READY)
+      after=jnp.where(spent | bad_p, Next.FINISH, Next.SAMPLE), state=ThreadState.READY)
+  # a malformed join closes the block and ends the thread (a cut child: as if at a budget)
+  th = th.where(join_p & bad_p & ~spent,
+                reason=jnp.where(cut_p, jnp.where(is_child, StopReason.BUDGET, StopReason.LENGTH),
+                                 StopReason.STOP))
   th = th.where(join_p & spent,
                 reason=jnp.where(is_child, StopReason.BUDGET, StopReason.LENGTH))
   oom = any_per_request(th.req, join_p & (qlen > spec.n_queue), spec.requests)

@@ -26,10 +26,18 @@ class Setting:
   target_lo: int = 10
   target_hi: int = 100
   beam: int = 4          # children generated per node (the heuristic keeps the best)
+  # "target_first": the target uniform in target_lo..target_hi, then numbers redrawn until
+  # solvable (the original generator's draw); "joint": numbers and target redrawn together
+  # (what the shipped small models were trained and tested on; it favours easy targets)
+  draw: str = "joint"
+
+  def __post_init__(self):
+    if self.draw not in ("target_first", "joint"):
+      raise UserError(f"draw must be target_first or joint, got {self.draw!r}")
 
 
 SMALL = Setting()
-APR = Setting(n_numbers=4, lo=1, hi=99, target_lo=10, target_hi=100, beam=6)
+APR = Setting(n_numbers=4, lo=1, hi=99, target_lo=10, target_hi=100, beam=6, draw="target_first")
 SETTINGS = {"small": SMALL, "apr": APR}
 
 
@@ -81,9 +89,13 @@ def solvable(nums: tuple, target: int) -> bool:
 PROGRESS_MIN = 10_000  # generating this many problems or more reports progress on stderr
 
 
+def _draw_target(rng, setting):
+  return rng.randint(setting.target_lo, setting.target_hi)
+
+
 def generate(setting: Setting, n: int, seed: int, exclude=frozenset(),
              progress: bool | None = None) -> list[Problem]:
-  """n solvable problems (redrawn until solvable), deterministic in `seed`. `progress`
+  """n distinct solvable problems drawn as `setting.draw` says, deterministic in `seed`. `progress`
   (default: when n >= PROGRESS_MIN) prints a line on stderr every ~10% of the way."""
   rng = random.Random(seed)
   out, seen = [], set(exclude)
@@ -93,18 +105,24 @@ def generate(setting: Setting, n: int, seed: int, exclude=frozenset(),
   if report:
     print(f"generating {n:,} Countdown problems ({setting.n_numbers} numbers in {setting.lo}.."
           f"{setting.hi})...", file=sys.stderr, flush=True)
+  target = None
   while len(out) < n:
+    if setting.draw == "target_first" and target is None:
+      target = _draw_target(rng, setting)
     nums = tuple(rng.randint(setting.lo, setting.hi) for _ in range(setting.n_numbers))
-    target = rng.randint(setting.target_lo, setting.target_hi)
+    if setting.draw == "joint":
+      target = _draw_target(rng, setting)
     p = Problem(nums, target)
     if p.key in seen or not solvable(tuple(sorted(nums)), target):
+      if p.key in seen:  # as the original: a problem already drawn draws a new target
+        target = None
       misses += 1
       if misses > 200_000:  # the setting has (almost) no distinct solvable problems left
         raise UserError(f"could draw only {len(out)} of {n} distinct solvable problems for this "
                         f"setting (numbers {setting.lo}..{setting.hi}, targets {setting.target_lo}.."
                         f"{setting.target_hi}, {len(exclude)} excluded); ask for fewer")
       continue
-    misses = 0
+    misses, target = 0, None
     seen.add(p.key)
     out.append(p)
     if report and (len(out) % every == 0 or len(out) == n):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from apr_jax.tasks.countdown.problems import Problem, apply
+from apr_jax.tasks.countdown.problems import Problem
 
 _NUMS = r"\[([0-9, ]*)\]"
 RE_STATE = re.compile(r"Current State: (\d+):" + _NUMS + r", Operations: \[(.*)\]")
@@ -20,19 +20,32 @@ def _parse_nums(s):
   return sorted(int(x) for x in s.split(",")) if s else []
 
 
+def arith(a: int, op: str, b: int) -> int | None:
+  """a op b as written (either operand order; `-` below zero and inexact `/` give None)."""
+  if op == "+":
+    return a + b
+  if op == "*":
+    return a * b
+  if op == "-":
+    return a - b if a >= b else None
+  if op == "/":
+    return a // b if b and a % b == 0 else None
+  raise ValueError(op)
+
+
 def _check_op(avail, a, op, b, c, rest):
   """An operation line is right: operands available (as a multiset), arithmetic exact,
-  resulting numbers right. Returns the remaining multiset or raises ValueError."""
-  if a < b:
-    raise ValueError(f"{a}{op}{b}: the larger number must come first")
+  resulting numbers right. `+` and `*` may name either operand first (the original solver
+  writes the pair in the order it drew it). Returns the remaining multiset or raises
+  ValueError."""
   pool = list(avail)
   for x in (a, b):
     if x not in pool:
       raise ValueError(f"{x} is not available in {sorted(avail)}")
     pool.remove(x)
-  if apply(a, op, b) != c:
+  if arith(a, op, b) != c:
     raise ValueError(f"{a}{op}{b}={c} is wrong")
-  if sorted(pool + [c]) != sorted(rest):
+  if rest is not None and sorted(pool + [c]) != sorted(rest):
     raise ValueError(f"resulting numbers {sorted(rest)} should be {sorted(pool + [c])}")
   return sorted(pool + [c])
 
@@ -44,16 +57,41 @@ def replay(p: Problem, ops: Sequence[str]) -> list[int]:
     m = RE_OP.match(o.strip().strip("'"))
     if not m:
       raise ValueError(f"cannot parse operation {o!r}")
-    a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
-    pool = list(cur)
-    for x in (a, b):
-      if x not in pool:
-        raise ValueError(f"{x} is not available in {cur}")
-      pool.remove(x)
-    if a < b or apply(a, op, b) != c:
-      raise ValueError(f"{o} is wrong")
-    cur = sorted(pool + [c])
+    cur = _check_op(cur, int(m[1]), m[2], int(m[3]), int(m[4]), None)
   return cur
+
+
+def summary_path(text: str) -> str | None:
+  """The original answer form: the text after the second-to-last `Goal Reached` (the summary
+  path from `Moving to Node #0` that a solved original trace ends with), or None."""
+  at = [m.start() for m in re.finditer("Goal Reached", text)]
+  return text[at[-2] + len("Goal Reached"):].strip() if len(at) >= 2 else None
+
+
+def _replay_summary(p: Problem, path: str) -> list[int]:
+  """Replays a summary path's `Exploring Operation` lines from the problem's numbers (each
+  line's resulting numbers checked) up to its `Goal Reached` line; the final numbers."""
+  cur = sorted(p.nums)
+  for line in path.splitlines():
+    m = RE_EXPLORE.search(line)
+    if m:
+      cur = _check_op(cur, int(m[1]), m[2], int(m[3]), int(m[4]), _parse_nums(m[5]))
+    if "Goal Reached" in line:
+      return cur
+  raise ValueError("the summary path does not reach a goal")
+
+
+def answer(p: Problem, root: str) -> list[int]:
+  """The final numbers of a trace's answer, in either form: the last `Solution:` line, else
+  the original's summary path. Raises ValueError when there is none or it is wrong."""
+  sols = [m[1] for m in (RE_SOLUTION.search(re.sub(r"<[^<>]*>", " ", l))
+                         for l in root.splitlines()) if m]
+  if sols:
+    return replay(p, [o for o in sols[-1].split(",") if o.strip()])
+  path = summary_path(root)
+  if path is None:
+    raise ValueError("no solution claimed")
+  return _replay_summary(p, path)
 
 
 def verify(p: Problem, text: str | Sequence[str], check_lines: bool = True) -> tuple[bool, str]:
@@ -61,8 +99,10 @@ def verify(p: Problem, text: str | Sequence[str], check_lines: bool = True) -> t
   first; each thread's text must start with the state it searches from: for APR children,
   their spawn line). Every operation line is replayed (operands available as a multiset,
   arithmetic exact, resulting numbers right, node states consistent, goal claims true), and
-  the root's last `Solution:` line, replayed from the problem's numbers, must end in
-  [target]. False goal claims, wrong arithmetic, and reused or invented numbers are rejected.
+  the root's answer, replayed from the problem's numbers, must end in [target]. The answer is
+  the last `Solution:` line or, in the original traces (`tasks/countdown/original.py`), the
+  summary path after the second-to-last `Goal Reached`. `+` and `*` may name either operand
+  first. False goal claims, wrong arithmetic, and reused or invented numbers are rejected.
 
   check_lines=False checks the claimed solution only (a search that made a slip in a branch
   it abandoned still counts if its answer is right: the accuracy APR reports)."""
@@ -70,11 +110,7 @@ def verify(p: Problem, text: str | Sequence[str], check_lines: bool = True) -> t
   try:
     for t in texts if check_lines else ():
       _check_lines(p, t)
-    sols = [m[1] for m in (RE_SOLUTION.search(re.sub(r"<[^<>]*>", " ", l))
-                           for l in texts[0].splitlines()) if m]
-    if not sols:
-      return False, "no solution claimed"
-    final = replay(p, [o for o in sols[-1].split(",") if o.strip()])
+    final = answer(p, texts[0])
     if final != [p.target]:
       return False, f"the solution ends in {final}, not [{p.target}]"
     return True, "ok"
