@@ -50,6 +50,14 @@ def test_host_baseline_equals_engine():
   for h, r in zip(host, res):
     assert h["total_tokens"] == r.total_tokens
     assert [c for c in h["children"]] == [t["token_ids"][1:] for t in r.threads[1:]]  # minus BOS
+    assert h["rendered"] == r.token_ids  # the root with its results blocks, as the engine renders it
+    # so both report the same APR accounting (every call's sequence, results blocks included)
+  for p, h, r in zip(test, host, res):
+    texts = ev.thread_texts(r, tok, "apr", cd.prompt_text(p))
+    eng_counts = ev.original_counts(tok, "apr", texts)
+    host_texts = [cd.prompt_text(p) + tok.decode(h["rendered"])] + texts[1:]
+    assert ev.original_counts(tok, "apr", host_texts) == eng_counts
+    assert eng_counts["apr_tokens"] > r.total_tokens + r.prompt_tokens
 
 
 def test_eval_writes_results_and_plots(tmp_path):

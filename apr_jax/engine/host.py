@@ -113,7 +113,10 @@ class HostAPR:
             max_forks: int = 2) -> list[dict]:
     pr = self.pr
     ctx = [list(p) for p in prompts]              # each parent's current context
-    out = [{"tokens": [], "total_tokens": 0, "forks": 0, "children": []} for _ in prompts]
+    # tokens: what the root sampled; rendered: the same with each results block after its
+    # spawn block (as the engine renders a root), for the accountings
+    out = [{"tokens": [], "rendered": [], "total_tokens": 0, "forks": 0, "children": []}
+           for _ in prompts]
     active = list(range(len(prompts)))
     while active:
       gen = self._decode([ctx[i] for i in active], max_thread_tokens, [self.eos, pr.fork])
@@ -121,6 +124,7 @@ class HostAPR:
       for i, g in zip(active, gen):
         out[i]["total_tokens"] += len(g)
         out[i]["tokens"] += g
+        out[i]["rendered"] += g
         ctx[i] += g
         if g and g[-1] == pr.fork and out[i]["forks"] < max_forks and pr.open in ctx[i]:
           spawn.append(i)
@@ -152,5 +156,6 @@ class HostAPR:
         blocks[i] += [t for t in g[tags[-1]:] if t not in pr.child_stop] if tags else list(pr.no_result)
       for i in spawn:
         ctx[i] += blocks[i] + list(pr.results_close) + list(pr.after_join)  # re-prefilled next round
+        out[i]["rendered"] += blocks[i] + list(pr.results_close) + list(pr.after_join)
         active.append(i)
     return out

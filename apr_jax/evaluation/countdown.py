@@ -227,7 +227,8 @@ def evaluate_host(host, tok, problems: Sequence[cd.Problem], max_thread_tokens: 
       out.append(ProblemResult(problem=(p.nums, p.target), correct=ok, trace_valid=valid,
                                why=why, total_tokens=r["total_tokens"], critical_path=-1, max_context=-1,
                                forks=r["forks"], threads=1 + len(r["children"]), wall_s=wall,
-                               stop_reason="", **original_counts(tok, "apr", texts)))
+                               stop_reason="", **original_counts(
+                                   tok, "apr", [cd.prompt_text(p) + tok.decode(r["rendered"])] + texts[1:])))
     done = len(out)
     dt = time.perf_counter() - t0
     log(f"[host] {done}/{len(problems)} problems | accuracy {sum(x.correct for x in out) / done:.3f} | "
