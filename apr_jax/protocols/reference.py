@@ -152,11 +152,11 @@ class _Sim:
           pending = False
           n_kids = min(st["count"], self.max_threads - self.created)
           if n_kids > 0:  # no thread budget left: keep decoding sequentially
-            cp = self.fork(th, st, write, depth, label, n_kids, cp)
+            cp, ended = self.fork(th, st, write, depth, label, n_kids, cp)
             if cp >= self.max_cp:
               stop_by_budget()
               break
-            if ended := st.pop("ended", None):  # a malformed join closed the block: the thread ends
+            if ended:  # a malformed join closed the block: the thread ends
               th.stop_reason = ended
               break
         if limit is not None and len(th.samples) >= limit[0]:
@@ -200,9 +200,9 @@ class _Sim:
 
   def fork(self, th, st, write, depth, label, n_kids, cp):
     """The fork of thread `th` into n_kids children and its join; returns the parent's
-    critical path after the join."""
+    critical path after the join and, when a malformed flat join ends it, its stop reason."""
     pr = self.pr
-    path = th.path
+    path, ended = th.path, None
     self.created += n_kids
     base = sum(len(g) for _, g in th.fork_groups)  # ranks are unique per parent
     paths = [path + (base + i,) for i in range(n_kids)]
@@ -245,7 +245,7 @@ class _Sim:
       after, bad = self._flat_join(kept)
       if bad:
         cut = any(self.threads[c].stop_reason == "budget" for c, _ in kept)
-        st["ended"] = ("budget" if len(path) else "length") if cut else "stop"
+        ended = ("budget" if len(path) else "length") if cut else "stop"
     else:  # results
       del seen[st["mark"]:]
       st["pos"] = st["mark_pos"]
@@ -261,7 +261,7 @@ class _Sim:
     st.update(count=0, mark=-1)  # the block is over: a new fork needs a new opening tag
     for t in after:
       write(t, False)
-    return new_cp
+    return new_cp, ended
 
   def _flat_join(self, kept):
     """The tokens a flat join re-prefills into the parent, and whether it is malformed (a

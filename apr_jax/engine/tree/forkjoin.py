@@ -211,34 +211,39 @@ def _child_ends(lane: Lane, spec: TreeSpec):
   return first, last, eos_end
 
 
-def malformed(lane: Lane, spec: TreeSpec):
-  """[NT] per parent: a child of its latest fork (not cancelled) ended without its stop tag
-  (at an EOS or a budget). Only for protocols with `malformed_close` (all False otherwise)."""
+def _malformed(lane: Lane, spec: TreeSpec, ends):
+  """Per parent [NT]: (a child of its latest fork, not cancelled, ended without its stop tag:
+  at an EOS or a budget; one was cut by its budget). All False unless the protocol has
+  `malformed_close`."""
   th, nt = lane.threads, spec.threads
   if not spec.protocol.malformed_close:
-    return jnp.zeros((nt,), bool)
-  _, _, eos_end = _child_ends(lane, spec)
-  bad = ~dropped(th) & (eos_end | (th.reason == StopReason.BUDGET))
-  return jax.vmap(lambda p: jnp.any(current_children(th, p) & bad))(jnp.arange(nt))
+    return jnp.zeros((nt,), bool), jnp.zeros((nt,), bool)
+  cut = ~dropped(th) & (th.reason == StopReason.BUDGET)
+  bad = cut | (~dropped(th) & ends[2])
+
+  def per_parent(p):
+    kids = current_children(th, p)
+    return jnp.any(kids & bad), jnp.any(kids & cut)
+  return jax.vmap(per_parent)(jnp.arange(nt))
 
 
-def _flat_queue(lane: Lane, spec: TreeSpec, kids, is_child, local, bad):
+def _flat_queue(lane: Lane, spec: TreeSpec, kids, is_child, local, bad, ends):
   """A flat join's queue: each child's tokens in fork order (children after the first
   joined one without their first forced token where the protocol says so; an EOS that ended a child
   replaced by child_close where the protocol has `malformed_close`), then after_join, or
-  malformed_close when `bad` (a child ended without its stop tag)."""
+  malformed_close when `bad` (a child ended without its stop tag). ends: `_child_ends`, or
+  None when the protocol uses neither."""
   pr, log, nt = spec.protocol, lane.log, spec.threads
   e = jnp.arange(spec.n_log)
   cc = jnp.clip(log.thread, 0)
-  first, last, eos_end = _child_ends(lane, spec)
   valid = is_child
   if pr.join_skip_first:  # every joined child but the first kept one
     lead = jnp.min(jnp.where(kids, local, nt))
-    valid = valid & ~((local[cc] > lead) & (e == first[cc]))
+    valid = valid & ~((local[cc] > lead) & (e == ends[0][cc]))
   cl, ncl = const(pr.child_close if pr.malformed_close else ())
-  eos_kid = kids & eos_end
+  eos_kid = kids & (ends[2] if pr.malformed_close else False)
   if pr.malformed_close:
-    valid = valid & ~((e == last[cc]) & eos_kid[cc])
+    valid = valid & ~((e == ends[1][cc]) & eos_kid[cc])
   aj, naj = const(pr.after_join)
   mc, nmc = const(pr.malformed_close)
   c_tok = jnp.broadcast_to(cl[None, :], (nt, cl.shape[0])).reshape(-1)
@@ -251,9 +256,9 @@ def _flat_queue(lane: Lane, spec: TreeSpec, kids, is_child, local, bad):
   return bucket_sorted(toks, bucket, valid, nt + 1, spec.n_queue)
 
 
-def _join_queue(lane: Lane, spec: TreeSpec, p, bad):
+def _join_queue(lane: Lane, spec: TreeSpec, p, bad, ends):
   """The forced queue of parent p after its children's join (flat / results modes) and its
-  length (unclipped). bad: p's join is malformed (`malformed`)."""
+  length (unclipped). bad: p's join is malformed (`_malformed`); ends: `_child_ends`."""
   pr, th, log, nt = spec.protocol, lane.threads, lane.log, spec.threads
   e = jnp.arange(spec.n_log)
   cc = jnp.clip(log.thread, 0)
@@ -263,10 +268,10 @@ def _join_queue(lane: Lane, spec: TreeSpec, p, bad):
   local = jnp.clip(th.rank - first, 0, nt - 1)    # [NT] index within the fork
   if pr.join == "results":
     return _results_queue(lane, spec, kids, is_child, local)
-  return _flat_queue(lane, spec, kids, is_child, local, bad)
+  return _flat_queue(lane, spec, kids, is_child, local, bad, ends)
 
 
-def _join_queues(lane: Lane, spec: TreeSpec, join_p, bad_p):
+def _join_queues(lane: Lane, spec: TreeSpec, join_p, bad_p, ends):
   """Forced queues [NT, Q] and their (unclipped) lengths [NT] of the joining parents (flat
   and results joins): one queue per joining parent, usually one a step, not one per entry."""
   nt = spec.threads
@@ -274,7 +279,7 @@ def _join_queues(lane: Lane, spec: TreeSpec, join_p, bad_p):
 
   def one(c):
     k, queue, qlen = c
-    qp, lp = _join_queue(lane, spec, todo[k], bad_p[todo[k]])
+    qp, lp = _join_queue(lane, spec, todo[k], bad_p[todo[k]], ends)
     return k + 1, queue.at[todo[k]].set(qp), qlen.at[todo[k]].set(lp)
 
   _, queue, qlen = jax.lax.while_loop(lambda c: c[0] < jnp.sum(join_p), one,
@@ -296,7 +301,7 @@ def append_close(queue, qlen, where_t, spec: TreeSpec):
           jnp.where(where_t, jnp.minimum(qlen, q) + nclose, qlen))
 
 
-def _merge_kv(lane: Lane, spec: TreeSpec, join_p, bad_p):
+def _merge_kv(lane: Lane, spec: TreeSpec, join_p, bad_p, ends):
   """The joining children's KV: relabelled to the parent (stitch) or freed (flat, results;
   a results join also frees the parent's spawn block). Returns (lane, the parents' new
   positions [NT], their forced queues [NT, Q] and lengths [NT] (unclipped))."""
@@ -320,7 +325,7 @@ def _merge_kv(lane: Lane, spec: TreeSpec, join_p, bad_p):
     drop = drop | ((owner >= 0) & join_p[oc] & (lane.slots.pos >= th.mark_pos[oc]))
     new_pos = th.mark_pos
   lane = lane.replace(slots=lane.slots.replace(owner=jnp.where(drop, -1, owner)))
-  queue, qlen = _join_queues(lane, spec, join_p, bad_p)
+  queue, qlen = _join_queues(lane, spec, join_p, bad_p, ends)
   return lane, new_pos, queue, qlen
 
 
@@ -328,14 +333,16 @@ def join(lane: Lane, spec: TreeSpec, join_p, step):
   """Joins every parent in `join_p` [NT] (all its children are done). Cancelled children are
   left out (their KV is already dropped); a join queue that does not fit a thread's queue
   ends its request `out_of_memory`; a parent whose critical path the children used up stops
-  after its forced join tokens (a child parent writes its close tokens first)."""
+  after its forced join tokens (a child parent writes its close tokens first), and so does
+  a parent whose flat join is malformed (`Protocol.malformed_close`)."""
   th = lane.threads
   kid_cp = jax.vmap(lambda p: jnp.max(jnp.where(current_children(th, p), th.cp, 0)))(
       jnp.arange(spec.threads))
-  bad_p = malformed(lane, spec) & join_p
-  cut_p = jax.vmap(lambda p: jnp.any(current_children(th, p) & ~dropped(th)
-                                     & (th.reason == StopReason.BUDGET)))(jnp.arange(spec.threads))
-  lane, new_pos, queue, qlen = _merge_kv(lane, spec, join_p, bad_p)
+  pr = spec.protocol
+  ends = _child_ends(lane, spec) if pr.join_skip_first or pr.malformed_close else None
+  bad_p, cut_p = _malformed(lane, spec, ends)
+  bad_p = bad_p & join_p
+  lane, new_pos, queue, qlen = _merge_kv(lane, spec, join_p, bad_p, ends)
   th = lane.threads
   spent = join_p & (kid_cp >= lane.requests.limits[jnp.clip(th.req, 0), Limit.CRITICAL])
   is_child = th.parent >= 0
@@ -344,11 +351,9 @@ def join(lane: Lane, spec: TreeSpec, join_p, step):
       join_p, pos=new_pos, cp=kid_cp, queue=queue, q_len=jnp.minimum(qlen, spec.n_queue), q_head=0,
       q_sampled=False, count=0, mark_log=-1, mark_pending=False,  # a new fork needs a new block
       after=jnp.where(spent | bad_p, Next.FINISH, Next.SAMPLE), state=ThreadState.READY)
-  # a malformed join closes the block and ends the thread (a cut child: as if at a budget)
-  th = th.where(join_p & bad_p & ~spent,
-                reason=jnp.where(cut_p, jnp.where(is_child, StopReason.BUDGET, StopReason.LENGTH),
-                                 StopReason.STOP))
-  th = th.where(join_p & spent,
-                reason=jnp.where(is_child, StopReason.BUDGET, StopReason.LENGTH))
+  # the thread ends after its queue: at a budget when the critical path is spent or a child
+  # was cut; after a child's EOS (a malformed join closed the block) with `stop`
+  budget = jnp.where(is_child, StopReason.BUDGET, StopReason.LENGTH)
+  th = th.where(join_p & (spent | bad_p), reason=jnp.where(spent | cut_p, budget, StopReason.STOP))
   oom = any_per_request(th.req, join_p & (qlen > spec.n_queue), spec.requests)
   return terminate(lane.replace(threads=th), StopReason.OUT_OF_MEMORY, step, oom)

@@ -31,16 +31,18 @@ import heapq
 import itertools
 import random
 
-from apr_jax.tasks.countdown.problems import Problem
+from apr_jax.tasks.countdown.problems import Problem, apply
 
 
 def combine(a: int, b: int) -> list[tuple[int, str]]:
-  """The moves from the pair (a, b) as the original writes them."""
-  out = [(a + b, f"{a}+{b}={a + b}"), (a * b, f"{a}*{b}={a * b}")]
+  """The moves from the pair (a, b) as the original writes them: `+` and `*` in the order
+  drawn, `-` and `/` larger first."""
   lo, hi = min(a, b), max(a, b)
-  out.append((hi - lo, f"{hi}-{lo}={hi - lo}"))
-  if lo != 0 and hi % lo == 0:
-    out.append((hi // lo, f"{hi}/{lo}={hi // lo}"))
+  out = []
+  for op, x, y in (("+", a, b), ("*", a, b), ("-", hi, lo), ("/", hi, lo)):
+    c = apply(x, op, y)
+    if c is not None:
+      out.append((c, f"{x}{op}{y}={c}"))
   return out
 
 
@@ -95,51 +97,50 @@ def summary_path(goal: _Node, start: _Node, target: int) -> str:
   raise AssertionError("the chain does not end at the goal")
 
 
-def _expand(node, target, beam, rng, out: list) -> tuple[_Node | None, list[_Node]]:
-  """Writes a node's moves into out[0]; (goal node or None, children to explore, sorted)."""
-  explore = []
+def _expand(node, target, beam, rng) -> tuple[str, _Node | None, list[_Node]]:
+  """A node's moves: (their text, the goal node or None, the children to explore, sorted)."""
+  text, explore = "", []
   for child in _children(node, target, beam, rng):
     child.idx = f"{node.idx},{len(explore)}"
     op = child.ops[-1]
-    out[0] += f"Exploring Operation: {op}, Resulting Numbers: {child.nums}\n"
+    text += f"Exploring Operation: {op}, Resulting Numbers: {child.nums}\n"
     if len(child.nums) == 1 and child.nums[0] == target:
-      out[0] += f"{target},{target} equal: Goal Reached\n"
-      return child, []
+      return text + f"{target},{target} equal: Goal Reached\n", child, []
     if len(child.nums) == 1:
-      out[0] += f"{child.nums[0]},{target} unequal: No Solution\n"
+      text += f"{child.nums[0]},{target} unequal: No Solution\n"
     else:
-      out[0] += f"Generated Node #{child.idx}: {target}:{child.nums} Operation: {op}\n"
+      text += f"Generated Node #{child.idx}: {target}:{child.nums} Operation: {op}\n"
       explore.append(child)
   explore.sort(key=lambda n: n.h)
-  return None, explore
+  return text, None, explore
 
 
 def _sos(start, root, target, beam, promising, rng, level) -> tuple[str, _Node | None]:
-  out = [""]
+  text = ""
   open_set = [(start.h, start)]
   while open_set:
     current = [heapq.heappop(open_set) for _ in range(min(beam, len(open_set)))]
     for k, (_, node) in enumerate(current):
-      out[0] += _state(target, node)
-      goal, explore = _expand(node, target, beam, rng, out)
+      moves, goal, explore = _expand(node, target, beam, rng)
+      text += _state(target, node) + moves
       if goal is not None:
-        return out[0] + summary_path(goal, root, target), goal
+        return text + summary_path(goal, root, target), goal
       double = rng.random() < promising
       for child in explore:
         if not double:
           heapq.heappush(open_set, (child.h, child))
           continue
         sub, found = _sos(child, root, target, beam, promising, rng, level + 1)
-        out[0] += (f"Start Sub Search at level {level + 1}: Moving to Node #{child.idx}\n" + sub +
-                   f"Exit Sub Search at level {level + 1}\n")
+        text += (f"Start Sub Search at level {level + 1}: Moving to Node #{child.idx}\n" + sub +
+                 f"Exit Sub Search at level {level + 1}\n")
         if found is not None:
-          return out[0], found
-        out[0] += "No solution found in sub search\n"
+          return text, found
+        text += "No solution found in sub search\n"
       if k < len(current) - 1:
-        out[0] += f"Moving to Node #{current[k + 1][1].idx}\n"
+        text += f"Moving to Node #{current[k + 1][1].idx}\n"
     if open_set:
-      out[0] += f"Moving to Node #{open_set[0][1].idx}\n"
-  return out[0] + "No solution found.\n", None
+      text += f"Moving to Node #{open_set[0][1].idx}\n"
+  return text + "No solution found.\n", None
 
 
 def sos_prompt(p: Problem) -> str:
@@ -169,10 +170,6 @@ class AprOriginalTrace:
   children: list          # children[k]: the texts of the sub searches spawned by call k
   child_prompts: list     # the same shape: each child's prompt
   solved: bool
-
-  def sequences(self) -> list[str]:
-    """Every call's text, root calls first (what the original token accounting counts)."""
-    return list(self.calls) + [c for spawn in self.children for c in spawn]
 
 
 def apr_prompt(p: Problem) -> str:
@@ -221,10 +218,8 @@ def solve_apr_original(p: Problem, rng: random.Random, beam: int | None = None,
   while open_set and not solved:
     current = [heapq.heappop(open_set) for _ in range(min(beam, len(open_set)))]
     for k, (_, node) in enumerate(current):
-      calls[-1] += _state(target, node)
-      out = [calls[-1]]
-      goal, explore = _expand(node, target, beam, rng, out)
-      calls[-1] = out[0]
+      moves, goal, explore = _expand(node, target, beam, rng)
+      calls[-1] += _state(target, node) + moves
       if goal is not None:
         calls[-1] += summary_path(goal, start, target)
         solved = True

@@ -52,13 +52,14 @@ class Problem:
 
 
 def apply(a: int, op: str, b: int) -> int | None:
-  """a op b with a >= b; None when the operation is not allowed."""
+  """a op b as written; None when the operation is not allowed (a difference below zero, a
+  division that is not exact). `+` and `*` take their operands in either order."""
   if op == "+":
     return a + b
   if op == "*":
     return a * b
   if op == "-":
-    return a - b
+    return a - b if a >= b else None
   if op == "/":
     return a // b if b and a % b == 0 else None
   raise ValueError(op)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from apr_jax.tasks.countdown.problems import Problem
+from apr_jax.tasks.countdown.problems import Problem, apply
 
 _NUMS = r"\[([0-9, ]*)\]"
 RE_STATE = re.compile(r"Current State: (\d+):" + _NUMS + r", Operations: \[(.*)\]")
@@ -20,19 +20,6 @@ def _parse_nums(s):
   return sorted(int(x) for x in s.split(",")) if s else []
 
 
-def arith(a: int, op: str, b: int) -> int | None:
-  """a op b as written (either operand order; `-` below zero and inexact `/` give None)."""
-  if op == "+":
-    return a + b
-  if op == "*":
-    return a * b
-  if op == "-":
-    return a - b if a >= b else None
-  if op == "/":
-    return a // b if b and a % b == 0 else None
-  raise ValueError(op)
-
-
 def _check_op(avail, a, op, b, c, rest):
   """An operation line is right: operands available (as a multiset), arithmetic exact,
   resulting numbers right. `+` and `*` may name either operand first (the original solver
@@ -43,7 +30,7 @@ def _check_op(avail, a, op, b, c, rest):
     if x not in pool:
       raise ValueError(f"{x} is not available in {sorted(avail)}")
     pool.remove(x)
-  if arith(a, op, b) != c:
+  if apply(a, op, b) != c:
     raise ValueError(f"{a}{op}{b}={c} is wrong")
   if rest is not None and sorted(pool + [c]) != sorted(rest):
     raise ValueError(f"resulting numbers {sorted(rest)} should be {sorted(pool + [c])}")
