@@ -66,6 +66,37 @@ def test_exact_against_reference(name, layout):
   assert eng.compiled_loops() == 1
 
 
+@pytest.mark.parametrize("name", sorted(tf.OUTLINE_PROTOCOLS))
+def test_outline_numbers_label_threads(name):
+  """Protocols that read the model's outline numbers (as the originals do): one child per
+  distinct number the originals' regex finds in the block's decoded text, labelled by it;
+  duplicates, unnumbered and malformed outlines make no thread; headers split across
+  merged, spaced or newline tokens are read. The engine's per-token automaton equals the
+  regex reference, logits included; a prompt that writes the outlines forks at once."""
+  pr = tf.OUTLINE_PROTOCOLS[name]
+  rng = np.random.default_rng(11)
+  cases = []
+  while len(cases) < 5:
+    p, s = tf.random_outline_trajectory(name, rng)
+    if len(s) <= 16:
+      cases.append((p, s))
+  # the prompt opens the block: "2" twice, an unnumbered one, then "1.1" -> threads 2, 1.1
+  head = [tf.OPEN, tf.COUNT, tf.DIGITS[2], tf.COLON, 5, tf.COUNT, 3, tf.DIGITS[2], tf.COLON,
+          tf.COUNT, 6, tf.COLON, tf.COUNT, tf.DIGITS[1], tf.SEP, 62, 7, tf.FORK]
+  cases.append(([tf.BOS, 8] + head, {(0,): [9, tf.STOP], (1,): [10, 11, tf.STOP], (): [12, tf.EOS]}))
+  eng = engine(name, protocol=pr)
+  results = eng.run([Request(p, script=s) for p, s in cases])
+  for (prompt, scripts), res in zip(cases, results):
+    trace = reference.simulate(pr, prompt, scripts, eos_ids=(tf.EOS,), text=tf.TEXT_FNS)
+    tf.check_exact(model(), res, trace, len(prompt))
+    assert res.stop_reason == "stop" and len(res.threads) == len(scripts)
+  kids = [t["token_ids"][:6] for t in results[-1].threads[1:]]
+  assert kids[0][3:5] == [tf.DIGITS[2], tf.COLON]
+  assert kids[1][3:6] == [tf.DIGITS[1], tf.SEP, tf.DIGITS[1]]
+  assert sum(r.forks for r in results) >= 8
+  assert eng.compiled_loops() == 1
+
+
 def test_step_costs_fit():
   """The measured step-cost model: recovers per-variant costs from segment counts and wall
   times (with a per-segment overhead and noise), fills unseen variants, rejects bad input."""

@@ -22,7 +22,7 @@ def test_smollm2_threadweaver_exact(smollm2_path):
   spec = TreeSpec(protocol=pr, root_stop=tuple(tok.stop_ids()), lanes=1, rows=2, threads=4,
                   slots=192, chunk=32, script=16, script_rows=4, record_logits=True)
   res = TreeEngine(model, tok, spec).run([Request(prompt, script=scripts)])[0]
-  trace = reference.simulate(pr, prompt, scripts, eos_ids=tok.stop_ids())
+  trace = reference.simulate(pr, prompt, scripts, eos_ids=tok.stop_ids(), text=(tok.decode, tok.encode))
   assert res.forks == 1 and res.stop_reason == "stop"
   tf.check_exact(model, res, trace, len(prompt), rel_tol=1e-4)
   assert "<Thread>\n1: 2 plus 3 is 5</Thread>" in res.text.replace("\n</Thread>", "</Thread>")

@@ -2,6 +2,7 @@
 random well-formed trajectories, and the exactness check against the plain reference."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ from flax import nnx
 from apr_jax.engine.generate import bucket
 from apr_jax.model.config import ModelConfig
 from apr_jax.model.transformer import Transformer
-from apr_jax.protocols import Protocol
+from apr_jax.protocols import Protocol, outlines
 from apr_jax.protocols import reference
 
 BOS, EOS = 1, 2
@@ -39,6 +40,82 @@ PROTOCOLS = {
                     results_close=(CLOSE_B, NL), result_tags=(GOAL, NOGOAL), no_result=(NOGOAL, NL),
                     goal=(GOAL,), max_depth=1),
 }
+
+
+# the toy vocabulary's text (what the originals' regexes read); 62 and 63 spell parts of
+# outline headers in one token, as real tokenizers sometimes do
+TEXT = {BOS: "<s>", EOS: "</s>", OPEN: "<Outlines>", COUNT: "<Outline>", FORK: "</Outlines>",
+        NL: "\n", TAG_A: "<Thread>", STOP: "</Thread>", TAG_B: "<Conclusion>", CLOSE_B: "</Parallel>",
+        GOAL: "<Goal>", NOGOAL: "<No>", SEP: ".", COLON: ":", 62: "1:", 63: " 2.", 0: "<pad>",
+        3: " ", 4: "\t", **{d: str(i) for i, d in enumerate(DIGITS)},
+        **{i: chr(ord("a") + i - 5) for i in range(5, 31)}, **{i: chr(ord("A") + i - 31) for i in range(31, 40)}}
+TEXTS = [TEXT[i] for i in range(64)]
+
+
+def decode(ids):
+  return "".join(TEXT[int(i)] for i in ids)
+
+
+def encode_label(label: str):
+  return [SEP if c == "." else DIGITS[int(c)] for c in label]
+
+
+TEXT_FNS = (decode, encode_label)
+READER = outlines.reader(TEXTS, COUNT, DIGITS, (SEP,))
+# the same protocols labelling their children by the model's outline numbers
+OUTLINE_PROTOCOLS = {n: dataclasses.replace(PROTOCOLS[n], name=n + "_outlines", outline=READER)
+                     for n in ("threadweaver", "multiverse")}
+
+
+def outline_block(rng, k, taken):
+  """Tokens of an outline block body with about k headers: mostly valid numbers (some
+  nested, some written with merged or spaced tokens), some duplicates, unnumbered and
+  malformed ones. `taken`: the numbers written so far."""
+  out = []
+  for j in range(k):
+    kind = rng.random() if j else 0.0  # the first header is always a valid new number
+    if kind < 0.6 or not taken:
+      n = len(taken) + 1
+      label = str(n) if rng.random() < 0.7 else f"{n}.{int(rng.integers(1, 4))}"
+      taken.append(label)
+      toks, r = encode_label(label), rng.random()
+      if label.endswith("1") and r < 0.3:
+        head = [COUNT] + toks[:-1] + [62]              # "1:" in one token
+      elif label.startswith("2.") and r < 0.6:
+        head = [COUNT, 63] + toks[2:] + [COLON]        # " 2." in one token
+      else:                                            # spaces or a newline around the number
+        lead = [[], [3], [NL, 3]][int(rng.integers(0, 3))]
+        head = [COUNT] + lead + toks + ([4] if rng.random() < 0.3 else []) + [COLON]
+    elif kind < 0.75:
+      head = [COUNT] + encode_label(taken[int(rng.integers(0, len(taken)))]) + [COLON]  # duplicate
+    elif kind < 0.9:
+      head = [COUNT] + plain(rng, 1, 2) + [COLON]                                        # unnumbered
+    else:
+      head = [COUNT, DIGITS[7], SEP, COLON]                                              # "7.:" malformed
+    out += head + plain(rng, 0, 3)
+  return out
+
+
+def random_outline_trajectory(name: str, rng, blocks=2, max_kids=3):
+  """(prompt, scripts) of a random trajectory of OUTLINE_PROTOCOLS[name]: its children are
+  the distinct valid numbers the regex reads (computed here from the text)."""
+  pr = OUTLINE_PROTOCOLS[name]
+  scripts = {}
+
+  def thread(path, depth):
+    out, kid = plain(rng, 1, 4), 0
+    nb = blocks if depth == 0 else int(rng.integers(0, 2)) if depth < pr.max_depth and name == "multiverse" else 0
+    for _ in range(nb):
+      body = outline_block(rng, int(rng.integers(1, max_kids + 1)), [])
+      out += [OPEN] + body + [FORK]
+      for _ in outlines.numbers(decode([OPEN] + body)):
+        scripts[path + (kid,)] = thread(path + (kid,), depth + 1) + [STOP]
+        kid += 1
+      out += plain(rng, 1, 3)
+    return out
+
+  scripts[()] = thread((), 0) + [EOS]
+  return [BOS] + plain(rng, 2, 6), scripts
 
 
 def tiny_model(seed=0, vocab=64):

@@ -437,6 +437,9 @@ class TreeEngine:
         count, mark = 0, i
       elif t == pr.count:
         count += 1
+    outline0 = self._prompt_outlines(prompt)
+    if pr.outline is not None:
+      count = int(np.sum(outline0["o_len"] > 0))
     limits = self._limits(r)
     fork0 = (pr.forks and prompt[-1] == pr.fork and mark >= 0 and count >= 1 and
              min(limits[tree.Limit.DEPTH], pr.max_depth) >= 1)
@@ -448,8 +451,34 @@ class TreeEngine:
       sc.length[i], sc.parent[i], sc.rank[i] = len(toks), parent, rank
     key = jax.random.key_data(jax.random.key(seed))
     self.state = self._admit(self.state, jnp.int32(lane), jnp.int32(slot), q, jnp.int32(len(prompt)),
-                             limits, key, sc, jnp.int32(count), jnp.int32(mark), jnp.bool_(fork0))
+                             limits, key, sc, jnp.int32(count), jnp.int32(mark), jnp.bool_(fork0),
+                             outline0)
     return int(limits[0])
+
+  def _prompt_outlines(self, prompt) -> dict:
+    """The root's outline reader fields after its prompt (`Threads.o_*`): the prompt may
+    open a block and announce its threads (`--assistant_prefix`)."""
+    spec, pr = self.spec, self.spec.protocol
+    n_lab, m = spec.n_label, spec.n_outlines
+    out = dict(o_state=np.int32(0), o_cur=np.zeros((n_lab,), np.int32), o_cur_len=np.int32(0),
+               o_lab=np.zeros((m, n_lab), np.int32), o_len=np.zeros((m,), np.int32))
+    if pr.outline is None:
+      return out
+    state, cur, labels = 0, [], []
+    for t in prompt:
+      if t == pr.open:
+        state, cur, labels = 0, [], []
+        continue
+      state, cur, done = pr.outline.step(state, cur, t)
+      if done is not None and len(done) <= n_lab and done not in labels and len(labels) < m:
+        labels.append(done)
+    for i, lab in enumerate(labels):
+      out["o_lab"][i, :len(lab)] = lab
+      out["o_len"][i] = len(lab)
+    out["o_state"] = np.int32(state)
+    out["o_cur_len"] = np.int32(len(cur))
+    out["o_cur"][:min(len(cur), n_lab)] = cur[:n_lab]
+    return out
 
   def run(self, requests: Sequence[Request], on_progress: Callable | None = None,
           on_done: Callable | None = None, on_segment: Callable | None = None) -> list[TreeResult]:

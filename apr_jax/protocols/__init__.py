@@ -3,16 +3,16 @@
 A `Protocol` is a small, hashable description (token ids only) that one generic on-device
 state machine (`apr_jax.engine.tree`) executes (docs/protocols.md). The three families:
 
-- ThreadWeaver: `</Outlines>` forks one thread per `<Outline>` since the last `<Outlines>`;
-  each thread shares the parent's context and is forced `\\n<Thread>\\n{i}:`; it ends at
+- ThreadWeaver: `</Outlines>` forks one thread per distinct outline number since the last
+  `<Outlines>` (`protocols.outlines`); each thread shares the parent's context and is forced
+  `\\n<Thread>\\n{number}:`; it ends at
   `</Thread>`; the join re-prefills the threads flat, in order, at sequential positions,
   adjacent (`</Thread><Thread>`: later threads without their leading newline), then `\\n`
   (join = "flat"). A thread that ended at EOS or a budget gets `\\n</Thread>` (its EOS left
   out), the block is closed with `\\n</Parallel>` and the request ends, as the original
   agent loop does. One nesting level.
-- Multiverse: `</Goal>` forks one path per `<Outline>` since `<Goal>`; paths share the
-  context and all start at the same position, forced `\\n<Path>\\n{label}:` (nested labels
-  `2.1`); they end at `</Path>`; the join keeps every path's KV where it was written
+- Multiverse: `</Goal>` forks one path per distinct outline number since `<Goal>`; paths
+  share the context and all start at the same position, forced `\\n<Path>\\n{number}:`; they end at `</Path>`; the join keeps every path's KV where it was written
   (join = "stitch", no recompute) and forces `<Conclusion>\\n` at max(child end positions).
   Nesting depth <= 5.
 - APR: `<End Calling Sub Searches>` forks one child per `<Sub Search>` line since
@@ -23,7 +23,7 @@ state machine (`apr_jax.engine.tree`) executes (docs/protocols.md). The three fa
 
 Format variants chosen so everything can be built on device (documented in the README):
 tags are single tokens (added special tokens, or sentencepiece user-defined symbols); a
-thread's label is spelled digit by digit; APR's spawn line carries the child's whole prompt
+thread's label is spelled with digit and '.' tokens; APR's spawn line carries the child's whole prompt
 (`<Sub Search> Moving to Node #0,1 Current State: ...`) instead of a node id that would
 need a task-specific rewrite, and its tags are single tokens rather than
 `<Start Sub Search i at level 1>` text.
@@ -34,6 +34,8 @@ import dataclasses
 from typing import Sequence
 
 from apr_jax.errors import UserError
+from apr_jax.protocols import outlines
+from apr_jax.protocols.outlines import OutlineReader
 
 JOIN_MODES = ("stitch", "flat", "results")
 
@@ -74,6 +76,9 @@ class Protocol:
   no_result: tuple = ()           # results join: used for a child that wrote no result tag
   goal: tuple = ()                # race joins: a child writing one of these has reached the goal
   max_depth: int = 1              # children of a thread at depth >= max_depth are not created
+  outline: OutlineReader | None = None  # set: children are the distinct outline numbers
+                                  # of the block (`protocols.outlines`), each labelled by its
+                                  # number; else one child per `count` tag, labelled 1, 2, ...
 
   def __post_init__(self):
     if self.context not in ("shared", "fresh"):
@@ -86,6 +91,8 @@ class Protocol:
       raise UserError("join_skip_first and malformed_close apply to flat joins only")
     if self.digits and len(self.digits) != 10:
       raise UserError("digits must list the ids of '0'..'9'")
+    if self.outline is not None and (self.context != "shared" or self.outline.count != self.count):
+      raise UserError("outline numbers label shared-context children announced by the count tag")
 
   @property
   def forks(self) -> bool:
@@ -126,31 +133,52 @@ def build(name: str, tok) -> Protocol:
   """The named protocol for a tokenizer that already has the protocol's tags."""
   if name == "none":
     return Protocol()
+  if name not in TAGS:
+    raise UserError(f"unknown protocol {name!r}; choose from {', '.join(TAGS)}")
   digits = tuple(_single(tok, str(d)) for d in range(10))
-  eos = tuple(tok.stop_ids())
+  if name == "apr":
+    return _build_apr(tok)
+  sep = _seq(tok, ["."])
+  outline = outlines.reader(tok.token_texts(), _tag(tok, "<Outline>"), digits, sep)
   if name == "threadweaver":
-    return Protocol(
+    pr = Protocol(
         name=name, fork=_tag(tok, "</Outlines>"), open=_tag(tok, "<Outlines>"),
         count=_tag(tok, "<Outline>"), child_pre=_seq(tok, ["\n", "<Thread>", "\n"]),
-        child_post=_seq(tok, [":"]), digits=digits, context="shared",
+        child_post=_seq(tok, [":"]), digits=digits, label_sep=sep, context="shared",
         child_stop=(_tag(tok, "</Thread>"),), child_close=_seq(tok, ["\n", "</Thread>"]),
         join="flat", after_join=_seq(tok, ["\n"]), join_skip_first=True,
-        malformed_close=_seq(tok, ["\n", "</Parallel>"]), max_depth=1)
-  if name == "multiverse":
-    return Protocol(
+        malformed_close=_seq(tok, ["\n", "</Parallel>"]), max_depth=1, outline=outline)
+  else:
+    pr = Protocol(
         name=name, fork=_tag(tok, "</Goal>"), open=_tag(tok, "<Goal>"), count=_tag(tok, "<Outline>"),
         child_pre=_seq(tok, ["\n", "<Path>", "\n"]), child_post=_seq(tok, [":"]), digits=digits,
-        label_sep=_seq(tok, ["."]), context="shared", child_stop=(_tag(tok, "</Path>"),),
+        label_sep=sep, context="shared", child_stop=(_tag(tok, "</Path>"),),
         child_close=_seq(tok, ["\n", "</Path>"]), join="stitch",
-        after_join=_seq(tok, ["<Conclusion>", "\n"]), max_depth=5)
-  if name == "apr":
-    bos = () if tok.bos_id is None else (tok.bos_id,)
-    return Protocol(
-        name=name, fork=_tag(tok, "<End Calling Sub Searches>"), open=_tag(tok, "<Calling Sub Searches>"),
-        count=_tag(tok, "<Sub Search>"), child_pre=bos, context="fresh", child_stop=eos,
-        child_close=(), join="results", results_open=_seq(tok, ["<Sub Searches>"]),
-        results_close=_seq(tok, ["<End Sub Searches>", "\n"]),
-        result_tags=(_tag(tok, "<Goal Reached>"), _tag(tok, "<No Solution>")),
-        no_result=(_tag(tok, "<No Solution>"), *_seq(tok, ["\n"])),
-        goal=(_tag(tok, "<Goal Reached>"),), max_depth=1)
-  raise UserError(f"unknown protocol {name!r}; choose from {', '.join(TAGS)}")
+        after_join=_seq(tok, ["<Conclusion>", "\n"]), max_depth=5, outline=outline)
+  _check_headers(pr, tok, "<Thread>" if name == "threadweaver" else "<Path>")
+  return pr
+
+
+def _check_headers(pr: Protocol, tok, tag: str):
+  """A child's header is spelled on device (child_pre, the label's digit and '.' tokens,
+  child_post); the originals encode its text. Both must give the same tokens."""
+  for label in ("1", "12", "2.1", "10.3.4"):
+    spelled = list(pr.child_pre) + [t for c in label for t in (
+        pr.label_sep if c == "." else (pr.digits[int(c)],))] + list(pr.child_post)
+    text = f"\n{tag}\n{label}:"
+    if tok.encode(text) != spelled:
+      raise UserError(f"this tokenizer spells the thread header {text!r} as {tok.encode(text)}, "
+                      f"not as its pieces {spelled}; the {pr.name} protocol needs a tokenizer "
+                      "that splits digits, '.' and ':' (as Qwen, Llama and SmolLM2 do)")
+
+
+def _build_apr(tok):
+  bos = () if tok.bos_id is None else (tok.bos_id,)
+  return Protocol(
+      name="apr", fork=_tag(tok, "<End Calling Sub Searches>"), open=_tag(tok, "<Calling Sub Searches>"),
+      count=_tag(tok, "<Sub Search>"), child_pre=bos, context="fresh", child_stop=tuple(tok.stop_ids()),
+      child_close=(), join="results", results_open=_seq(tok, ["<Sub Searches>"]),
+      results_close=_seq(tok, ["<End Sub Searches>", "\n"]),
+      result_tags=(_tag(tok, "<Goal Reached>"), _tag(tok, "<No Solution>")),
+      no_result=(_tag(tok, "<No Solution>"), *_seq(tok, ["\n"])),
+      goal=(_tag(tok, "<Goal Reached>"),), max_depth=1)

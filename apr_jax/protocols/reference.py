@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from apr_jax.protocols import Protocol
+from apr_jax.protocols import Protocol, outlines
 
 
 @dataclasses.dataclass
@@ -56,7 +56,7 @@ def simulate(pr: Protocol, prompt: Sequence[int], scripts: dict, eos_ids: Sequen
              max_depth: int | None = None, max_threads: int | None = None,
              max_thread_tokens: int | None = None, max_total_tokens: int | None = None,
              max_critical_path: int | None = None, race: bool = False, prune_margin: float = 0.0,
-             prune_min_tokens: int = 8, logprobs: dict | None = None) -> Trace:
+             prune_min_tokens: int = 8, logprobs: dict | None = None, text=None) -> Trace:
   """scripts: {path: [sampled tokens]}; a thread whose script runs out stops ("script_end").
 
   Budgets, from their definitions:
@@ -82,12 +82,19 @@ def simulate(pr: Protocol, prompt: Sequence[int], scripts: dict, eos_ids: Sequen
     such sibling's by more than the margin is cancelled ("pruned") with its subtree and left
     out of the join. Exact for children that do not fork (a child that forks pauses, so its
     clock leaves its siblings': not modelled, an error).
-  A fork needs a block opened (`pr.open`) since the thread started or last joined."""
+  A fork needs a block opened (`pr.open`) since the thread started or last joined.
+
+  Protocols with an outline reader (`pr.outline`) need `text` = (decode, encode): the
+  children are the outline numbers found by the originals' regex on the decoded block
+  (`protocols.outlines.numbers`), each child's header spells its number with `encode`."""
   sim = _Sim(pr, scripts, eos_ids,
              pr.max_depth if max_depth is None else min(max_depth, pr.max_depth),
              max_threads or 1 << 30, max_thread_tokens or 1 << 30, max_total_tokens or 1 << 30,
              max_critical_path or 1 << 30, race)
   sim.prune = (prune_margin, prune_min_tokens, logprobs or {}) if prune_margin > 0 else None
+  if pr.outline is not None and text is None:
+    raise ValueError("a protocol that reads outline numbers needs text=(decode, encode)")
+  sim.text = text
   try:
     _, _, cp = sim.run((), [], list(prompt), 0, 0, [], True, 0)
   except _RequestEnds:
@@ -117,7 +124,7 @@ class _Sim:
     (samples, reason) after which it is cancelled (race) or pruned, with its subtree."""
     pr = self.pr
     th = self.threads[path] = Thread(path=path, forced=list(forced))
-    st = dict(seen=list(ctx), pos=pos, count=0, mark=-1, mark_pos=0)
+    st = dict(seen=list(ctx), pos=pos, count=0, mark=-1, mark_pos=0, labels=[])
     n0 = len(ctx)
     script = list(self.scripts.get(path, ()))
     is_child = len(path) > 0
@@ -126,11 +133,14 @@ class _Sim:
       if scan and pr.forks:
         if t == pr.open:
           st.update(count=0, mark=len(st["seen"]), mark_pos=st["pos"])
-        elif t == pr.count:
+        elif t == pr.count and pr.outline is None:
           st["count"] += 1
       uid = len(self.visible)
       self.visible[uid] = frozenset([u for _, _, u in st["seen"]] + [uid])
       st["seen"].append((t, st["pos"], uid))
+      if scan and pr.outline is not None and st["mark"] >= 0:  # the block's text, read again
+        st["labels"] = outlines.numbers(self.text[0]([e[0] for e in st["seen"][st["mark"]:]]))
+        st["count"] = len(st["labels"])
       th.written.append((t, st["pos"], uid))
       st["pos"] += 1
 
@@ -153,6 +163,7 @@ class _Sim:
           n_kids = min(st["count"], self.max_threads - self.created)
           if n_kids > 0:  # no thread budget left: keep decoding sequentially
             cp, ended = self.fork(th, st, write, depth, label, n_kids, cp)
+            st["labels"] = []
             if cp >= self.max_cp:
               stop_by_budget()
               break
@@ -220,7 +231,8 @@ class _Sim:
     seen = st["seen"]
     for i, cpath in enumerate(paths, start=1):
       if pr.context == "shared":
-        clabel = pr.label(label, i)
+        clabel = (list(self.text[1](st["labels"][i - 1])) if pr.outline is not None
+                  else pr.label(label, i))
         cforced = list(pr.child_pre) + clabel + list(pr.child_post)
         kids.append(self.run(cpath, seen, cforced, st["pos"], depth + 1, clabel, False, cp,
                              limits[i - 1]))

@@ -98,6 +98,21 @@ class Tokenizer:
       out.append(self._decode(run, skip_special))
     return "".join(out)
 
+  def token_texts(self) -> list[str]:
+    """The text of every token as it reads inside a sequence (a sentencepiece piece's leading
+    space kept: each is decoded after an anchor token, whose text is then removed)."""
+    cache = getattr(self, "_texts", None)
+    if cache is not None and len(cache) == self.vocab_size:
+      return cache
+    anchor = self._encode("a")[-1:]
+    head = self.decode(anchor)
+    texts = []
+    for i in range(self.vocab_size):
+      t = self.decode(anchor + [i])
+      texts.append(t[len(head):] if t.startswith(head) else t)
+    self._texts = texts
+    return texts
+
   def add_special_tokens(self, tokens: Sequence[str]) -> list[int]:
     """Adds `tokens` (if new) as single ids after the current vocab. Returns their ids."""
     ids = []

@@ -11,6 +11,7 @@ from apr_jax.engine.tree.ops import (any_per_request, before_in_request, compact
                                      per_request, targets)
 from apr_jax.engine.tree.requests import live_threads, terminate
 from apr_jax.engine.tree.state import Lane, Limit, Next, StopReason, ThreadState, TreeSpec
+from apr_jax.protocols.outlines import IDLE, LEAD
 
 
 def classify(lane: Lane, drained, step):
@@ -72,20 +73,53 @@ def _state_machine(lane: Lane, t_w, x, spec: TreeSpec):
             (th.cp[t_w] + 1 >= lim[:, Limit.CRITICAL]))
   count = th.count[t_w]
   if not pr.forks:
-    return stop, budget, jnp.zeros_like(stop), count
-  count = jnp.where(x == pr.open, 0, count + (x == pr.count))
+    return stop, budget, jnp.zeros_like(stop), count, {}
+  outline = {}
+  if pr.outline is not None:
+    count, outline = read_outlines(th, t_w, x, spec)
+  count = jnp.where(x == pr.open, 0, count if pr.outline is not None else count + (x == pr.count))
   opened = th.mark_pending[t_w] | (th.mark_log[t_w] >= 0)
   depth = th.depth[t_w]
   fork_next = ((x == pr.fork) & opened & (depth < lim[:, Limit.DEPTH]) & (count >= 1) &
                (depth < pr.max_depth))
-  return stop, budget, fork_next, count
+  return stop, budget, fork_next, count, outline
+
+
+def read_outlines(th, t_w, x, spec: TreeSpec):
+  """The outline reader (`protocols.outlines`) on each row's sample x [W]: (count [W]: the
+  distinct numbers of the block so far, the rows' new o_* fields). A number longer than the
+  label buffer is no label; numbers past `spec.n_outlines` are not kept."""
+  rd, n_lab, m = spec.protocol.outline, spec.n_label, spec.n_outlines
+  ids, nxt, emit, done = (jnp.asarray(a) for a in rd.arrays())
+  k = jnp.clip(jnp.searchsorted(ids, x), 0, ids.shape[0] - 1)
+  hit = ids[k] == x
+  s = th.o_state[t_w]
+  restart = x == rd.count
+  new_state = jnp.where(restart, LEAD, jnp.where(hit, nxt[k, s], IDLE))
+  em = jnp.where(hit[:, None], emit[k, s], -1)                              # [W, E]
+  ok = em >= 0
+  cur, clen = th.o_cur[t_w], th.o_cur_len[t_w]
+  dest = clen[:, None] + jnp.cumsum(ok, axis=1) - 1
+  onto = ok[:, :, None] & (dest[:, :, None] == jnp.arange(n_lab)[None, None, :])  # [W, E, L]
+  cur = jnp.where(jnp.any(onto, 1), jnp.sum(jnp.where(onto, em[:, :, None], 0), 1), cur)
+  clen = jnp.where(restart, 0, clen + jnp.sum(ok, axis=1))
+  in_lab = jnp.arange(n_lab)[None, :] < clen[:, None]
+  cur = jnp.where(in_lab, cur, 0)
+  lab, llen, count = th.o_lab[t_w], th.o_len[t_w], th.count[t_w]
+  held = jnp.arange(m)[None, :] < count[:, None]                            # [W, M]
+  same = held & (llen == clen[:, None]) & jnp.all(lab == cur[:, None, :], axis=2)
+  new = hit & done[k, s] & (clen <= n_lab) & ~jnp.any(same, 1) & (count < m)
+  at = new[:, None] & (jnp.arange(m)[None, :] == count[:, None])            # [W, M]
+  lab = jnp.where(at[:, :, None], cur[:, None, :], lab)
+  llen = jnp.where(at, clen[:, None], llen)
+  return count + new, dict(o_state=new_state, o_cur=cur, o_cur_len=clen, o_lab=lab, o_len=llen)
 
 
 def _write_samples(lane: Lane, t_w, x, logp, allowed, spec: TreeSpec):
   """Queues each allowed sample (its thread writes it next step; a child stopped by its
   budget gets the protocol's close tokens after it) and runs the state machine."""
   pr, th, nt, w = spec.protocol, lane.threads, spec.threads, spec.rows
-  stop, budget, fork_next, count = _state_machine(lane, t_w, x, spec)
+  stop, budget, fork_next, count, outline = _state_machine(lane, t_w, x, spec)
   is_child = th.parent[t_w] >= 0
   finish = stop | budget
   close, nclose = const(pr.child_close)
@@ -99,7 +133,8 @@ def _write_samples(lane: Lane, t_w, x, logp, allowed, spec: TreeSpec):
   th = th.set_at(
       tid, queue=newq, q_len=newlen, q_head=0, q_sampled=True, n_sampled=th.n_sampled[t_w] + 1,
       cp=th.cp[t_w] + 1, logp=th.logp[t_w] + logp, count=count,
-      after=jnp.where(finish, Next.FINISH, jnp.where(fork_next, Next.FORK, Next.SAMPLE)))
+      after=jnp.where(finish, Next.FINISH, jnp.where(fork_next, Next.FORK, Next.SAMPLE)),
+      **outline)
   th = th.set_at(targets(allowed & finish, t_w, nt), reason=reason)
   if pr.forks:  # an opening tag: the block's mark waits for the tag's log entry
     th = th.set_at(targets(allowed & (x == pr.open), t_w, nt), mark_pending=True,

@@ -17,8 +17,14 @@ from apr_jax.engine.tree.state import (Lane, Limit, Next, StopReason, ThreadStat
 # ----------------------------------------------------------------------------- fork
 def _labels(th: Threads, spec: TreeSpec, parent, rank):
   """Label tokens [NT, LBL] and lengths of children number rank + 1 of `parent` [NT]:
-  the parent's label, the separator, then the number's digits."""
+  the parent's label, the separator, then the number's digits; or, for protocols that read
+  outline numbers, the rank + 1-th distinct number of the parent's block."""
   pr = spec.protocol
+  if pr.outline is not None:  # the number the parent's outline wrote (`protocols.outlines`)
+    m = jnp.clip(rank, 0, spec.n_outlines - 1)
+    lab, n = th.o_lab[parent, m], th.o_len[parent, m]
+    pad = spec.label - lab.shape[1]
+    return jnp.pad(lab, ((0, 0), (0, pad))) if pad > 0 else lab[:, :spec.label], n
   plab, plen = th.label[parent], th.label_len[parent]
   if not pr.digits:
     return jnp.zeros_like(plab), jnp.zeros_like(plen)
@@ -350,6 +356,7 @@ def join(lane: Lane, spec: TreeSpec, join_p, step):
   th = th.where(
       join_p, pos=new_pos, cp=kid_cp, queue=queue, q_len=jnp.minimum(qlen, spec.n_queue), q_head=0,
       q_sampled=False, count=0, mark_log=-1, mark_pending=False,  # a new fork needs a new block
+      o_state=0, o_cur_len=0,
       after=jnp.where(spent | bad_p, Next.FINISH, Next.SAMPLE), state=ThreadState.READY)
   # the thread ends after its queue: at a budget when the critical path is spent or a child
   # was cut; after a child's EOS (a malformed join closed the block) with `stop`

@@ -141,12 +141,12 @@ def _on_lane(st: EngineState, lane_idx, fn) -> EngineState:
 
 
 def admit(st: EngineState, lane_idx, req_idx, prompt, plen, limits, key, script: Scripts, count0,
-          mark0, fork0, spec: TreeSpec) -> EngineState:
+          mark0, fork0, outline0, spec: TreeSpec) -> EngineState:
   """Request slot `req_idx` of lane `lane_idx` takes a request (`requests.admit`); `script`:
   its rows of the Scripts table (no request axis)."""
   rows = (script.tokens, script.length, script.parent, script.rank)
   return _on_lane(st, lane_idx, lambda l: requests.admit(
-      l, req_idx, prompt, plen, limits, key, rows, st.step, count0, mark0, fork0, spec))
+      l, req_idx, prompt, plen, limits, key, rows, st.step, count0, mark0, fork0, outline0, spec))
 
 
 def cancel(st: EngineState, lane_idx, req_idx, reason, spec: TreeSpec) -> EngineState:

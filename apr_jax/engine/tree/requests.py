@@ -37,12 +37,13 @@ def _reset_request(lane: Lane, r, spec: TreeSpec) -> Lane:
   return lane.replace(requests=at(lane.requests, fresh_r), scripts=at(lane.scripts, fresh_s))
 
 
-def admit(lane: Lane, r, prompt, plen, limits, key, script, step, count0, mark0, fork0,
+def admit(lane: Lane, r, prompt, plen, limits, key, script, step, count0, mark0, fork0, outline0,
           spec: TreeSpec) -> Lane:
   """Request slot `r` (free) takes a request whose root thread, in the lowest free entry of
   the thread table, will read `prompt` [Q]. `script`: its Scripts rows (tokens [NS, J],
   length, parent, rank [NS]); count0 / mark0 / fork0: what the prompt already opened
-  (children announced, the opening tag's position or -1, whether it ends with the trigger)."""
+  (children announced, the opening tag's position or -1, whether it ends with the trigger);
+  outline0: the root's o_* fields after the prompt (a dict; `Threads`)."""
   lane = _reset_request(lane, r, spec)
   rq = lane.requests.set_at(r, active=True, limits=limits, key=key, created=1, start=step)
   sc = lane.scripts.set_at(r, tokens=script[0], length=script[1], parent=script[2], rank=script[3])
@@ -52,7 +53,7 @@ def admit(lane: Lane, r, prompt, plen, limits, key, script, step, count0, mark0,
   th = th.set_at(
       t, req=r, state=ThreadState.READY, queue=prompt, q_len=plen, start=step, count=count0,
       mark_pending=mark0 >= 0, mark_pos=mark0, after=jnp.where(fork0, Next.FORK, Next.SAMPLE),
-      script=script_row(sc, r, -1, -1), born_log=lane.log.n, key=child_key(key, -1))
+      script=script_row(sc, r, -1, -1), born_log=lane.log.n, key=child_key(key, -1), **outline0)
   th = th.replace(vis=th.vis.at[t, t].set(True))
   return lane.replace(threads=th)
 

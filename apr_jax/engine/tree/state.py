@@ -57,6 +57,7 @@ class Limit(enum.IntEnum):
 
 
 LIMITS = ("max_threads", "max_depth", "max_total_tokens", "max_critical_path", "max_thread_tokens")
+MAX_OUTLINES = 64  # outline labels kept per thread and block
 LABEL_DIGITS = 2  # a child's number within its fork is spelled with at most two digits (<= 99)
 
 
@@ -103,6 +104,17 @@ class TreeSpec:
   @property
   def n_queue(self):
     return self.queue or self.slots
+
+  @property
+  def n_outlines(self):
+    """Outline labels kept per thread (protocols that label threads by their outline
+    numbers): a fork creates at most this many children."""
+    return min(self.request_threads, MAX_OUTLINES) if self.protocol.outline else 1
+
+  @property
+  def n_label(self):
+    """Label tokens kept per outline (1 when the protocol reads no outline numbers)."""
+    return self.label if self.protocol.outline else 1
 
   @property
   def request_threads(self):
@@ -221,6 +233,10 @@ class Threads(_Table):
   key data (the request's key folded down its path). logp: summed log-prob of its samples.
   born_log: log length when it was created. label [NT, LBL], label_len: its label tokens.
   vis [NT, NT]: vis[t, u] = thread t sees the KV written by thread u.
+  Outline numbers (protocols with an `outline` reader; shapes [NT, 1(, 1)] otherwise):
+  o_state: the reader's state; o_cur [NT, LBL], o_cur_len: the number being read (its length
+  counts past LBL: such a number is no label); o_lab [NT, M, LBL], o_len [NT, M]: the distinct
+  numbers of the open block, in order (M = `spec.n_outlines`; `count` of them).
   """
   req: jax.Array
   state: jax.Array
@@ -254,6 +270,11 @@ class Threads(_Table):
   label: jax.Array
   label_len: jax.Array
   vis: jax.Array
+  o_state: jax.Array
+  o_cur: jax.Array
+  o_cur_len: jax.Array
+  o_lab: jax.Array
+  o_len: jax.Array
 
   @classmethod
   def empty(cls, spec: TreeSpec):
@@ -268,7 +289,9 @@ class Threads(_Table):
         end=i32(nt), reason=i32(nt), row=i32(nt, v=-1), script=i32(nt, v=-1),
         key=jnp.zeros((nt,) + _key_shape(), jnp.uint32), logp=jnp.zeros((nt,), jnp.float32),
         born_log=i32(nt), label=i32(nt, spec.label), label_len=i32(nt),
-        vis=jnp.zeros((nt, nt), bool))
+        vis=jnp.zeros((nt, nt), bool), o_state=i32(nt), o_cur=i32(nt, spec.n_label),
+        o_cur_len=i32(nt), o_lab=i32(nt, spec.n_outlines, spec.n_label),
+        o_len=i32(nt, spec.n_outlines))
 
 
 @struct.dataclass
