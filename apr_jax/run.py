@@ -178,6 +178,7 @@ def _run_countdown(t0):
   from apr_jax.engine.runner import Request
   from apr_jax.shipped import resolve
   from apr_jax.tasks import countdown as cd
+  from apr_jax.tasks.countdown import data
   name = {"parallel": "countdown_small_apr", "sequential": "countdown_small_sos"}[FLAGS.method]
   path = resolve(FLAGS.model or name)
   extra = json.load(open(f"{path}/apr_config.json"))
@@ -200,7 +201,7 @@ def _run_countdown(t0):
     sys.stderr.write("\n".join(lines) + "\n")
     shown[0] = len(lines)
 
-  prompt = cd.prompt_text(p)
+  prompt = data.prompt_text(fmt, p)
   req = Request([tok.bos_id] + tok.encode(prompt), max_thread_tokens=1536, max_total_tokens=6000,
                 seed=FLAGS.seed)
   r = eng.run([req], on_progress=progress if live else None)[0]

@@ -56,7 +56,7 @@ def build_data(c, tok, log=_log):
   items, t0 = [], time.perf_counter()
   for i, p in enumerate(train):
     prompt, scripts, _ = data.encode(tok, c.format, p, setting)
-    trace = reference.simulate(pr, prompt, scripts, eos_ids=(tok.eos_id,))
+    trace = reference.simulate(pr, prompt, scripts, eos_ids=(tok.eos_id,), text=(tok.decode, tok.encode))
     items.extend(packing.split_components(packing.pack_trace(trace)))
     if (i + 1) % 2000 == 0:
       log(f"  trajectories {i + 1}/{len(train)} ({time.perf_counter() - t0:.0f} s)")
@@ -78,6 +78,7 @@ def build_model(c, log=_log):
   from apr_jax.model.transformer import Transformer
   from apr_jax.tasks import countdown as cd
   from apr_jax.tasks.countdown import data
+  data.check_format(c.format)
   tok_dir = os.path.join(c.workdir, "tokenizer")
   if c.init_from:
     from apr_jax import checkpoint
@@ -93,7 +94,8 @@ def build_model(c, log=_log):
   else:
     setting = cd.SETTINGS[c.setting]
     train, _ = cd.splits(setting, min(c.n_train, 2000), c.n_test, seed=c.data_seed)
-    tok = data.train_tokenizer(data.texts_for_tokenizer(train, setting), tok_dir, c.vocab_size)
+    tok = data.train_tokenizer(data.texts_for_tokenizer(train, setting, c.format), tok_dir,
+                               c.vocab_size)
     log(f"tokenizer: {tok.vocab_size} pieces -> {tok_dir}")
   m = dict(c.model)
   cfg = ModelConfig(arch=m.pop("arch", "llama"), vocab_size=tok.vocab_size, bos_id=tok.bos_id,

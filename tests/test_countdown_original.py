@@ -225,3 +225,34 @@ def test_threadweaver_critical_path_matches_get_parallel_stats():
                                            "</Thread>": ET})
     assert ours == {"total_tokens": ref["total_num_tokens"],
                     "critical_path": ref["num_tokens_in_the_longest_thread"]}, ids
+
+
+def test_sos_original_format_trains_and_evaluates_as_written(tmp_path):
+  """`format="sos_original"`: a tokenizer trained on its traces round-trips them, the
+  training trajectories are the original solver's text (a fixed stream per problem), the
+  evaluation prompt is the original's, and the verifier reads its answers."""
+  from apr_jax.protocols import reference
+  from apr_jax.tasks.countdown import data
+  train, _ = cd.splits(cd.SMALL, 60, 1, seed=3)
+  tok = data.train_tokenizer(data.texts_for_tokenizer(train, cd.SMALL, "sos_original"),
+                             str(tmp_path), 400)
+  pr = data.protocol_for("sos_original", tok)
+  assert not pr.forks
+  n_solved = 0
+  for p in train[:30]:
+    prompt, scripts, solved = data.encode(tok, "sos_original", p)
+    again = data.encode(tok, "sos_original", p)
+    assert (prompt, scripts) == again[:2]                      # the same trace every run
+    assert prompt == [tok.bos_id] + tok.encode(orig.sos_prompt(p))
+    assert tok.decode(prompt[1:]) == data.prompt_text("sos_original", p)
+    text = tok.decode(prompt[1:] + scripts[()][:-1])
+    assert scripts[()][-1] == tok.eos_id
+    want = orig.solve_sos_original(p, data.original_rng(p))
+    assert text == want[0] + want[1]
+    assert cd.verify(p, [text])[0] == solved
+    trace = reference.simulate(pr, prompt, scripts, eos_ids=(tok.eos_id,))
+    assert [e[0] for e in trace.final_context] == prompt + scripts[()]
+    n_solved += solved
+  assert n_solved >= 10
+  with pytest.raises(UserError, match="unknown Countdown format"):
+    data.encode(tok, "sos_orig", train[0])

@@ -47,7 +47,7 @@ def original_counts(tok, fmt: str, texts: Sequence[str], root_ids=()) -> dict:
   """The originals' accountings of one problem's threads (-1 where one does not apply):
   APR's for the sequential and APR formats, ThreadWeaver's critical path for its format."""
   out = {}
-  if fmt in ("sos", "apr"):
+  if fmt in ("sos", "sos_original", "apr"):
     n = lambda s: len(tok.encode(s))
     c = accounting.apr_token_counts(accounting.apr_root_calls(texts[0]), list(texts[1:]), n)
     out.update(apr_tokens=c["token_count"], apr_longest=c["longest_seq_token_count"])
@@ -96,10 +96,10 @@ def make_engine(model, tok, fmt: str, lanes: int = 8, rows: int = 8, slots: int 
 
 
 def requests(tok, problems: Sequence[cd.Problem], max_thread_tokens: int = 1536,
-             max_total_tokens: int = 6000) -> list:
-  """One engine request per problem: BOS + the prompt, with the evaluation's budgets."""
+             max_total_tokens: int = 6000, fmt: str = "sos") -> list:
+  """One engine request per problem: BOS + the format's prompt, with the evaluation's budgets."""
   from apr_jax.engine.runner import Request
-  return [Request([tok.bos_id] + tok.encode(cd.prompt_text(p)), max_thread_tokens=max_thread_tokens,
+  return [Request([tok.bos_id] + tok.encode(data.prompt_text(fmt, p)), max_thread_tokens=max_thread_tokens,
                   max_total_tokens=max_total_tokens) for p in problems]
 
 
@@ -108,13 +108,13 @@ def evaluate(engine, tok, fmt: str, problems: Sequence[cd.Problem], max_thread_t
   """Every problem through the engine in one run; progress every `batch` problems or 10 s."""
   log = log or (lambda s: print(s, file=sys.stderr, flush=True))
   t0 = time.perf_counter()
-  reqs = requests(tok, problems, max_thread_tokens, max_total_tokens)
+  reqs = requests(tok, problems, max_thread_tokens, max_total_tokens, fmt)
   out: list = [None] * len(problems)
   shown, n_ok, done = [0.0], [0], [0]
 
   def on_done(i, r):
     p = problems[i]
-    texts = thread_texts(r, tok, fmt, cd.prompt_text(p))
+    texts = thread_texts(r, tok, fmt, data.prompt_text(fmt, p))
     ok, valid, why = verdict(p, texts)
     ctx = max((max(t["positions"]) + 1 if t["positions"] else 0) for t in r.threads)
     out[i] = ProblemResult(problem=(p.nums, p.target), correct=ok, trace_valid=valid, why=why,

@@ -4,14 +4,20 @@ stream the engine's protocol expects, so training packs what inference will run.
 from __future__ import annotations
 
 import os
+import random
 import tempfile
+import zlib
 from typing import Sequence
 
+from apr_jax.errors import UserError
 from apr_jax.protocols import TAGS, Protocol, build
 from apr_jax.tasks import countdown as cd
+from apr_jax.tasks.countdown import original
 
-FORMATS = ("sos", "apr", "threadweaver", "multiverse")
-PROTOCOL_OF = {"sos": "none", "apr": "apr", "threadweaver": "threadweaver", "multiverse": "multiverse"}
+FORMATS = ("sos", "apr", "threadweaver", "multiverse", "sos_original")
+PROTOCOL_OF = {"sos": "none", "apr": "apr", "threadweaver": "threadweaver", "multiverse": "multiverse",
+               "sos_original": "none"}
+SEQUENTIAL = ("sos", "sos_original")
 ALL_TAGS = tuple(dict.fromkeys(TAGS["apr"] + TAGS["threadweaver"] + TAGS["multiverse"]))
 
 
@@ -42,15 +48,35 @@ def train_tokenizer(texts: Sequence[str], out_dir: str, vocab_size: int = 320):
   return tok
 
 
+def check_format(fmt: str) -> str:
+  if fmt not in FORMATS:
+    raise UserError(f"unknown Countdown format {fmt!r}; choose from {', '.join(FORMATS)}")
+  return fmt
+
+
 def protocol_for(fmt: str, tok) -> Protocol:
-  return build(PROTOCOL_OF[fmt], tok)
+  return build(PROTOCOL_OF[check_format(fmt)], tok)
+
+
+def prompt_text(fmt: str, p: cd.Problem) -> str:
+  """The prompt a model trained on `fmt` reads: the original SoS+ prompt (numbers as drawn,
+  no newline) for `sos_original`, else `Current State: ...` with sorted numbers."""
+  return original.sos_prompt(p) if fmt == "sos_original" else cd.prompt_text(p)
+
+
+def original_rng(p: cd.Problem) -> random.Random:
+  """The random stream of the original solver for one problem (beam width, child order):
+  fixed by the problem, so a problem's trace is the same in every run."""
+  return random.Random(zlib.crc32(repr((p.nums, p.target)).encode()))
 
 
 def encode(tok, fmt: str, problem: cd.Problem, setting: cd.Setting = cd.SMALL):
   """(prompt ids, scripts {thread path: sampled ids}, solved) for one problem."""
   bos, eos = tok.bos_id, tok.eos_id
-  if fmt == "sos":
-    prompt, completion, solved = cd.solve_sos(problem, setting)
+  check_format(fmt)
+  if fmt in SEQUENTIAL:
+    prompt, completion, solved = (cd.solve_sos(problem, setting) if fmt == "sos" else
+                                  original.solve_sos_original(problem, original_rng(problem)))
     return [bos] + tok.encode(prompt), {(): tok.encode(completion) + [eos]}, solved
   tr = cd.solve_parallel(problem, fmt, setting)
   scripts = {(): tok.encode(tr.threads[()]) + [eos]}
@@ -60,12 +86,14 @@ def encode(tok, fmt: str, problem: cd.Problem, setting: cd.Setting = cd.SMALL):
   return [bos] + tok.encode(tr.prompt), scripts, tr.solved
 
 
-def texts_for_tokenizer(problems, setting: cd.Setting = cd.SMALL) -> list[str]:
+def texts_for_tokenizer(problems, setting: cd.Setting = cd.SMALL, fmt: str = "") -> list[str]:
+  """Traces of every apr_jax format (and of `fmt`, an original one) to train a tokenizer on."""
   out = []
   for p in problems:
+    if fmt == "sos_original":
+      out.append("".join(original.solve_sos_original(p, original_rng(p))[:2]))
     prompt, completion, _ = cd.solve_sos(p, setting)
     out.append(prompt + completion)
-    for fmt in ("apr", "threadweaver"):
-      tr = cd.solve_parallel(p, fmt, setting)
-      out.extend(tr.threads.values())
+    for parallel in ("apr", "threadweaver"):
+      out.extend(cd.solve_parallel(p, parallel, setting).threads.values())
   return out
