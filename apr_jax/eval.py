@@ -43,13 +43,16 @@ def main(argv):
   from apr_jax import utils
   utils.quiet_logs()
   utils.setup_jax()
+  import jax
   import numpy as np
   from apr_jax import checkpoint
   from apr_jax.evaluation import countdown as ev
+  from apr_jax.model.config import resolve_dtype
   from apr_jax.shipped import resolve
   from apr_jax.tasks import countdown as cd
 
   setting = cd.SETTINGS[c.setting]
+  resolve_dtype(c.get("dtype", "auto"))  # a bad dtype is an error before any model runs
   test = cd.test_split(setting, c.n_test, seed=c.data_seed)
   if FLAGS.num_problems > len(test):
     raise UserError(f"--num_problems {FLAGS.num_problems} > the {len(test)} held-out problems")
@@ -67,8 +70,9 @@ def main(argv):
     path = resolve(m.path)
     extra = json.load(open(os.path.join(path, "apr_config.json")))
     fmt = extra.get("format", "sos")
-    _log(f"{name}: {path} ({fmt})")
-    model, tok = checkpoint.load(path)
+    _log(f"{name}: {path} ({fmt}, {resolve_dtype(c.get('dtype', 'auto'))})")
+    model, tok = checkpoint.load(path, dtype=c.get("dtype", "auto"))
+    dtype = str(jax.tree.leaves(model)[0].dtype)
     if m.get("engine", "tree") == "host":
       from apr_jax.engine.host import HostAPR
       from apr_jax.tasks.countdown import data
@@ -80,7 +84,7 @@ def main(argv):
       rs = ev.evaluate_host(host, tok, problems, max_thread_tokens=c.max_thread_tokens, batch=c.batch)
       wall = time.perf_counter() - t0
       results[name] = rs
-      summary[name] = dict(ev.summarize(rs, wall), format=fmt, path=m.path, engine="host")
+      summary[name] = dict(ev.summarize(rs, wall), format=fmt, path=m.path, engine="host", dtype=dtype)
       continue
     eng = ev.make_engine(model, tok, fmt, lanes=c.lanes, rows=c.rows, slots=c.slots,
                          step_cost=c.get("step_cost", None) or None,
@@ -91,7 +95,7 @@ def main(argv):
                      max_total_tokens=c.max_total_tokens, batch=c.batch)
     wall = time.perf_counter() - t0
     results[name] = rs
-    summary[name] = dict(ev.summarize(rs, wall), format=fmt, path=m.path, engine="tree",
+    summary[name] = dict(ev.summarize(rs, wall), format=fmt, path=m.path, engine="tree", dtype=dtype,
                          compile_s=round(eng.stats["compile_s"], 2),
                          step_cost=eng.stats.get("step_cost"))
   cs = ev.curves({k: v for k, v in results.items() if summary[k].get("engine") == "tree"})

@@ -28,7 +28,8 @@ flags.DEFINE_integer("top_k", 0, "Top-k sampling; 0 = off.", lower_bound=0)
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1]; 1 = off.")
 flags.DEFINE_integer("seed", 0, "Random seed for sampling.", lower_bound=0)
 flags.DEFINE_boolean("json", False, "Print one JSON object (text, token_ids, stats) and nothing else.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and cache dtype.")
+flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"], "Parameter and KV dtype; "
+                  "auto: bfloat16 on GPU/TPU, float32 on CPU.")
 flags.DEFINE_string("mesh", "1x1", "Device mesh DATAxMODEL, e.g. 2x4.")
 flags.DEFINE_integer("stream_every", 16, "Decode steps per streamed segment (text mode).",
                      lower_bound=1)
@@ -84,7 +85,7 @@ def main(argv):
   utils.quiet_logs()
   utils.apply_config_file(flags, FLAGS.config)
   utils.setup_jax()
-  import jax.numpy as jnp
+  from apr_jax.model.config import resolve_dtype
   from apr_jax import checkpoint
   from apr_jax.default_model import smollm2_path
   from apr_jax.engine.generate import Generator
@@ -101,8 +102,8 @@ def main(argv):
   mesh = make_mesh(*parse_mesh(FLAGS.mesh))
   path = FLAGS.model or smollm2_path()
   log = (lambda *a: None) if FLAGS.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
-  log(f"loading {path}")
-  model, tok = checkpoint.load(path, dtype=jnp.dtype(FLAGS.dtype), mesh=mesh,
+  log(f"loading {path} ({resolve_dtype(FLAGS.dtype)})")
+  model, tok = checkpoint.load(path, dtype=FLAGS.dtype, mesh=mesh,
                                tokenizer=FLAGS.tokenizer or None)
   if tok is None:
     raise UserError(f"{path} has no tokenizer; pass --tokenizer")
@@ -144,6 +145,7 @@ def main(argv):
     out = dict(rows[0]) if len(rows) == 1 else {"results": rows}
     out["stats"] = stats
     out["model"] = path
+    out["dtype"] = _dtype_name(model)
     print(json.dumps(out))
     return 0
   if stream:
@@ -156,6 +158,12 @@ def main(argv):
       f"prefill {stats['prefill_s']:.3f} s | compile {stats['compile_s']:.1f} s | "
       f"stop: {results[0].stop_reason}]")
   return 0
+
+
+def _dtype_name(model) -> str:
+  import jax
+  leaves = jax.tree.leaves(model)
+  return str(leaves[0].dtype) if leaves else "float32"
 
 
 def _parse_problem(text):
@@ -188,7 +196,7 @@ def _run_countdown(t0):
   else:
     test = cd.test_split(cd.SETTINGS[extra.get("setting", "small")], 1000, seed=0)
     p = test[int(np.random.default_rng(FLAGS.seed).integers(len(test)))]
-  model, tok = checkpoint.load(path)
+  model, tok = checkpoint.load(path, dtype=FLAGS.dtype)
   eng = ev.make_engine(model, tok, fmt, lanes=1, rows=FLAGS.rows, slots=4096 if len(p.nums) > 3 else 2048,
                        max_total_tokens=6000)
   live = sys.stderr.isatty() and not FLAGS.json
@@ -210,7 +218,7 @@ def _run_countdown(t0):
     why = "every line checks" if valid else f"right answer, but a search line is wrong: {why}"
   if FLAGS.json:
     out = dict(r.summary(), problem={"nums": list(p.nums), "target": p.target}, correct=ok, why=why,
-               method=FLAGS.method, model=path)
+               method=FLAGS.method, model=path, dtype=_dtype_name(model))
     print(json.dumps(out))
     return 0
   print(f"problem: reach {p.target} from {list(p.nums)}  ({FLAGS.method} model, {fmt} format)\n")
@@ -301,7 +309,8 @@ def _run_tree(model, tok, mesh, prompts, sampling, path, log, t0):
   results = eng.run(reqs, on_progress=progress if live else None)
   wall = time.perf_counter() - t0
   if FLAGS.json:
-    out = {"protocol": name, "model": path, "results": [r.summary() for r in results],
+    out = {"protocol": name, "model": path, "dtype": _dtype_name(model),
+           "results": [r.summary() for r in results],
            "stats": {"compile_s": round(eng.stats["compile_s"], 3), "wall_s": round(wall, 3)}}
     if len(results) == 1:
       out.update(out.pop("results")[0])

@@ -17,6 +17,7 @@ def get_config():
   c.lanes = 32
   c.rows = 8
   c.slots = 1536
+  c.dtype = "auto"         # parameters and KV: auto = bfloat16 on GPU/TPU, float32 on CPU
   c.attention = "tree"     # "tree": read only the KV each step sees; "dense": every slot (the reference)
   c.batch = 128
   c.max_thread_tokens = 1536

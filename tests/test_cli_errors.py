@@ -89,6 +89,8 @@ def test_json_output_is_one_object():
   d = json.loads(out)
   assert d["text"].startswith("2 + 3 = 5") and d["token_ids"][:1] == [34]
   assert d["stats"]["decode_tokens_per_s"] > 0 and d["stop_reason"] == "stop"
+  import jax
+  assert d["dtype"] == ("bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32")
   assert d["finish_reason"] == "stop"
 
 

@@ -123,3 +123,22 @@ def test_added_tokens_keep_the_model_sharded(tiny_dir, spm_model):
   assert grown.cfg.vocab_size == 98
   for w in (grown.embed[...], grown.lm_head[...]):
     assert len(w.sharding.device_set) == 8  # 98 rows do not split 4 ways: replicated on the mesh
+
+
+def test_dtype_per_platform(tiny_dir):
+  """auto: float32 on CPU (bfloat16 on GPU/TPU); an explicit dtype is kept; a bad one is a
+  clear error."""
+  import jax
+  import jax.numpy as jnp
+  from apr_jax import checkpoint
+  from apr_jax.errors import UserError
+  from apr_jax.model.config import resolve_dtype
+  want = jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+  assert resolve_dtype("auto") == want and resolve_dtype(None) == want
+  assert resolve_dtype("bfloat16") == jnp.bfloat16 and resolve_dtype(jnp.float32) == jnp.float32
+  with pytest.raises(UserError, match="dtype"):
+    resolve_dtype("fp8")
+  model, _ = checkpoint.load(tiny_dir("qwen2"))
+  assert {x.dtype for x in jax.tree.leaves(model)} == {jnp.dtype(want)}
+  model, _ = checkpoint.load(tiny_dir("qwen2"), dtype="bfloat16")
+  assert {x.dtype for x in jax.tree.leaves(model)} == {jnp.dtype(jnp.bfloat16)}

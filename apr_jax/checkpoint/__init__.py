@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import os
 
-import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from apr_jax.errors import UserError
 from apr_jax.model.sharding import ShardingRules
 
 
-def load(path: str, *, dtype=jnp.float32, mesh: Mesh | None = None,
+def load(path: str, *, dtype=None, mesh: Mesh | None = None,
          rules: ShardingRules | None = None, tokenizer: str | None = None):
-  """(model, tokenizer) from a .gguf file, an HF directory, or an apr_jax checkpoint dir."""
+  """(model, tokenizer) from a .gguf file, an HF directory, or an apr_jax checkpoint dir.
+  dtype: of the parameters (and so of the engines' KV); None or "auto": bfloat16 on GPU and
+  TPU, float32 on CPU (`model.config.resolve_dtype`)."""
   from apr_jax import tokenizer as toklib
+  from apr_jax.model.config import resolve_dtype
+  dtype = resolve_dtype(dtype)
   path = os.path.expanduser(path)
   if not os.path.exists(path):
     raise UserError(f"model path not found: {path}")

@@ -177,3 +177,19 @@ def load_hf_config(path: str) -> ModelConfig:
   if not isinstance(d, dict):
     raise UserError(f"corrupt config.json at {path}: not a JSON object")
   return from_hf_config(d)
+
+
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def resolve_dtype(name=None):
+  """Parameter and KV dtype: "auto" (or None) is bfloat16 on GPU and TPU (half the bytes,
+  one MXU pass per matmul) and float32 on CPU (where bfloat16 matmuls are emulated and no
+  faster); "float32" / "bfloat16" (or a dtype) as given."""
+  import jax
+  import jax.numpy as jnp
+  if name is None or (isinstance(name, str) and name == "auto"):
+    return jnp.dtype(jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32)
+  if isinstance(name, str) and name not in DTYPES:
+    raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+  return jnp.dtype(name)
