@@ -69,6 +69,9 @@ class ThreadInfo:
   token_ids: list             # everything it wrote, in order
   positions: list             # ... and their positions
   text: str = ""
+  logprobs: list = dataclasses.field(default_factory=list)  # per token_ids entry: the model's
+                              # log-prob of a sampled token (log-softmax of the logits it was
+                              # drawn from, before temperature, top-k, top-p); None: forced
 
 
 @dataclasses.dataclass
@@ -96,7 +99,7 @@ class TreeResult:
     d = dataclasses.asdict(self)
     d.pop("logits")
     d["finish_reason"] = self.finish_reason
-    d["threads"] = [{k: v for k, v in t.items() if k not in ("token_ids", "positions")}
+    d["threads"] = [{k: v for k, v in t.items() if k not in ("token_ids", "positions", "logprobs")}
                     for t in d["threads"]]
     for t in d["threads"]:
       t["path"] = list(t["path"])
@@ -555,6 +558,7 @@ class TreeEngine:
     th, tok = L.threads, self.tokenizer
     n = int(L.log.n)
     g_tok, g_thr, g_pos = L.log.tok[:n], L.log.thread[:n], L.log.pos[:n]
+    g_lp, g_sampled = L.log.logp[:n], L.log.kind[:n] == tree.LogKind.SAMPLED
     local = {t: k for k, t in enumerate(order)}
     paths = self._paths(L, slot)
     root, plen, start = order[0], len(req.prompt), int(L.requests.start[slot])
@@ -570,7 +574,8 @@ class TreeEngine:
           end_step=int(th.end[t]) - start, tokens=int(th.n_sampled[t]),
           forced=int(th.n_written[t]) - int(th.n_sampled[t]) - (plen if t == root else 0),
           stop_reason=tree.REASONS[int(th.reason[t])] or "running", token_ids=ids,
-          positions=[int(x) for x in g_pos[own]], text=tok.decode(ids) if tok is not None else ""))
+          positions=[int(x) for x in g_pos[own]], text=tok.decode(ids) if tok is not None else "",
+          logprobs=[float(g_lp[e]) if g_sampled[e] else None for e in own]))
     return out
 
   def _render(self, L: tree.Lane, order: list) -> list:

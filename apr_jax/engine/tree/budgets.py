@@ -132,7 +132,7 @@ def _write_samples(lane: Lane, t_w, x, logp, allowed, spec: TreeSpec):
   reason = jnp.where(stop, StopReason.STOP, jnp.where(is_child, StopReason.BUDGET, StopReason.LENGTH))
   th = th.set_at(
       tid, queue=newq, q_len=newlen, q_head=0, q_sampled=True, n_sampled=th.n_sampled[t_w] + 1,
-      cp=th.cp[t_w] + 1, logp=th.logp[t_w] + logp, count=count,
+      cp=th.cp[t_w] + 1, logp=th.logp[t_w] + logp, last_logp=logp, count=count,
       after=jnp.where(finish, Next.FINISH, jnp.where(fork_next, Next.FORK, Next.SAMPLE)),
       **outline)
   th = th.set_at(targets(allowed & finish, t_w, nt), reason=reason)

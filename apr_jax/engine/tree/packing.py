@@ -79,7 +79,8 @@ def _book(lane: Lane, g, step, spec: TreeSpec, m: int):
   log = lane.log.replace(n=lane.log.n + total, **{
       k: getattr(lane.log, k).at[li].set(v, mode="drop", unique_indices=True)
       for k, v in dict(tok=tok, thread=t_m, pos=pos, kind=kind,
-                       step=jnp.full((m,), step, jnp.int32)).items()})
+                       step=jnp.full((m,), step, jnp.int32),
+                       logp=jnp.where(kind == LogKind.SAMPLED, th.last_logp[t_m], 0.0)).items()})
   # a pending mark (an opening tag) gets the log index of its token
   hit = valid & th.mark_pending[t_m] & (pos == th.mark_pos[t_m])
   th = th.set_at(targets(hit, t_m, nt), mark_log=li, mark_pending=False)

@@ -94,8 +94,9 @@ def _compact_log(lane: Lane, mine, spec: TreeSpec) -> Lane:
   keep = (e < log.n) & ~((gt >= 0) & mine[jnp.clip(gt, 0)])
   new_idx = jnp.cumsum(keep) - 1
   dest = jnp.where(keep, new_idx, lg + e)
-  moved = {k: jnp.full((lg,), -1 if k == "thread" else 0, jnp.int32).at[dest].set(
-      getattr(log, k), mode="drop", unique_indices=True) for k in ("tok", "thread", "pos", "kind", "step")}
+  moved = {k: jnp.full((lg,), -1 if k == "thread" else 0, getattr(log, k).dtype).at[dest].set(
+      getattr(log, k), mode="drop", unique_indices=True)
+      for k in ("tok", "thread", "pos", "kind", "step", "logp")}
   kept = jnp.sum(keep).astype(jnp.int32)
   ci = lambda i: jnp.clip(i, 0, lg - 1)
   remap = lambda i: jnp.where(i >= 0, new_idx[ci(i)] + (~keep[ci(i)]), i)

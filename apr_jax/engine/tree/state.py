@@ -230,7 +230,8 @@ class Threads(_Table):
   position, then its log entry once written; -1: no open block). n_sampled, n_written
   (sampled + forced); cp: critical path so far. start / end: steps. reason: StopReason.
   row: its row (-1: none). script: its script row (-1: samples freely). key [NT, 2]: its PRNG
-  key data (the request's key folded down its path). logp: summed log-prob of its samples.
+  key data (the request's key folded down its path). logp: summed log-prob of its samples;
+  last_logp: its latest sample's (the log records it when the sample is written).
   born_log: log length when it was created. label [NT, LBL], label_len: its label tokens.
   vis [NT, NT]: vis[t, u] = thread t sees the KV written by thread u.
   Outline numbers (protocols with an `outline` reader; shapes [NT, 1(, 1)] otherwise):
@@ -266,6 +267,7 @@ class Threads(_Table):
   script: jax.Array
   key: jax.Array
   logp: jax.Array
+  last_logp: jax.Array
   born_log: jax.Array
   label: jax.Array
   label_len: jax.Array
@@ -288,6 +290,7 @@ class Threads(_Table):
         mark_pos=i32(nt), n_sampled=i32(nt), n_written=i32(nt), cp=i32(nt), start=i32(nt),
         end=i32(nt), reason=i32(nt), row=i32(nt, v=-1), script=i32(nt, v=-1),
         key=jnp.zeros((nt,) + _key_shape(), jnp.uint32), logp=jnp.zeros((nt,), jnp.float32),
+        last_logp=jnp.zeros((nt,), jnp.float32),
         born_log=i32(nt), label=i32(nt, spec.label), label_len=i32(nt),
         vis=jnp.zeros((nt, nt), bool), o_state=i32(nt), o_cur=i32(nt, spec.n_label),
         o_cur_len=i32(nt), o_lab=i32(nt, spec.n_outlines, spec.n_label),
@@ -311,13 +314,15 @@ class Slots(_Table):
 class Log(_Table):
   """The token log: every token written, in order (entries [G]; n: entries used).
 
-  tok; thread: its writer's entry (-1: unused); pos; kind: LogKind; step: when it was written.
+  tok; thread: its writer's entry (-1: unused); pos; kind: LogKind; step: when it was written;
+  logp (float32): a sampled token's log-prob under the logits it was sampled from (0: forced).
   """
   tok: jax.Array
   thread: jax.Array
   pos: jax.Array
   kind: jax.Array
   step: jax.Array
+  logp: jax.Array
   n: jax.Array
 
 
@@ -356,5 +361,6 @@ def empty_lane(spec: TreeSpec, vocab: int) -> Lane:
   return Lane(
       requests=Requests.empty(spec), scripts=Scripts.empty(spec), threads=Threads.empty(spec),
       rows=Rows(thread=i32(w, v=-1)), slots=Slots(owner=i32(s, v=-1), pos=i32(s)),
-      log=Log(tok=i32(lg), thread=i32(lg, v=-1), pos=i32(lg), kind=i32(lg), step=i32(lg), n=i32()),
+      log=Log(tok=i32(lg), thread=i32(lg, v=-1), pos=i32(lg), kind=i32(lg), step=i32(lg),
+              logp=jnp.zeros((lg,), jnp.float32), n=i32()),
       rec=jnp.zeros(rec_shape, jnp.float32))
