@@ -96,7 +96,7 @@ def main(argv):
     wall = time.perf_counter() - t0
     results[name] = rs
     summary[name] = dict(ev.summarize(rs, wall), format=fmt, path=m.path, engine="tree", dtype=dtype,
-                         compile_s=round(eng.stats["compile_s"], 2),
+                         slots=eng.spec.slots, compile_s=round(eng.stats["compile_s"], 2),
                          step_cost=eng.stats.get("step_cost"))
   cs = ev.curves({k: v for k, v in results.items() if summary[k].get("engine") == "tree"})
   plots = ev.plot(cs, FLAGS.out)

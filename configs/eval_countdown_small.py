@@ -16,7 +16,7 @@ def get_config():
                           "parallel_host": {"path": "countdown_small_apr", "engine": "host"}})
   c.lanes = 32
   c.rows = 8
-  c.slots = 1536
+  c.slots = 1536           # KV slots per lane; "auto": the most that fit in device memory
   c.dtype = "auto"         # parameters and KV: auto = bfloat16 on GPU/TPU, float32 on CPU
   c.attention = "tree"     # "tree": read only the KV each step sees; "dense": every slot (the reference)
   c.batch = 128

@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from apr_jax.cache import kv as kvlib
+from apr_jax.cache import memory as memlib
 from apr_jax.engine.sampling import SamplingConfig, sample
 from apr_jax.engine.stop_reasons import StopReason, finish_reason
 from apr_jax.errors import UserError
@@ -197,8 +198,11 @@ class Generator:
     if stop_ids is None:
       stop_ids = self.tokenizer.stop_ids() if self.tokenizer is not None else list(self.cfg.eos_ids)
     pad_id = self.cfg.eos_ids[0] if self.cfg.eos_ids else 0
-    return Spec(batch=len(prompt_lens), prompt_len=bucket(longest), max_new=bucket(max_new_tokens),
+    spec = Spec(batch=len(prompt_lens), prompt_len=bucket(longest), max_new=bucket(max_new_tokens),
                 sampling=sampling, stop_ids=tuple(int(s) for s in stop_ids), pad_id=pad_id)
+    memlib.check_batch(self.cfg, self.cache_dtype, spec.batch, spec.prompt_len, spec.slots,
+                       self.mesh, f"generating {spec.batch} prompt(s) of up to {longest} tokens")
+    return spec
 
   def start(self, prompts: Sequence[Sequence[int]], spec: Spec, seeds: Sequence[int]) -> DecodeState:
     prefill, _ = self._programs(spec)

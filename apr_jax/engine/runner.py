@@ -30,6 +30,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from apr_jax.cache import kv as kvlib
+from apr_jax.cache import memory as memlib
 from apr_jax.engine import tree
 from apr_jax.engine.sampling import derive
 from apr_jax.engine.stop_reasons import finish_reason
@@ -314,6 +315,8 @@ class TreeEngine:
         self.cache_dtype.itemsize
     self.stats = {"compile_s": 0.0, "restarts": 0}
     self.costs = StepCosts(tree.step_sizes(spec), step_cost)
+    # a pool that cannot fit is an error here, not deep inside XLA (`cache.memory`)
+    self.memory = memlib.check(spec, self.cfg, self.cache_dtype, self.mesh)
     self._build()
 
   @property

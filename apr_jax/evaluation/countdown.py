@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from apr_jax.errors import UserError
 from apr_jax.evaluation import accounting
 from apr_jax.tasks import countdown as cd
 from apr_jax.tasks.countdown import data
@@ -78,21 +79,36 @@ def verdict(p: cd.Problem, texts) -> tuple[bool, bool, str]:
 PROMPT_TOKENS = 128  # more than any Countdown prompt of the shipped settings
 
 
-def make_engine(model, tok, fmt: str, lanes: int = 8, rows: int = 8, slots: int = 2048,
+def make_engine(model, tok, fmt: str, lanes: int = 8, rows: int = 8, slots: int | str = 2048,
                 max_threads: int = 16, step_cost=None, max_total_tokens: int = 6000,
                 attention: str = "tree"):
   """An engine for the format's protocol whose token log holds any request with these
-  budgets (`tree.log_bound`), so a request ends at its budget, never because of the log."""
+  budgets (`tree.log_bound`), so a request ends at its budget, never because of the log.
+  `slots="auto"`: the most KV slots per lane that fit in device memory (`cache.memory`), at
+  most what a request with these budgets can write."""
+  import jax
+  from flax import nnx
+
+  from apr_jax.cache import memory
   from apr_jax.engine import tree
   from apr_jax.engine.runner import TreeEngine
   from apr_jax.engine.tree import TreeSpec
   pr = data.protocol_for(fmt, tok)
-  spec = TreeSpec(protocol=pr, root_stop=(tok.eos_id,), lanes=lanes, rows=rows, threads=max_threads,
-                  slots=slots, chunk=32, attention=attention)
   depth = pr.max_depth if pr.forks else 0
   log = tree.log_bound(pr, PROMPT_TOKENS, max_threads, depth, max_total_tokens)
-  spec = dataclasses.replace(spec, log=max(log, spec.n_log))
-  return TreeEngine(model, tok, spec, segment_steps=64, step_cost=step_cost)
+
+  def spec_for(n: int) -> TreeSpec:
+    spec = TreeSpec(protocol=pr, root_stop=(tok.eos_id,), lanes=lanes, rows=rows,
+                    threads=max_threads, slots=n, chunk=32, attention=attention)
+    return dataclasses.replace(spec, log=max(log, spec.n_log))
+
+  if slots == "auto":
+    leaves = jax.tree.leaves(nnx.state(model))
+    dtype = leaves[0].dtype if leaves else "float32"
+    slots = memory.auto_slots(spec_for, model.cfg, dtype, None, cap=log)
+  elif not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
+    raise UserError(f"slots must be a positive number of KV slots per lane or 'auto', got {slots!r}")
+  return TreeEngine(model, tok, spec_for(slots), segment_steps=64, step_cost=step_cost)
 
 
 def requests(tok, problems: Sequence[cd.Problem], max_thread_tokens: int = 1536,
