@@ -345,3 +345,185 @@ def flat_trajectory(threads: dict, pr: Protocol, path: tuple = ()) -> list:
   return out
 
 
+
+
+# ----------------------------------------------------------------------------- APR, original
+# The released APR checkpoints' protocol at the text level, as the original evaluation loop
+# runs it (REFERENCE.md §5; github:Parallel-Reasoning/APR src/eval/eval_apr.py and
+# parallel_infernce_utils.py): plain-text tags, a model-written `<Sub Searches>` replaced by
+# `<Calling Sub Searches>`, the spawn at the end of a call whose last line holds
+# `<End Calling Sub Searches>`, child prompts rebuilt from the parent's own node lines, one
+# level of children, the results block, and a malformed block ending the search unsolved.
+APR_STOP = "<Sub Searches>"
+APR_CALLING = "<Calling Sub Searches>"
+APR_END_CALLING = "<End Calling Sub Searches>"
+
+
+class AprMalformed(Exception):
+  """The parent's spawn block names a node its text never generated, or a node line does
+  not parse: the original's search ends there, with no result."""
+
+
+@dataclasses.dataclass
+class AprSearch:
+  """One search as the original's `trace_dict`: calls (the root's texts, each whole, its
+  prompt first), sub_calls (per spawn, each child's whole text), child_prompts (the same
+  shape), result (the summary path after the second-to-last `Goal Reached` of the last
+  call, or None) and error (why a malformed search ended, or "")."""
+  calls: list
+  sub_calls: list
+  child_prompts: list
+  result: str | None
+  error: str = ""
+
+
+def apr_decode_call(prefix: str, complete) -> str:
+  """One call: `complete(text) -> continuation` runs the model from `text` to EOS or its
+  token budget. The continuation is cut at its first `<Sub Searches>` (the original's stop
+  string), which is replaced by `<Calling Sub Searches>` before the model goes on; a trailing
+  newline is dropped."""
+  while True:
+    text = complete(prefix)
+    cut = text.find(APR_STOP)
+    if cut < 0:
+      prefix += text
+      break
+    prefix += text[:cut] + APR_CALLING
+  if prefix.split("\n")[-1] == "":
+    prefix = prefix[:-1]
+  return prefix
+
+
+def apr_calls_children(trace: str) -> bool:
+  return APR_END_CALLING in trace.split("\n")[-1]
+
+
+def apr_search_result(trace: str) -> str | None:
+  """The text after the second-to-last `Goal Reached` (its newline dropped), stripped; None
+  without two of them."""
+  idx = [i for i in range(len(trace)) if trace.startswith("Goal Reached", i)]
+  if len(idx) < 2:
+    return None
+  return trace[idx[-2]:].strip()[len("Goal Reached") + 1:]
+
+
+def _list(text: str) -> list:
+  import ast
+  try:
+    v = ast.literal_eval(text)
+  except (ValueError, SyntaxError) as e:
+    raise AprMalformed(f"cannot read {text!r}") from e
+  if not isinstance(v, list):
+    raise AprMalformed(f"{text!r} is not a list")
+  return v
+
+
+def apr_nodes(trace: str) -> dict:
+  """Every node the text names: id -> (target, nums, operations along its path). From each
+  `Moving to Node #id` line followed by a `Current State: T:[...], Operations: [...]` line
+  (a later pair wins), then from each `Generated Node #id: T:[...] Operation: op` line not
+  known yet (its parent's operations + op)."""
+  lines, nodes = trace.split("\n"), {}
+  for a, b in zip(lines, lines[1:]):
+    if "Moving to Node #" in a and "Current State:" in b:
+      node = a.split("Moving to Node #")[1].strip()
+      state = b.split("Current State:")[1].split("],")[0].strip()
+      try:
+        target = int(state.split(":")[0])
+        nums = _list(state.split(":")[1].strip() + "]")
+        ops = _list(b.split("Operations:")[1].strip())
+      except (ValueError, IndexError) as e:
+        raise AprMalformed(f"cannot read the state line {b!r}") from e
+      nodes[node] = (target, nums, ops)
+  for line in lines:
+    if "Generated Node" not in line:
+      continue
+    try:
+      node = line.split(":")[0].split("#")[1]
+      if node in nodes:
+        continue
+      rest = line.split(":", 1)[1].strip()
+      state, op = rest.split("Operation:")[0].strip(), rest.split("Operation:")[1].strip()
+      target, nums = int(state.split(":")[0]), _list(state.split(":")[1].strip())
+    except (ValueError, IndexError) as e:
+      raise AprMalformed(f"cannot read the node line {line!r}") from e
+    parent = ",".join(node.split(",")[:-1])
+    if parent not in nodes:
+      raise AprMalformed(f"node #{node}'s parent #{parent} was never visited")
+    nodes[node] = (target, nums, nodes[parent][2] + [op])
+  return nodes
+
+
+def apr_children(trace: str) -> tuple[list, list]:
+  """(child node ids, child prompts) of the trace's last spawn block: one per `<Start Sub
+  Search ...> Moving to Node #id` line, each prompt `Moving to Node #id\\nCurrent State:
+  T:[a, b], Operations: ['x-y=z', ...]`."""
+  nodes = apr_nodes(trace)
+  block = trace.split(APR_CALLING + "\n")[-1].split("\n" + APR_END_CALLING)[0]
+  ids, prompts = [], []
+  for line in block.split("\n"):
+    if "<Start Sub Search" in line and "Moving to Node" in line:
+      node = line.split("Moving to Node #")[1].strip()
+      if node not in nodes:
+        raise AprMalformed(f"the spawn block names node #{node}, which the text never generated")
+      target, nums, ops = nodes[node]
+      ids.append(node)
+      prompts.append(f"Moving to Node #{node}\nCurrent State: {target}:[{', '.join(map(str, nums))}], "
+                     f"Operations: {ops!r}")
+  return ids, prompts
+
+
+def apr_join(trace: str, ids: Sequence[str], results: Sequence[str | None]) -> str:
+  """The parent's text after its children: the last spawn block (from its last
+  `<Calling Sub Searches>` line) replaced by the results block."""
+  head = (APR_CALLING + "\n").join(trace.split(APR_CALLING + "\n")[:-1])
+  out = head + "<Sub Searches>\n"
+  for i, (node, res) in enumerate(zip(ids, results)):
+    if res is None:
+      out += f"<No Solution in Sub Search {i} at level 1 at Node #{node}>\n"
+    else:
+      out += f"<Goal Reached in Sub Search {i} at level 1 at Node #{node}>\n{res}\n"
+  return out + "<End Sub Searches>\n"
+
+
+def apr_search(prompt: str, complete, complete_batch=None, max_spawns: int = 64) -> AprSearch:
+  """A whole search from the root prompt. `complete(text) -> continuation`;
+  `complete_batch(texts) -> continuations` (default: `complete` on each) runs a spawn's
+  children together. `max_spawns` bounds the spawns of one search."""
+  batch = complete_batch or (lambda texts: [complete(t) for t in texts])
+  out = AprSearch(calls=[], sub_calls=[], child_prompts=[], result=None)
+  trace = apr_decode_call(prompt, complete)
+  out.calls.append(trace)
+  try:
+    while apr_calls_children(trace):
+      if len(out.sub_calls) >= max_spawns:
+        raise AprMalformed(f"more than {max_spawns} spawns")
+      ids, prompts = apr_children(trace)
+      kids = _decode_calls(prompts, batch)
+      out.sub_calls.append(kids)
+      out.child_prompts.append(prompts)
+      trace = apr_decode_call(apr_join(trace, ids, [apr_search_result(k) for k in kids]), complete)
+      out.calls.append(trace)
+  except AprMalformed as e:
+    out.error = str(e)
+    return out
+  out.result = apr_search_result(trace)
+  return out
+
+
+def _decode_calls(prompts: list, batch) -> list:
+  """apr_decode_call for several prompts at once: each round completes every call still
+  open in one batch."""
+  texts, open_ = list(prompts), list(range(len(prompts)))
+  while open_:
+    conts = batch([texts[i] for i in open_])
+    nxt = []
+    for i, c in zip(open_, conts):
+      cut = c.find(APR_STOP)
+      if cut < 0:
+        texts[i] += c
+      else:
+        texts[i] += c[:cut] + APR_CALLING
+        nxt.append(i)
+    open_ = nxt
+  return [t[:-1] if t.split("\n")[-1] == "" else t for t in texts]
