@@ -39,8 +39,10 @@ flags.DEFINE_string("problem", "", "countdown: 'N1,N2,N3:TARGET'; empty = a rand
                     "problem (--seed).")
 flags.DEFINE_enum("method", "parallel", ["parallel", "sequential"], "countdown: the shipped APR "
                   "fork/join model or the sequential Stream-of-Search model.")
-flags.DEFINE_enum("protocol", "none", ["none", "threadweaver", "multiverse", "apr"],
-                  "Fork/join protocol; none = plain sequential decoding.")
+flags.DEFINE_enum("protocol", "none", ["none", "threadweaver", "multiverse", "apr", "apr_original"],
+                  "Fork/join protocol; none = plain sequential decoding. apr_original: APR's "
+                  "released checkpoints (plain-text tags), orchestrated on the host as the "
+                  "original evaluation runs them; each prompt is a root prompt (plain text).")
 flags.DEFINE_string("assistant_prefix", "", "Text placed after the prompt (after the chat "
                     "template's assistant header): e.g. a block ending in the fork trigger "
                     "forces a fork.")
@@ -98,6 +100,9 @@ def main(argv):
   prompts = list(FLAGS.prompt)
   if not prompts or any(not p for p in prompts):
     raise UserError("--prompt must not be empty")
+  if FLAGS.protocol == "apr_original" and (FLAGS.assistant_prefix or FLAGS.chat == "on"):
+    raise UserError("--protocol apr_original sends each prompt as plain text: drop "
+                    "--assistant_prefix and --chat=on (put the text in --prompt)")
   sampling = SamplingConfig(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
   mesh = make_mesh(*parse_mesh(FLAGS.mesh))
   path = FLAGS.model or smollm2_path()
@@ -113,6 +118,8 @@ def main(argv):
   if mesh.shape["data"] > 1 and len(prompts) % mesh.shape["data"]:
     raise UserError(f"{len(prompts)} prompts do not split over a data axis of {mesh.shape['data']}")
 
+  if FLAGS.protocol == "apr_original":
+    return _run_apr_original(model, tok, prompts, sampling, path, log, t0)
   if FLAGS.protocol != "none":
     return _run_tree(model, tok, mesh, prompts, sampling, path, log, t0)
   if FLAGS.assistant_prefix:
@@ -331,6 +338,42 @@ def _run_tree(model, tok, mesh, prompts, sampling, path, log, t0):
         f"{r.forks} forks | {len(r.threads)} threads | {r.wall_s:.2f} s | "
         f"{r.total_tokens / max(r.wall_s, 1e-9):.1f} tok/s | stop: {r.stop_reason} | "
         f"KV {r.kv_stored_bytes / 2**20:.1f}/{r.kv_bytes / 2**20:.1f} MiB]")
+  return 0
+
+
+def _run_apr_original(model, tok, prompts, sampling, path, log, t0):
+  """APR's original protocol: one search per prompt (`engine.host_original`). Each call may
+  write up to --max_new_tokens tokens (the original's --max_tokens, 4096); the root prompt goes in as written (no chat
+  template, no assistant prefix), as the original sends it."""
+  from apr_jax.engine.host_original import AprOriginalHost
+  from apr_jax.protocols.reference import apr_search_result
+  host = AprOriginalHost(model, tok, max_tokens=FLAGS.max_new_tokens, sampling=sampling,
+                         seed=FLAGS.seed, log=log)
+  searches = host.solve(prompts)
+  wall = time.perf_counter() - t0
+  rows = [{"calls": s.calls, "sub_calls": s.sub_calls, "child_prompts": s.child_prompts,
+           "result": s.result, "error": s.error,
+           "children": sum(len(c) for c in s.sub_calls)} for s in searches]
+  if FLAGS.json:
+    out = {"protocol": "apr_original", "model": path, "dtype": _dtype_name(model),
+           "results": rows, "stats": {"calls": host.calls, "context_cut_calls": host.cut,
+                                      "wall_s": round(wall, 3)}}
+    if len(rows) == 1:
+      out.update(out.pop("results")[0])
+    print(json.dumps(out))
+    return 0
+  for k, (s, r) in enumerate(zip(searches, rows)):
+    if len(rows) > 1:
+      print(f"--- [{k}] {prompts[k]!r}")
+    print(s.calls[-1])
+    for j, (cps, kids) in enumerate(zip(s.child_prompts, s.sub_calls)):
+      log(f"spawn {j + 1}: {len(kids)} sub search(es)")
+      for cp, kid in zip(cps, kids):
+        log(f"  {cp.splitlines()[0]}: {len(kid) - len(cp)} chars, "
+            f"{'goal' if apr_search_result(kid) else 'no solution'}")
+    log(f"[{len(s.calls)} call(s) of the root | {r['children']} sub search(es) | result: "
+        f"{'found' if s.result else 'none'}{' | malformed: ' + s.error if s.error else ''}]")
+  log(f"[{host.calls} model calls | {wall:.2f} s]")
   return 0
 
 

@@ -46,7 +46,7 @@ def test_original_traces_are_searched_as_the_original_records_them():
     if len(set(c for spawn in t.child_prompts for c in spawn)) < len(kids):
       continue  # two children with one prompt: the scripted model could not tell them apart
     model = Scripted(t.calls + kids)
-    s = ref.apr_search(t.prompt, model, model.batch)
+    s = ref.apr_search(t.prompt, model)
     assert s.error == ""
     assert s.calls == [_trim(c) for c in t.calls]
     assert s.child_prompts == t.child_prompts
@@ -58,6 +58,23 @@ def test_original_traces_are_searched_as_the_original_records_them():
     n_solved += t.solved
     checked += 1
   assert checked >= 190 and n_spawns >= 100 and n_children >= 400 and n_solved >= 60
+
+
+def test_searches_in_lockstep_equal_one_at_a_time():
+  rng = random.Random(zlib.crc32(b"apr_lockstep"))
+  traces = [orig.solve_apr_original(p, rng) for p in cd.generate(cd.APR, 30, seed=12)]
+  texts = [x for t in traces for x in t.calls + [c for spawn in t.children for c in spawn]]
+  batches = []
+  model = Scripted(texts)
+
+  def batch(prefixes):
+    batches.append(len(prefixes))
+    return model.batch(prefixes)
+
+  many = ref.apr_search_many([t.prompt for t in traces], batch)
+  ones = [ref.apr_search(t.prompt, Scripted(texts)) for t in traces]
+  assert many == ones
+  assert len(batches) < sum(len(s.calls) + len(s.sub_calls) for s in ones) / 3
 
 
 PROMPT = "Moving to Node #0\nCurrent State: 39:[51, 49, 25, 36], Operations: []"

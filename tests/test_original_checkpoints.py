@@ -3,7 +3,10 @@
 
 - ThreadWeaver: a Qwen3 model whose byte-level BPE tokenizer has ThreadWeaver's tags as
   added special tokens and a Qwen3 chat template that opens `<think>`;
-- Multiverse: a Qwen2 model with Multiverse's tags added the same way.
+- Multiverse: a Qwen2 model with Multiverse's tags added the same way;
+- APR: a Llama model with a Llama-2-style sentencepiece tokenizer (BPE, digits split, byte
+  fallback, nothing added: the tags are plain text), run by the host orchestration of the
+  original's evaluation (`--protocol apr_original`).
 
 The weights are random, so the threads run to their budget: the run shows the originals'
 handling of that case (ThreadWeaver: each thread closed with `\\n</Thread>`, threads
@@ -54,6 +57,40 @@ def make_checkpoint(path, arch: str, tags, seed=0):
   return path
 
 
+def make_apr_checkpoint(path, seed=0):
+  """A Llama-2-style sentencepiece model trained on original APR traces, and a random Llama."""
+  import random
+  import zlib
+
+  import sentencepiece as spm
+  import torch
+  import transformers as tr
+
+  from apr_jax.tasks import countdown as cd
+  from apr_jax.tasks.countdown import original as orig
+  os.makedirs(path, exist_ok=True)
+  rng = random.Random(zlib.crc32(b"apr_checkpoint"))
+  lines = []
+  for p in cd.generate(cd.APR, 40, seed=3):
+    t = orig.solve_apr_original(p, rng)
+    lines += [x for c in t.calls + [k for spawn in t.children for k in spawn] for x in c.split("\n")]
+  corpus = os.path.join(path, "corpus.txt")
+  with open(corpus, "w") as f:
+    f.write("\n".join(lines))
+  spm.SentencePieceTrainer.train(
+      input=corpus, model_prefix=os.path.join(path, "tokenizer"), vocab_size=400, model_type="bpe",
+      split_digits=True, byte_fallback=True, add_dummy_prefix=True, remove_extra_whitespaces=False,
+      normalization_rule_name="identity", bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
+  os.remove(corpus)
+  os.remove(os.path.join(path, "tokenizer.vocab"))
+  cfg = tr.LlamaConfig(vocab_size=400, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                       rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+  torch.manual_seed(seed)
+  tr.LlamaForCausalLM(cfg).eval().save_pretrained(path)
+  return path
+
+
 def run(*args):
   env = dict(os.environ, APR_JAX_CACHE_DIR="off", PYTHONPATH=ROOT)
   env.pop("XLA_FLAGS", None)
@@ -67,7 +104,8 @@ def run(*args):
 def checkpoints(tmp_path_factory):
   d = tmp_path_factory.mktemp("originals")
   return {"threadweaver": make_checkpoint(str(d / "qwen3_tw"), "qwen3", THREADWEAVER_TAGS),
-          "multiverse": make_checkpoint(str(d / "qwen2_mv"), "qwen2", MULTIVERSE_TAGS)}
+          "multiverse": make_checkpoint(str(d / "qwen2_mv"), "qwen2", MULTIVERSE_TAGS),
+          "apr": make_apr_checkpoint(str(d / "llama_apr"))}
 
 
 def test_threadweaver_on_a_qwen3_checkpoint(checkpoints):
@@ -97,3 +135,67 @@ def test_multiverse_on_a_qwen2_checkpoint(checkpoints):
   assert d["forks"] == 1 and len(d["threads"]) == 3
   text = d["text"]
   assert text.startswith("\n<Path>\n1:") and "\n<Path>\n2.1:" in text and "<Conclusion>\n" in text, text
+
+
+APR_PROMPT = "Moving to Node #0\nCurrent State: 39:[51, 49, 25, 36], Operations: []"
+
+
+def test_apr_original_on_a_llama_sentencepiece_checkpoint(checkpoints):
+  """From `run`: every tag is plain text, several pieces; a random model writes no spawn
+  block, so the search is one call that runs to its budget."""
+  from apr_jax.tokenizer import load_tokenizer
+  tok = load_tokenizer(checkpoints["apr"])
+  assert len(tok.encode("<End Calling Sub Searches>")) > 3 and tok.bos_id == 1
+  d = run("--model", checkpoints["apr"], "--protocol", "apr_original", "--prompt", APR_PROMPT,
+          "--max_new_tokens", "12", "--json")
+  assert d["protocol"] == "apr_original" and d["error"] == "" and d["stats"]["calls"] == 1
+  assert len(d["calls"]) == 1 and d["calls"][0].startswith(APR_PROMPT) and d["children"] == 0
+
+
+def test_apr_original_host_spawns_and_joins_through_the_tokenizer(checkpoints):
+  """The host orchestration with a scripted model behind the Generator's interface (its
+  tokens are the tokenizer's own spelling of the original solver's text): the same search
+  as the text-level reference, calls batched per round, every call's text tokenized afresh
+  after BOS."""
+  import random
+  import zlib
+
+  from apr_jax import checkpoint
+  from apr_jax.engine.host_original import AprOriginalHost
+  from apr_jax.protocols import reference as ref
+  from apr_jax.tasks import countdown as cd
+  from apr_jax.tasks.countdown import original as orig
+  model, tok = checkpoint.load(checkpoints["apr"])
+  rng = random.Random(zlib.crc32(b"apr_host"))
+  traces = [orig.solve_apr_original(p, rng) for p in cd.generate(cd.APR, 6, seed=7)]
+  assert sum(len(t.children) for t in traces) >= 2
+  texts = [x for t in traces for x in t.calls + [k for spawn in t.children for k in spawn]]
+
+  def script(prefix):  # the text-level model: the rest of the one text that goes on from here
+    hits = {t[len(prefix):] for t in texts if t.startswith(prefix) and "<End Sub Searches>" not in t[len(prefix):]}
+    assert len(hits) == 1, prefix
+    return hits.pop()
+
+  host = AprOriginalHost(model, tok, max_tokens=4096, batch=4, log=lambda s: None)
+  sizes = []
+
+  def generate_ids(rows, max_new_tokens, **kw):
+    import numpy as np
+    sizes.append(len(rows))
+    out = np.zeros((len(rows), max_new_tokens), np.int32)
+    n, done = np.zeros(len(rows), np.int32), np.ones(len(rows), bool)
+    for r, ids in enumerate(rows):
+      assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1
+      text = tok.decode(ids[1:])
+      full = tok.encode(text + script(text))
+      gen = full[len(ids) - 1:] + [tok.eos_id]
+      assert full[:len(ids) - 1] == ids[1:]  # the text's own tokens come first
+      out[r, :len(gen)], n[r] = gen, len(gen)
+    return out, n, done
+
+  host.gen.generate_ids = generate_ids
+  got = host.solve([t.prompt for t in traces])
+  want = [ref.apr_search(t.prompt, script) for t in traces]
+  assert got == want
+  assert all(s <= 4 and s & (s - 1) == 0 for s in sizes)  # batches of at most 4, powers of two
+  assert host.calls == sum(len(s.calls) + sum(len(k) for k in s.sub_calls) for s in want)

@@ -377,23 +377,6 @@ class AprSearch:
   error: str = ""
 
 
-def apr_decode_call(prefix: str, complete) -> str:
-  """One call: `complete(text) -> continuation` runs the model from `text` to EOS or its
-  token budget. The continuation is cut at its first `<Sub Searches>` (the original's stop
-  string), which is replaced by `<Calling Sub Searches>` before the model goes on; a trailing
-  newline is dropped."""
-  while True:
-    text = complete(prefix)
-    cut = text.find(APR_STOP)
-    if cut < 0:
-      prefix += text
-      break
-    prefix += text[:cut] + APR_CALLING
-  if prefix.split("\n")[-1] == "":
-    prefix = prefix[:-1]
-  return prefix
-
-
 def apr_calls_children(trace: str) -> bool:
   return APR_END_CALLING in trace.split("\n")[-1]
 
@@ -486,37 +469,15 @@ def apr_join(trace: str, ids: Sequence[str], results: Sequence[str | None]) -> s
   return out + "<End Sub Searches>\n"
 
 
-def apr_search(prompt: str, complete, complete_batch=None, max_spawns: int = 64) -> AprSearch:
-  """A whole search from the root prompt. `complete(text) -> continuation`;
-  `complete_batch(texts) -> continuations` (default: `complete` on each) runs a spawn's
-  children together. `max_spawns` bounds the spawns of one search."""
-  batch = complete_batch or (lambda texts: [complete(t) for t in texts])
-  out = AprSearch(calls=[], sub_calls=[], child_prompts=[], result=None)
-  trace = apr_decode_call(prompt, complete)
-  out.calls.append(trace)
-  try:
-    while apr_calls_children(trace):
-      if len(out.sub_calls) >= max_spawns:
-        raise AprMalformed(f"more than {max_spawns} spawns")
-      ids, prompts = apr_children(trace)
-      kids = _decode_calls(prompts, batch)
-      out.sub_calls.append(kids)
-      out.child_prompts.append(prompts)
-      trace = apr_decode_call(apr_join(trace, ids, [apr_search_result(k) for k in kids]), complete)
-      out.calls.append(trace)
-  except AprMalformed as e:
-    out.error = str(e)
-    return out
-  out.result = apr_search_result(trace)
-  return out
-
-
-def _decode_calls(prompts: list, batch) -> list:
-  """apr_decode_call for several prompts at once: each round completes every call still
-  open in one batch."""
+def _calls(prompts: list):
+  """Calls, as a generator: yields the texts still open, is sent their continuations (each
+  from the text to EOS or the call's token budget), returns the finished texts. A
+  continuation is cut at its first `<Sub Searches>` (the original's stop string), which is
+  replaced by `<Calling Sub Searches>` before the model goes on; a trailing newline is
+  dropped at the end."""
   texts, open_ = list(prompts), list(range(len(prompts)))
   while open_:
-    conts = batch([texts[i] for i in open_])
+    conts = yield [texts[i] for i in open_]
     nxt = []
     for i, c in zip(open_, conts):
       cut = c.find(APR_STOP)
@@ -527,3 +488,53 @@ def _decode_calls(prompts: list, batch) -> list:
         nxt.append(i)
     open_ = nxt
   return [t[:-1] if t.split("\n")[-1] == "" else t for t in texts]
+
+
+def apr_search_steps(prompt: str, max_spawns: int = 64):
+  """One search from the root prompt, as a generator (see `_calls`); returns an AprSearch.
+  A spawn's children are completed together. `max_spawns` bounds the spawns of one search."""
+  out = AprSearch(calls=[], sub_calls=[], child_prompts=[], result=None)
+  trace = (yield from _calls([prompt]))[0]
+  out.calls.append(trace)
+  try:
+    while apr_calls_children(trace):
+      if len(out.sub_calls) >= max_spawns:
+        raise AprMalformed(f"more than {max_spawns} spawns")
+      ids, prompts = apr_children(trace)
+      kids = yield from _calls(prompts)
+      out.sub_calls.append(kids)
+      out.child_prompts.append(prompts)
+      trace = (yield from _calls([apr_join(trace, ids, [apr_search_result(k) for k in kids])]))[0]
+      out.calls.append(trace)
+  except AprMalformed as e:
+    out.error = str(e)
+    return out
+  out.result = apr_search_result(trace)
+  return out
+
+
+def apr_search_many(prompts: Sequence[str], complete_batch, max_spawns: int = 64) -> list:
+  """Every search in lockstep: each round, the texts every search has open go to one
+  `complete_batch(texts) -> continuations` call (as the original's thread pool sends them
+  concurrently). Returns one AprSearch per prompt."""
+  steps = [apr_search_steps(p, max_spawns) for p in prompts]
+  pending = {i: next(g) for i, g in enumerate(steps)}
+  done: list = [None] * len(prompts)
+  while pending:
+    order = list(pending)
+    conts = complete_batch([t for i in order for t in pending[i]])
+    k, nxt = 0, {}
+    for i in order:
+      n = len(pending[i])
+      try:
+        nxt[i] = steps[i].send(conts[k:k + n])
+      except StopIteration as stop:
+        done[i] = stop.value
+      k += n
+    pending = nxt
+  return done
+
+
+def apr_search(prompt: str, complete, max_spawns: int = 64) -> AprSearch:
+  """One search; `complete(text) -> continuation` runs the model from `text`."""
+  return apr_search_many([prompt], lambda texts: [complete(t) for t in texts], max_spawns)[0]

@@ -1,0 +1,86 @@
+"""APR's released checkpoints run the way the original evaluation runs them, on our model
+code: the host orchestrates text-level calls (`protocols.reference.apr_search_many`: the
+original's stop string, spawn, child prompts and results block) and each round of calls is
+one batch through `Generator`. Every call's text is tokenized afresh, BOS first, as the
+original's server tokenizes each request, and its continuation is decoded from the tokens
+sampled after it (EOS left out). Host round trips at every call: this is the faithful
+baseline, not the fast path (the fork/join engine runs the single-token APR protocol on
+device).
+"""
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from apr_jax.engine.generate import Generator
+from apr_jax.engine.sampling import SamplingConfig, derive
+from apr_jax.errors import UserError
+from apr_jax.protocols import reference
+
+
+class AprOriginalHost:
+  """`solve(prompts)` -> one `reference.AprSearch` per root prompt.
+
+  max_tokens: the token budget of one call (the original's `--max_tokens`, 4096), cut to
+  what the model's context leaves after the call's text; batch: calls per Generator batch
+  (batches are padded to a power of two, so few programs are compiled)."""
+
+  def __init__(self, model, tokenizer, *, max_tokens: int = 4096,
+               sampling: SamplingConfig = SamplingConfig(), seed: int = 0, batch: int = 64,
+               max_spawns: int = 64, log=None):
+    if tokenizer is None:
+      raise UserError("the APR original protocol needs the model's tokenizer")
+    if max_tokens < 1 or batch < 1:
+      raise UserError(f"max_tokens and batch must be >= 1, got {max_tokens} and {batch}")
+    self.gen = Generator(model, tokenizer)
+    self.tok = tokenizer
+    self.max_tokens = max_tokens
+    self.sampling = sampling
+    self.seed = seed
+    self.batch = batch
+    self.max_spawns = max_spawns
+    self.calls = 0          # model calls so far (each is one sequence of the original)
+    self.cut = 0            # calls whose budget the model's context cut below max_tokens
+    self.log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+
+  def _ids(self, text: str) -> list:
+    bos = [] if self.tok.bos_id is None else [self.tok.bos_id]
+    return bos + self.tok.encode(text)
+
+  def complete_batch(self, texts: Sequence[str]) -> list[str]:
+    """Each text's continuation: the model from the text to EOS or the call's budget."""
+    ids = [self._ids(t) for t in texts]
+    ctx = self.gen.cfg.max_seq_len
+    budgets = [min(self.max_tokens, ctx - len(i)) for i in ids]
+    out = [""] * len(texts)
+    groups: dict = {}
+    for k, b in enumerate(budgets):
+      if b < 1:
+        self.cut += 1  # the context is full: the call ends at once, as at its budget
+        continue
+      self.cut += b < self.max_tokens
+      groups.setdefault(b, []).append(k)
+    for b, idx in sorted(groups.items()):
+      for s in range(0, len(idx), self.batch):
+        part = idx[s:s + self.batch]
+        size = 1 << (len(part) - 1).bit_length()
+        rows = [ids[k] for k in part] + [ids[part[0]]] * (size - len(part))
+        toks, n, done = self.gen.generate_ids(rows, max_new_tokens=b, sampling=self.sampling,
+                                              seed=derive(self.seed, self.calls))
+        for r, k in enumerate(part):
+          gen = [int(t) for t in toks[r, :n[r]]]
+          out[k] = self._continuation(ids[k], gen[:-1] if done[r] else gen)
+        self.calls += len(part)
+    return out
+
+  def _continuation(self, prompt: list, gen: list) -> str:
+    """The text the sampled tokens add after the prompt (decoded together, so a piece's
+    leading space is kept)."""
+    body = prompt[1:] if self.tok.bos_id is not None and prompt[:1] == [self.tok.bos_id] else prompt
+    before = self.tok.decode(body)
+    both = self.tok.decode(body + gen)
+    return both[len(before):] if both.startswith(before) else self.tok.decode(gen)
+
+  def solve(self, prompts: Sequence[str]) -> list:
+    self.log(f"APR original: {len(prompts)} search(es), calls batched per round")
+    return reference.apr_search_many(list(prompts), self.complete_batch, self.max_spawns)
