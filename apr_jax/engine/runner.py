@@ -437,15 +437,7 @@ class TreeEngine:
     q = np.zeros((spec.n_queue,), np.int32)
     q[:len(prompt)] = prompt
     # the prompt may open a block and end with the fork trigger: a forced fork
-    count, mark = 0, -1
-    for i, t in enumerate(prompt):
-      if t == pr.open:
-        count, mark = 0, i
-      elif t == pr.count:
-        count += 1
-    outline0 = self._prompt_outlines(prompt)
-    if pr.outline is not None:
-      count = int(np.sum(outline0["o_len"] > 0))
+    count, mark, outline0 = self._prompt_block(prompt)
     limits = self._limits(r)
     fork0 = (pr.forks and prompt[-1] == pr.fork and mark >= 0 and count >= 1 and
              min(limits[tree.Limit.DEPTH], pr.max_depth) >= 1)
@@ -461,30 +453,34 @@ class TreeEngine:
                              outline0)
     return int(limits[0])
 
-  def _prompt_outlines(self, prompt) -> dict:
-    """The root's outline reader fields after its prompt (`Threads.o_*`): the prompt may
-    open a block and announce its threads (`--assistant_prefix`)."""
+  def _prompt_block(self, prompt) -> tuple[int, int, dict]:
+    """The root's block state after its prompt, which may open a block and announce its
+    threads (`--assistant_prefix`): (children announced, the opening tag's index or -1, the
+    outline reader's fields `Threads.o_*`). With an outline reader the children are the
+    block's distinct outline numbers, as on device."""
     spec, pr = self.spec, self.spec.protocol
     n_lab, m = spec.n_label, spec.n_outlines
     out = dict(o_state=np.int32(0), o_cur=np.zeros((n_lab,), np.int32), o_cur_len=np.int32(0),
                o_lab=np.zeros((m, n_lab), np.int32), o_len=np.zeros((m,), np.int32))
-    if pr.outline is None:
-      return out
-    state, cur, labels = 0, [], []
-    for t in prompt:
+    count, mark, state, cur, labels = 0, -1, 0, [], []
+    for i, t in enumerate(prompt):
       if t == pr.open:
-        state, cur, labels = 0, [], []
+        count, mark, state, cur, labels = 0, i, 0, [], []
         continue
-      state, cur, done = pr.outline.step(state, cur, t)
-      if done is not None and len(done) <= n_lab and done not in labels and len(labels) < m:
-        labels.append(done)
+      count += t == pr.count
+      if pr.outline is not None:
+        state, cur, done = pr.outline.step(state, cur, t)
+        if done is not None and len(done) <= n_lab and done not in labels and len(labels) < m:
+          labels.append(done)
+    if pr.outline is None:
+      return count, mark, out
     for i, lab in enumerate(labels):
       out["o_lab"][i, :len(lab)] = lab
       out["o_len"][i] = len(lab)
     out["o_state"] = np.int32(state)
     out["o_cur_len"] = np.int32(len(cur))
     out["o_cur"][:min(len(cur), n_lab)] = cur[:n_lab]
-    return out
+    return len(labels), mark, out
 
   def run(self, requests: Sequence[Request], on_progress: Callable | None = None,
           on_done: Callable | None = None, on_segment: Callable | None = None) -> list[TreeResult]:
