@@ -18,7 +18,8 @@ def get_config():
   c.rows = 8
   c.slots = 1536           # KV slots per lane; "auto": the most that fit in device memory
   c.dtype = "auto"         # parameters and KV: auto = bfloat16 on GPU/TPU, float32 on CPU
-  c.attention = "tree"     # "tree": read only the KV each step sees; "dense": every slot (the reference)
+  c.attention = "tree"     # "tree": read only the KV each step sees; "dense": every slot (the
+                           # reference); "pallas": the TPU kernel (interpreted off TPU: slow)
   c.batch = 128
   c.max_thread_tokens = 1536
   c.max_total_tokens = 6000

@@ -82,3 +82,38 @@ def test_engine_tree_attention_equals_dense_in_bfloat16():
     for path, ref in d.logits.items():
       span = float(ref.max() - ref.min())
       assert span > 1.0 and np.abs(t.logits[path] - ref).max() <= 0.03 * span
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("block", [8, 32])
+def test_pallas_page_kernel_equals_dense(dtype, tol, block):
+  """The Pallas TPU kernel (`model/pallas_attention.py`, interpret mode here) over the
+  visible pages equals the dense reference; rows that see no cache slot included."""
+  from apr_jax.model.pallas_attention import attend_pages
+  q, k, v, mask, kn, vn, mn = _case(block + 1, dtype=dtype)
+  ref = attend_split(q, k, v, mask, kn, vn, mn)
+  got = attend_pages(q, k, v, mask, kn, vn, mn, block, interpret=True)
+  assert got.dtype == ref.dtype and got.shape == ref.shape
+  ref32, got32 = np.asarray(ref, np.float32), np.asarray(got, np.float32)
+  assert np.abs(got32 - ref32).max() <= tol * np.abs(ref32).max()
+
+
+def test_pallas_page_kernel_reads_only_visible_pages():
+  """Pages nobody sees are never fetched, and slots nobody sees never count: NaN in every
+  slot no query sees leaves the output unchanged; a visible slot changes it. The page list
+  is exactly the pages holding a visible slot."""
+  from apr_jax.model.pallas_attention import attend_pages, visible_pages
+  q, k, v, mask, kn, vn, mn = _case(9)
+  out = attend_pages(q, k, v, mask, kn, vn, mn, 16, interpret=True)
+  seen = np.asarray(jnp.any(mask, axis=1))                                 # [B, S]
+  poison = lambda x: jnp.where(jnp.asarray(~seen)[:, None, :, None], jnp.nan, x)
+  same = attend_pages(q, poison(k), poison(v), mask, kn, vn, mn, 16, interpret=True)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(same))
+  first = int(np.nonzero(seen[1])[0][0])
+  hit = v.at[1, :, first].set(1e3)
+  assert not np.allclose(np.asarray(attend_pages(q, k, hit, mask, kn, vn, mn, 16, interpret=True)),
+                         np.asarray(out))
+  pages, n = visible_pages(mask, 16)
+  for b in range(mask.shape[0]):
+    want = sorted({s // 16 for s in np.nonzero(seen[b])[0]})
+    assert list(np.asarray(pages[b, :int(n[b])])) == want

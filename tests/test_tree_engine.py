@@ -49,12 +49,16 @@ def test_exact_against_reference(name, layout):
   """Teacher-forced random trajectories: every thread's logits at every sample equal a full
   forward over its visible context with the protocol's positions; same flat trajectory,
   total tokens and critical path. Fewer rows than threads, so threads also wait for rows."""
+  _exact(name, LAYOUTS[layout], shared=layout == "shared")
+
+
+def _exact(name, layout: dict, shared=False):
   rng = np.random.default_rng(zlib.crc32(name.encode()) % 1000)  # the same in every process
-  eng = engine(name, **LAYOUTS[layout])
+  eng = engine(name, **layout)
   cases = [tf.random_trajectory(name, rng, blocks=b) for b in (0, 1, 2, 2, 1)]
   step0 = int(eng.state.step)
   results = eng.run([Request(p, script=s) for p, s in cases])
-  if layout == "shared":  # the requests really ran side by side on the shared rows
+  if shared:  # the requests really ran side by side on the shared rows
     assert int(eng.state.step) - step0 < sum(r.steps for r in results)
   forks = 0
   for (prompt, scripts), res in zip(cases, results):
@@ -64,6 +68,12 @@ def test_exact_against_reference(name, layout):
     forks += res.forks
   assert forks >= 3
   assert eng.compiled_loops() == 1
+
+
+def test_exact_with_the_pallas_page_kernel():
+  """The engine with attention in the Pallas TPU kernel (interpret mode on CPU): the same
+  exactness against the reference as every other layout, on stitched Multiverse blocks."""
+  _exact("multiverse", dict(attention="pallas", block=16))
 
 
 @pytest.mark.parametrize("name", sorted(tf.OUTLINE_PROTOCOLS))

@@ -63,6 +63,10 @@ def forward_step(model: Transformer, st: EngineState, spec: TreeSpec, m: int, pa
     n_blocks = (jnp.max(pk["vis_count"]) + spec.block - 1) // spec.block
     visible = (pk["vis_idx"], pk["vis_count"], n_blocks, spec.block)
     read = (n_blocks * spec.block * spec.lanes).astype(jnp.float32)
+  elif spec.attention == "pallas":  # the pages holding a slot some packed token sees
+    from apr_jax.model.pallas_attention import visible_pages
+    visible = ("pages", spec.block)
+    read = (jnp.sum(visible_pages(pk["mask"], spec.block)[1]) * spec.block).astype(jnp.float32)
   h, new_kv = model.read_cache(pk["tok"], pk["pos"], pk["mask"], pk["mask_new"], st.cache,
                                visible)
   slot = pk["slot"]

@@ -83,12 +83,16 @@ class TreeSpec:
   race: bool = False           # a child reaching the protocol's goal cancels its siblings
   prune_margin: float = 0.0    # >0: cancel a child whose mean log-prob trails its best sibling's by this
   prune_min_tokens: int = 8    # ... once both have sampled at least this many tokens
-  attention: str = "tree"      # "tree": read only the slots the step's tokens see; "dense": every slot
+  attention: str = "tree"      # "tree": read only the slots the step's tokens see; "dense": every
+                               # slot; "pallas": the pages they see, in the Pallas TPU kernel
   block: int = 64              # tree attention: KV slots per block
 
   def __post_init__(self):
-    if self.attention not in ("tree", "dense"):
-      raise UserError(f"attention must be tree or dense, got {self.attention!r}")
+    if self.attention not in ("tree", "dense", "pallas"):
+      raise UserError(f"attention must be tree, dense or pallas, got {self.attention!r}")
+    if self.attention == "pallas" and self.slots % self.block:
+      raise UserError(f"pallas attention reads whole pages: slots ({self.slots}) must be a "
+                      f"multiple of block ({self.block})")
     for f in ("lanes", "requests", "rows", "threads", "slots", "chunk", "block"):
       if getattr(self, f) < 1:
         raise UserError(f"{f} must be >= 1, got {getattr(self, f)}")
