@@ -8,6 +8,9 @@ fork:   SmolLM2-135M, a P-token prompt, a forced fork into k threads of n tokens
         ThreadWeaver flat join as apr_jax_flat), sequential decoding of the same number of
         tokens, and the host-orchestrated baseline (threads as separate batched requests with
         prefix caching, re-prefill at the join). Wall time, KV bytes, join cost.
+attention: the engine's step time on Countdown, tree vs dense attention, pool sizes.
+scaling: one decode step's attention on a synthetic thread tree (an 8B model's layer shape),
+        tree vs dense (and the Pallas kernel on TPU), vs pool size, threads and lanes.
 """
 from __future__ import annotations
 
@@ -38,6 +41,13 @@ flags.DEFINE_list("pools", ["1536", "3072", "6144"], "attention: KV slots per la
 flags.DEFINE_list("attentions", ["dense", "tree"], "attention: the attention paths to compare.")
 flags.DEFINE_integer("problems", 16, "attention: Countdown problems per run.", lower_bound=1)
 flags.DEFINE_integer("lanes", 8, "attention: lanes.", lower_bound=1)
+flags.DEFINE_list("scaling_pools", ["1024", "2048", "4096"], "scaling: KV slots per lane.")
+flags.DEFINE_list("scaling_threads", ["4", "16"], "scaling: threads per request (one lane).")
+flags.DEFINE_list("scaling_lanes", ["1", "4"], "scaling: lanes.")
+flags.DEFINE_string("scaling_shape", "8b", "scaling: attention shape, 8b (32 q heads, 8 KV heads, "
+                    "head_dim 128: Llama-3-8B) or tiny (4, 2, 16).")
+flags.DEFINE_integer("prompt_tokens", 512, "scaling: the shared prompt of each lane.", lower_bound=1)
+flags.DEFINE_integer("own_tokens", 32, "scaling: tokens of each thread's own.", lower_bound=1)
 
 PROMPT = "Write a short story about a robot who learns to paint."
 
@@ -391,8 +401,95 @@ def bench_attention():
   return records
 
 
+def _tree_step(lanes, slots, threads, prompt, own):
+  """One decode step of a synthetic tree: per lane a prompt of `prompt` slots shared by
+  `threads` threads, each with `own` tokens of its own after it (written in turns, so the
+  spans interleave as threads that decode together write them), the rest of the pool free;
+  one query per thread. Returns the mask [lanes, threads, slots] (what each query sees)."""
+  import numpy as np
+  mask = np.zeros((lanes, threads, slots), bool)
+  mask[:, :, :prompt] = True
+  for t in range(threads):
+    mask[:, t, prompt + t:prompt + own * threads:threads] = True
+  return mask
+
+
+def bench_scaling():
+  """The attention of one decode step, tree (`attend_visible`) vs dense (`attend_split`),
+  on a synthetic thread tree: step time and KV bytes read vs the pool size, the threads per
+  request and the lanes (one attention layer of the chosen shape, bfloat16 on GPU/TPU and
+  float32 on CPU, median of --repeats). Pallas (`attend_pages`) is timed on TPU only (off
+  TPU it runs interpreted)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from apr_jax.engine.tree.packing import visible_slots
+  from apr_jax.model.attention import attend_split, attend_visible
+  from apr_jax.model.config import resolve_dtype
+  from apr_jax.model.pallas_attention import attend_pages
+  shapes = {"8b": (32, 8, 128), "tiny": (4, 2, 16)}
+  if FLAGS.scaling_shape not in shapes:
+    raise UserError(f"--scaling_shape must be one of {', '.join(shapes)}")
+  h, kh, d = shapes[FLAGS.scaling_shape]
+  dtype = jnp.dtype(resolve_dtype("auto"))
+  block = 128
+  rng = np.random.default_rng(0)
+  paths = ["dense", "tree"] + (["pallas"] if jax.default_backend() == "tpu" else [])
+  grid = sorted({(int(lanes), int(slots), int(k)) for slots in FLAGS.scaling_pools
+                 for k in FLAGS.scaling_threads for lanes in FLAGS.scaling_lanes})
+  records = []
+  for lanes, slots, k in grid:
+    used = FLAGS.prompt_tokens + k * FLAGS.own_tokens
+    if slots % block or slots < used:
+      raise UserError(f"--scaling_pools: {slots} must be a multiple of {block} holding the prompt "
+                      f"and the threads' tokens ({used})")
+    mask = jnp.asarray(_tree_step(lanes, slots, k, FLAGS.prompt_tokens, FLAGS.own_tokens))
+    q = jnp.asarray(rng.normal(size=(lanes, k, h, d)), dtype)
+    kc = jnp.asarray(rng.normal(size=(lanes, kh, slots, d)), dtype)
+    vc = jnp.asarray(rng.normal(size=(lanes, kh, slots, d)), dtype)
+    kn = jnp.asarray(rng.normal(size=(lanes, kh, k, d)), dtype)
+    vn = jnp.asarray(rng.normal(size=(lanes, kh, k, d)), dtype)
+    mn = jnp.broadcast_to(jnp.eye(k, dtype=bool), (lanes, k, k))
+    idx, count = jax.vmap(visible_slots)(mask)
+    nb = int((jnp.max(count) + block - 1) // block)
+    args = (q, kc, vc, mask, kn, vn, mn, idx, count)  # arguments, so nothing is constant-folded
+    fns = {"dense": jax.jit(lambda q, kc, vc, m, kn, vn, mn, i, c: attend_split(q, kc, vc, m, kn, vn, mn)),
+           "tree": jax.jit(lambda q, kc, vc, m, kn, vn, mn, i, c: attend_visible(
+               q, kc, vc, m, i, c, (jnp.max(c) + block - 1) // block, kn, vn, mn, block)),
+           "pallas": jax.jit(lambda q, kc, vc, m, kn, vn, mn, i, c: attend_pages(
+               q, kc, vc, m, kn, vn, mn, block))}
+    per_slot = 2 * kh * d * dtype.itemsize
+    reads = {"dense": lanes * slots, "tree": lanes * nb * block,
+             "pallas": int(jnp.sum(jnp.any(mask.reshape(lanes, k, -1, block), axis=(1, 3)))) * block}
+    visible = int(jnp.sum(jnp.any(mask, axis=1)))
+    out = {}
+    for path in paths:
+      out[path] = np.asarray(jax.block_until_ready(fns[path](*args)), np.float32)  # compile, warm
+      times = []
+      for _ in range(FLAGS.repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fns[path](*args))
+        times.append(time.perf_counter() - t0)
+      records.append({"benchmark": "scaling", "attention": path, "lanes": lanes, "slots": slots,
+                      "threads": k, "prompt": FLAGS.prompt_tokens, "shape": FLAGS.scaling_shape,
+                      "dtype": str(dtype), "ms": round(1e3 * statistics.median(times), 3),
+                      "kv_read_mb": round(reads[path] * per_slot / 2**20, 3),
+                      "kv_visible_mb": round(visible * per_slot / 2**20, 3),
+                      "max_abs_diff_vs_dense": float(np.abs(out[path] - out["dense"]).max())})
+      _log(f"{path:6s} lanes {lanes} slots {slots} threads {k}: {records[-1]['ms']:.3f} ms")
+  print(f"{'attention':9s} {'lanes':>5s} {'slots':>6s} {'threads':>7s} {'ms':>9s} {'x dense':>8s} "
+        f"{'KV read MB':>10s} {'visible MB':>10s}")
+  for r in records:
+    dense = next(x for x in records if x["attention"] == "dense" and
+                 (x["lanes"], x["slots"], x["threads"]) == (r["lanes"], r["slots"], r["threads"]))
+    r["speedup_vs_dense"] = round(dense["ms"] / r["ms"], 3)
+    print(f"{r['attention']:9s} {r['lanes']:5d} {r['slots']:6d} {r['threads']:7d} {r['ms']:9.3f} "
+          f"{r['speedup_vs_dense']:8.2f} {r['kv_read_mb']:10.2f} {r['kv_visible_mb']:10.2f}")
+  return records
+
+
 BENCHMARKS = {"decode": bench_decode, "fork": bench_fork, "train": bench_train,
-              "attention": bench_attention}
+              "attention": bench_attention, "scaling": bench_scaling}
 
 
 @cli_main
