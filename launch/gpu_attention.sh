@@ -9,4 +9,4 @@ out="${1:-.}"
 mkdir -p "$out"
 exec timeout 480 python -m apr_jax.bench scaling --scaling_shape 8b \
   --scaling_pools 4096,16384,65536 --scaling_threads 4,16 --scaling_lanes 1,8 \
-  --prompt_tokens 2048 --own_tokens 256 --repeats 10 --out "$out/scaling_gpu.json"
+  --prompt_tokens 2048 --own_tokens 128 --repeats 10 --out "$out/scaling_gpu.json"
