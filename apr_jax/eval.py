@@ -67,6 +67,24 @@ def main(argv):
   for name, m in c.methods.items():
     if FLAGS.methods and name not in FLAGS.methods:
       continue
+    if m.get("engine", "tree") == "apr_original":
+      if not m.get("path"):
+        raise UserError(f"method {name}: set its path to a checkpoint in the original APR format "
+                        f"(--config.methods.{name}.path=DIR)")
+      path = resolve(m.path)
+      _log(f"{name}: {path} (apr_original, {resolve_dtype(c.get('dtype', 'auto'))})")
+      model, tok = checkpoint.load(path, dtype=c.get("dtype", "auto"))
+      from apr_jax.engine.host_original import AprOriginalHost
+      host = AprOriginalHost(model, tok, max_tokens=c.get("max_call_tokens", 4096), batch=c.batch,
+                             log=_log)
+      t0 = time.perf_counter()
+      rs = ev.evaluate_apr_original(host, tok, problems, batch=c.batch, log=_log)
+      wall = time.perf_counter() - t0
+      results[name] = rs
+      summary[name] = dict(ev.summarize(rs, wall), format="apr_original", path=m.path,
+                           engine="apr_original", dtype=str(jax.tree.leaves(model)[0].dtype),
+                           model_calls=host.calls, context_cut_calls=host.cut)
+      continue
     path = resolve(m.path)
     extra = json.load(open(os.path.join(path, "apr_config.json")))
     fmt = extra.get("format", "sos")
@@ -98,7 +116,8 @@ def main(argv):
     summary[name] = dict(ev.summarize(rs, wall), format=fmt, path=m.path, engine="tree", dtype=dtype,
                          slots=eng.spec.slots, compile_s=round(eng.stats["compile_s"], 2),
                          step_cost=eng.stats.get("step_cost"))
-  cs = ev.curves({k: v for k, v in results.items() if summary[k].get("engine") == "tree"})
+    del eng  # its KV pool is freed before the next method sizes its own
+  cs = ev.curves({k: v for k, v in results.items() if summary[k].get("engine") in ("tree", "apr_original")})
   plots = ev.plot(cs, FLAGS.out)
   out = {"task": c.task, "setting": c.setting, "num_problems": len(problems), "seed": FLAGS.seed,
          "methods": summary, "curves": cs, "plots": [os.path.basename(p) for p in plots],

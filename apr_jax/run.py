@@ -119,7 +119,7 @@ def main(argv):
     raise UserError(f"{len(prompts)} prompts do not split over a data axis of {mesh.shape['data']}")
 
   if FLAGS.protocol == "apr_original":
-    return _run_apr_original(model, tok, prompts, sampling, path, log, t0)
+    return _run_apr_original(model, tok, mesh, prompts, sampling, path, log, t0)
   if FLAGS.protocol != "none":
     return _run_tree(model, tok, mesh, prompts, sampling, path, log, t0)
   if FLAGS.assistant_prefix:
@@ -341,14 +341,15 @@ def _run_tree(model, tok, mesh, prompts, sampling, path, log, t0):
   return 0
 
 
-def _run_apr_original(model, tok, prompts, sampling, path, log, t0):
+def _run_apr_original(model, tok, mesh, prompts, sampling, path, log, t0):
   """APR's original protocol: one search per prompt (`engine.host_original`). Each call may
-  write up to --max_new_tokens tokens (the original's --max_tokens, 4096); the root prompt goes in as written (no chat
+  write up to --max_new_tokens tokens (default here: the original's --max_tokens, 4096); the root prompt goes in as written (no chat
   template, no assistant prefix), as the original sends it."""
   from apr_jax.engine.host_original import AprOriginalHost
   from apr_jax.protocols.reference import apr_search_result
-  host = AprOriginalHost(model, tok, max_tokens=FLAGS.max_new_tokens, sampling=sampling,
-                         seed=FLAGS.seed, log=log)
+  budget = FLAGS.max_new_tokens if FLAGS["max_new_tokens"].present else 4096  # the original's
+  host = AprOriginalHost(model, tok, max_tokens=budget, sampling=sampling, seed=FLAGS.seed,
+                         mesh=mesh, log=log)
   searches = host.solve(prompts)
   wall = time.perf_counter() - t0
   rows = [{"calls": s.calls, "sub_calls": s.sub_calls, "child_prompts": s.child_prompts,

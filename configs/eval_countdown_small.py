@@ -1,6 +1,6 @@
 """Evaluate the shipped sequential and parallel Countdown models on held-out problems of the
 small setting: `python -m apr_jax.eval --config configs/eval_countdown_small.py --num_problems 500 --seed 0 --out eval_out`."""
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, FieldReference
 
 
 def get_config():
@@ -16,7 +16,8 @@ def get_config():
                           "parallel_host": {"path": "countdown_small_apr", "engine": "host"}})
   c.lanes = 32
   c.rows = 8
-  c.slots = 1536           # KV slots per lane; "auto": the most that fit in device memory
+  # KV slots per lane; "auto" (also --config.slots=auto): the most that fit in device memory
+  c.slots = FieldReference(1536, field_type=object)
   c.dtype = "auto"         # parameters and KV: auto = bfloat16 on GPU/TPU, float32 on CPU
   c.attention = "tree"     # "tree": read only the KV each step sees; "dense": every slot (the
                            # reference); "pallas": the TPU kernel (interpreted off TPU: slow)

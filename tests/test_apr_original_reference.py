@@ -120,9 +120,11 @@ def test_child_prompts_results_block_and_the_stop_string():
 @pytest.mark.parametrize("bad,why", [
     (SPAWN.replace("#0,1\n<End", "#0,7\n<End"), "never generated"),        # an invented node
     (SPAWN, "parent #0,3 was never visited"),                              # an orphan node line
+    (SPAWN.replace("#0,1\n<End", "#0,0\n<End"), "twice"),                  # one node, two children
+    (SPAWN.replace("Node #0,1\n<End", "Node 0,1\n<End"), "names no node"),  # no '#'
 ])
 def test_a_malformed_spawn_block_ends_the_search_unsolved(bad, why):
-  root = ROOT if why == "never generated" else ROOT + "Generated Node #0,3,1: 39:[2] Operation: 1+1=2\n"
+  root = ROOT + "Generated Node #0,3,1: 39:[2] Operation: 1+1=2\n" if "parent" in why else ROOT
   s = ref.apr_search(PROMPT, lambda prefix: root + bad if prefix == PROMPT else "")
   assert why in s.error and s.result is None and len(s.calls) == 1 and not s.sub_calls
 

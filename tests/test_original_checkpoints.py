@@ -199,3 +199,28 @@ def test_apr_original_host_spawns_and_joins_through_the_tokenizer(checkpoints):
   assert got == want
   assert all(s <= 4 and s & (s - 1) == 0 for s in sizes)  # batches of at most 4, powers of two
   assert host.calls == sum(len(s.calls) + sum(len(k) for k in s.sub_calls) for s in want)
+  # the evaluation scores them as the original does, with the original's accounting
+  from apr_jax.evaluation import accounting
+  from apr_jax.evaluation import countdown as ev
+  rs = ev.evaluate_apr_original(host, tok, [cd.generate(cd.APR, 6, seed=7)[i] for i in range(6)],
+                                log=lambda s: None)
+  n = lambda x: len(tok.encode(x))
+  for t, s, r in zip(traces, want, rs):
+    assert r.correct == t.solved and r.forks == len(t.children)
+    subs = [k for spawn in s.sub_calls for k in spawn]
+    assert r.apr_tokens == accounting.apr_token_counts(s.calls, subs, n)["token_count"]
+    assert 0 < r.critical_path <= r.total_tokens < r.apr_tokens
+  assert sum(r.correct for r in rs) >= 2
+
+
+def test_apr_original_evaluation_from_the_cli(checkpoints, tmp_path):
+  env = dict(os.environ, APR_JAX_CACHE_DIR="off", PYTHONPATH=ROOT)
+  env.pop("XLA_FLAGS", None)
+  p = subprocess.run([sys.executable, "-m", "apr_jax.eval", "--config", "configs/eval_apr_original.py",
+                      f"--config.methods.apr.path={checkpoints['apr']}", "--config.max_call_tokens=8",
+                      "--num_problems", "2", "--out", str(tmp_path)],
+                     capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+  assert p.returncode == 0, p.stderr
+  m = json.load(open(tmp_path / "results.json"))["methods"]["apr"]
+  assert m["engine"] == "apr_original" and m["problems"] == 2 and m["accuracy"] == 0.0
+  assert m["model_calls"] == 2 and m["apr_tokens_mean"] > m["total_tokens_mean"] > 0

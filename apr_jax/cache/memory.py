@@ -10,8 +10,8 @@ model axis, as the engine shards them):
   float32 (scores and probabilities; the dense layout's cost, an upper bound for the tree
   layout), a layer's hidden and feed-forward activations, and the logits of every row.
 The parameters are not counted: they are already on the device, so the device's free
-memory (`memory_stats()`: bytes_limit - bytes_in_use on GPU and TPU; the host's available
-memory shared by its devices on CPU) is what is left after them. A margin (10%) covers XLA's
+memory (`memory_stats()`: bytes_limit - bytes_in_use on GPU and TPU; on CPU the host's
+available memory, split over the engine's devices) is what is left after them. A margin (10%) covers XLA's
 temporaries and fragmentation.
 """
 from __future__ import annotations
@@ -49,8 +49,7 @@ def free_bytes(devices) -> int | None:
       host = _host_available()
       if host is None:
         return None
-      n_cpu = max(1, sum(1 for x in jax.local_devices() if x.platform == "cpu"))
-      out.append(host // n_cpu)
+      out.append(host // max(1, sum(1 for x in devices if x.platform == "cpu")))
     else:
       return None
   return min(out) if out else None

@@ -1,8 +1,8 @@
 """APR's released checkpoints run the way the original evaluation runs them, on our model
 code: the host orchestrates text-level calls (`protocols.reference.apr_search_many`: the
 original's stop string, spawn, child prompts and results block) and each round of calls is
-one batch through `Generator`. Every call's text is tokenized afresh, BOS first, as the
-original's server tokenizes each request, and its continuation is decoded from the tokens
+one batch through `Generator`. Every call's text is tokenized afresh after one BOS (the
+original sends `<s>` + the text to its server), and its continuation is decoded from the tokens
 sampled after it (EOS left out). Host round trips at every call: this is the faithful
 baseline, not the fast path (the fork/join engine runs the single-token APR protocol on
 device).
@@ -22,17 +22,20 @@ class AprOriginalHost:
   """`solve(prompts)` -> one `reference.AprSearch` per root prompt.
 
   max_tokens: the token budget of one call (the original's `--max_tokens`, 4096), cut to
-  what the model's context leaves after the call's text; batch: calls per Generator batch
-  (batches are padded to a power of two, so few programs are compiled)."""
+  what the model's context leaves after the call's text (calls cut so are batched by their
+  budget: near the context's end, one batch per budget); batch: calls per Generator batch
+  (batches are padded to a power of two and to the mesh's data axis, so few programs are
+  compiled)."""
 
   def __init__(self, model, tokenizer, *, max_tokens: int = 4096,
                sampling: SamplingConfig = SamplingConfig(), seed: int = 0, batch: int = 64,
-               max_spawns: int = 64, log=None):
+               max_spawns: int = 64, mesh=None, log=None):
     if tokenizer is None:
       raise UserError("the APR original protocol needs the model's tokenizer")
     if max_tokens < 1 or batch < 1:
       raise UserError(f"max_tokens and batch must be >= 1, got {max_tokens} and {batch}")
-    self.gen = Generator(model, tokenizer)
+    self.gen = Generator(model, tokenizer, mesh=mesh)
+    self.rows_multiple = self.gen.mesh.shape.get("data", 1)  # batches split over the data axis
     self.tok = tokenizer
     self.max_tokens = max_tokens
     self.sampling = sampling
@@ -64,6 +67,7 @@ class AprOriginalHost:
       for s in range(0, len(idx), self.batch):
         part = idx[s:s + self.batch]
         size = 1 << (len(part) - 1).bit_length()
+        size = -(-size // self.rows_multiple) * self.rows_multiple
         rows = [ids[k] for k in part] + [ids[part[0]]] * (size - len(part))
         toks, n, done = self.gen.generate_ids(rows, max_new_tokens=b, sampling=self.sampling,
                                               seed=derive(self.seed, self.calls))

@@ -250,3 +250,66 @@ def evaluate_host(host, tok, problems: Sequence[cd.Problem], max_thread_tokens: 
     log(f"[host] {done}/{len(problems)} problems | accuracy {sum(x.correct for x in out) / done:.3f} | "
         f"{done / dt:.2f} problems/s")
   return out
+
+
+def apr_original_counts(n_tokens, s, prompt: str) -> dict:
+  """Token counts of one original-protocol search (`reference.AprSearch`), from its texts:
+  a call's sampled tokens are its text's tokens past its prefix (the root prompt, the
+  results block it resumes after, or a child prompt; the `<Calling Sub Searches>` that
+  replaces a written `<Sub Searches>` is counted as written). total: every call's;
+  critical path: the root's calls plus the longest child of each spawn; max context: the
+  longest call; APR's own accounting over all the calls."""
+  from apr_jax.protocols import reference as ref
+  sampled = lambda text, prefix: max(0, n_tokens(text) - n_tokens(prefix))
+  kids = [[sampled(c, p) for c, p in zip(spawn, prompts)]
+          for spawn, prompts in zip(s.sub_calls, s.child_prompts)]
+  roots = []
+  for k, call in enumerate(s.calls):
+    if k == 0:
+      roots.append(sampled(call, prompt))
+    else:
+      prev = s.calls[k - 1]
+      ids, _ = ref.apr_children(prev)
+      results = [ref.apr_search_result(c) for c in s.sub_calls[k - 1]]
+      roots.append(sampled(call, ref.apr_join(prev, ids, results)))
+  subs = [c for spawn in s.sub_calls for c in spawn]
+  acc = accounting.apr_token_counts(s.calls, subs, n_tokens)
+  return dict(roots=roots, kids=kids, apr=acc,
+              max_context=max(n_tokens(c) for c in s.calls + subs))
+
+
+def evaluate_apr_original(host, tok, problems: Sequence[cd.Problem], batch: int = 64,
+                          log=None) -> list[ProblemResult]:
+  """A checkpoint in the original APR format through the original's orchestration
+  (`engine.host_original.AprOriginalHost`), prompted and scored as the original: the root
+  prompt `Moving to Node #0\\nCurrent State: T:[...], Operations: []`, the answer read from
+  the last call (its summary path) with the children's texts for the line checks. A
+  malformed spawn block ends a search unsolved. A problem's latency is its batch's wall time."""
+  from apr_jax.tasks.countdown import original as orig
+  log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+  n = lambda s: len(tok.encode(s))
+  out, t0 = [], time.perf_counter()
+  for i in range(0, len(problems), batch):
+    chunk = problems[i:i + batch]
+    prompts = [orig.apr_prompt(p) for p in chunk]
+    tb = time.perf_counter()
+    searches = host.solve(prompts)
+    wall = time.perf_counter() - tb
+    for p, prompt, s in zip(chunk, prompts, searches):
+      c = apr_original_counts(n, s, prompt)
+      kids = [k for spawn in s.sub_calls for k in spawn]
+      if s.error:
+        ok, valid, why = False, False, f"malformed: {s.error}"
+      else:
+        ok, valid, why = verdict(p, [s.calls[-1]] + kids)
+      total = sum(c["roots"]) + sum(sum(k) for k in c["kids"])
+      critical = sum(c["roots"]) + sum(max(k, default=0) for k in c["kids"])
+      out.append(ProblemResult(
+          problem=(p.nums, p.target), correct=ok, trace_valid=valid, why=why, total_tokens=total,
+          critical_path=critical, max_context=c["max_context"], forks=len(s.sub_calls),
+          threads=1 + len(kids), wall_s=wall, stop_reason="error" if s.error else "",
+          apr_tokens=c["apr"]["token_count"], apr_longest=c["apr"]["longest_seq_token_count"]))
+    done = len(out)
+    log(f"[apr_original] {done}/{len(problems)} problems | accuracy "
+        f"{sum(x.correct for x in out) / done:.3f} | {done / (time.perf_counter() - t0):.2f} problems/s")
+  return out

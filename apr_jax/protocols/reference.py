@@ -440,15 +440,21 @@ def apr_nodes(trace: str) -> dict:
 def apr_children(trace: str) -> tuple[list, list]:
   """(child node ids, child prompts) of the trace's last spawn block: one per `<Start Sub
   Search ...> Moving to Node #id` line, each prompt `Moving to Node #id\\nCurrent State:
-  T:[a, b], Operations: ['x-y=z', ...]`."""
+  T:[a, b], Operations: ['x-y=z', ...]`. A node named twice is malformed: the original's
+  parallel evaluation (its default) files both children's results under the first one and
+  then fails on the missing one."""
   nodes = apr_nodes(trace)
   block = trace.split(APR_CALLING + "\n")[-1].split("\n" + APR_END_CALLING)[0]
   ids, prompts = [], []
   for line in block.split("\n"):
     if "<Start Sub Search" in line and "Moving to Node" in line:
+      if "Moving to Node #" not in line:
+        raise AprMalformed(f"the spawn line {line!r} names no node")
       node = line.split("Moving to Node #")[1].strip()
       if node not in nodes:
         raise AprMalformed(f"the spawn block names node #{node}, which the text never generated")
+      if node in ids:  # the original's parallel mode files both results under the first
+        raise AprMalformed(f"the spawn block names node #{node} twice")
       target, nums, ops = nodes[node]
       ids.append(node)
       prompts.append(f"Moving to Node #{node}\nCurrent State: {target}:[{', '.join(map(str, nums))}], "

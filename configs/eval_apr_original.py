@@ -1,0 +1,19 @@
+"""Evaluate a checkpoint in the original APR format (plain-text tags, e.g. a released APR
+model converted to a Hugging Face directory) as the original evaluation runs and scores it,
+on held-out problems of the APR setting (4 numbers, target first):
+`python -m apr_jax.eval --config configs/eval_apr_original.py --config.methods.apr.path=DIR --num_problems 500 --out eval_out`."""
+from ml_collections import ConfigDict
+
+
+def get_config():
+  c = ConfigDict()
+  c.task = "countdown"
+  c.setting = "apr"
+  c.n_test = 1000
+  c.data_seed = 0
+  # engine "apr_original": the original's orchestration of calls (engine/host_original.py)
+  c.methods = ConfigDict({"apr": {"path": "", "engine": "apr_original"}})
+  c.max_call_tokens = 4096  # each call's budget (the original's --max_tokens)
+  c.batch = 64              # problems per round of batched calls
+  c.dtype = "auto"
+  return c
