@@ -127,7 +127,7 @@ def check_batch(cfg, cache_dtype, batch: int, prompt_len: int, slots: int, mesh,
   """Sequential decoding (`Generator`): its KV cache [batch, slots] and its prefill's
   scores [batch, heads, prompt_len, slots] must fit; else a UserError naming `what`."""
   data, model = _mesh_axes(mesh)
-  rows = math.ceil(batch / data)
+  rows = batch // data if batch % data == 0 else batch  # a batch that does not split is replicated
   kv_heads = math.ceil(cfg.n_kv_heads / model) if cfg.n_kv_heads % model == 0 else cfg.n_kv_heads
   heads = math.ceil(cfg.n_heads / model) if cfg.n_heads % model == 0 else cfg.n_heads
   kv = rows * slots * 2 * cfg.n_layers * kv_heads * cfg.head_dim * jnp.dtype(cache_dtype).itemsize
