@@ -2,10 +2,12 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from apr_jax import checkpoint
 from apr_jax.cache import kv as kvlib
 from apr_jax.engine import generate as G
+from apr_jax.errors import UserError
 from tests.test_model_parity import forward
 
 
@@ -53,6 +55,18 @@ def test_generator_batch_of_different_lengths(tiny_dir):
   # each row alone gives the same tokens (batch invariance of the sequential path)
   alone, _, _ = gen.generate_ids([prompts[1]], max_new_tokens=12, stop_ids=[])
   assert alone[0].tolist() == tokens[1].tolist()
+  # per-row limits: each row keeps the tokens a run with its own budget gives; a row's
+  # limit only needs its own prompt to fit the context
+  lim, n, d = gen.generate_ids(prompts, max_new_tokens=12, stop_ids=[], row_limits=[3, 12, 7])
+  assert n.tolist() == [3, 12, 7] and not d.any()
+  for r, k in enumerate([3, 12, 7]):
+    assert lim[r, :k].tolist() == tokens[r, :k].tolist() and (lim[r, k:] == lim[0, -1]).all()
+  ctx = model.cfg.max_seq_len
+  long = [5] * (ctx - 4)  # 4 tokens of context left
+  _, n, _ = gen.generate_ids([long, [5]], max_new_tokens=12, stop_ids=[], row_limits=[4, 12])
+  assert n.tolist() == [4, 12]
+  with pytest.raises(UserError, match="exceeds the model's context"):
+    gen.generate_ids([long, [5]], max_new_tokens=12, stop_ids=[], row_limits=[5, 12])
 
 
 def test_stop_tokens_end_rows_independently(tiny_dir):

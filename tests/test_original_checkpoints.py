@@ -224,3 +224,26 @@ def test_apr_original_evaluation_from_the_cli(checkpoints, tmp_path):
   m = json.load(open(tmp_path / "results.json"))["methods"]["apr"]
   assert m["engine"] == "apr_original" and m["problems"] == 2 and m["accuracy"] == 0.0
   assert m["model_calls"] == 2 and m["apr_tokens_mean"] > m["total_tokens_mean"] > 0
+
+
+def test_apr_original_calls_near_the_context_end(checkpoints):
+  """A call whose text leaves less context than its budget gets what is left (in the same
+  batch as a call with the whole budget); a call whose text fills the context ends at once."""
+  from apr_jax import checkpoint
+  from apr_jax.engine.host_original import AprOriginalHost
+  model, tok = checkpoint.load(checkpoints["apr"])
+  ctx = model.cfg.max_seq_len
+  piece = "Moving to Node #0\n"
+  per = len(tok.encode(piece * 50)) / 50
+  k = int(ctx / per) + 2
+  while len(tok.encode(piece * k)) > ctx - 2:  # the most copies that leave a token after BOS
+    k -= 1
+  near = piece * k
+  left = ctx - 1 - len(tok.encode(near))
+  assert 0 < left < 16
+  full = piece * int(ctx / per + 5)
+  host = AprOriginalHost(model, tok, max_tokens=16, log=lambda s: None)
+  out = host.complete_batch([near, "Moving to", full])
+  assert out[2] == "" and host.cut == 2 and host.calls == 2
+  assert len(tok.encode(near + out[0])) <= ctx - 1
+  assert len(tok.encode("Moving to" + out[1])) > len(tok.encode("Moving to"))

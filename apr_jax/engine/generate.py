@@ -186,15 +186,20 @@ class Generator:
     return prefill, decode
 
   def spec_for(self, prompt_lens: Sequence[int], max_new_tokens: int,
-               sampling: SamplingConfig, stop_ids: Sequence[int] | None) -> Spec:
+               sampling: SamplingConfig, stop_ids: Sequence[int] | None,
+               row_limits: Sequence[int] | None = None) -> Spec:
     longest = max(prompt_lens)
-    if longest == 0:
+    if min(prompt_lens) == 0:
       raise UserError("empty prompt")
     if max_new_tokens <= 0:
       raise UserError(f"max_new_tokens must be positive, got {max_new_tokens}")
-    if longest + max_new_tokens > self.cfg.max_seq_len:
-      raise UserError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                      f"model's context of {self.cfg.max_seq_len} tokens")
+    limits = row_limits if row_limits is not None else [max_new_tokens] * len(prompt_lens)
+    for n, lim in zip(prompt_lens, limits):
+      if not 0 < lim <= max_new_tokens:
+        raise UserError(f"a row's token limit must be in 1..{max_new_tokens}, got {lim}")
+      if n + lim > self.cfg.max_seq_len:
+        raise UserError(f"prompt ({n} tokens) + max_new_tokens ({lim}) exceeds the "
+                        f"model's context of {self.cfg.max_seq_len} tokens")
     if stop_ids is None:
       stop_ids = self.tokenizer.stop_ids() if self.tokenizer is not None else list(self.cfg.eos_ids)
     pad_id = self.cfg.eos_ids[0] if self.cfg.eos_ids else 0
@@ -223,12 +228,17 @@ class Generator:
 
   def generate_ids(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
                    sampling: SamplingConfig = SamplingConfig(), stop_ids=None, seed: int = 0,
-                   on_segment=None, segment: int = 0):
+                   on_segment=None, segment: int = 0, row_limits: Sequence[int] | None = None):
     """Token-level API. Returns (tokens [B, max_new_tokens] np, n_gen [B] np, done [B] np).
 
     `on_segment(state)` is called after every `segment` decode steps (0 = one segment).
+    `row_limits` [B] (each <= max_new_tokens): row r keeps its first row_limits[r] tokens,
+    as if generated alone with that budget (rows are independent: the tokens a row decodes
+    past its limit are dropped and change nothing before them); only prompt + limit must fit
+    the model's context.
     """
-    spec = self.spec_for([len(p) for p in prompts], max_new_tokens, sampling, stop_ids)
+    spec = self.spec_for([len(p) for p in prompts], max_new_tokens, sampling, stop_ids,
+                         row_limits)
     self._programs(spec)  # compile outside the timed region
     t0 = time.perf_counter()
     state = self.start(prompts, spec, [seed + i for i in range(len(prompts))])
@@ -246,7 +256,15 @@ class Generator:
     tokens, n_gen, done = jax.device_get((state.tokens, state.n_gen, state.done))
     t2 = time.perf_counter()
     self.stats.update(prefill_s=t1 - t0, decode_s=t2 - t1, decode_steps=step - 1)
-    return tokens[:, :max_new_tokens], np.minimum(n_gen, max_new_tokens), done
+    tokens, n_gen = np.array(tokens[:, :max_new_tokens]), np.minimum(n_gen, max_new_tokens)
+    done = np.array(done)
+    if row_limits is not None:
+      lim = np.asarray(row_limits)
+      over = n_gen > lim           # the stop token (if any) came after the row's limit
+      done &= ~over
+      n_gen = np.minimum(n_gen, lim)
+      tokens[np.arange(tokens.shape[1])[None, :] >= lim[:, None]] = spec.pad_id
+    return tokens, n_gen, done
 
   def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], *, chat: str | bool = "auto",
                max_new_tokens: int = 64, sampling: SamplingConfig = SamplingConfig(),

@@ -22,8 +22,8 @@ class AprOriginalHost:
   """`solve(prompts)` -> one `reference.AprSearch` per root prompt.
 
   max_tokens: the token budget of one call (the original's `--max_tokens`, 4096), cut to
-  what the model's context leaves after the call's text (calls cut so are batched by their
-  budget: near the context's end, one batch per budget); batch: calls per Generator batch
+  what the model's context leaves after the call's text (per row: calls of any budgets share
+  a batch); batch: calls per Generator batch
   (batches are padded to a power of two and to the mesh's data axis, so few programs are
   compiled)."""
 
@@ -56,25 +56,26 @@ class AprOriginalHost:
     ctx = self.gen.cfg.max_seq_len
     budgets = [min(self.max_tokens, ctx - len(i)) for i in ids]
     out = [""] * len(texts)
-    groups: dict = {}
+    live = []
     for k, b in enumerate(budgets):
       if b < 1:
         self.cut += 1  # the context is full: the call ends at once, as at its budget
         continue
       self.cut += b < self.max_tokens
-      groups.setdefault(b, []).append(k)
-    for b, idx in sorted(groups.items()):
-      for s in range(0, len(idx), self.batch):
-        part = idx[s:s + self.batch]
-        size = 1 << (len(part) - 1).bit_length()
-        size = -(-size // self.rows_multiple) * self.rows_multiple
-        rows = [ids[k] for k in part] + [ids[part[0]]] * (size - len(part))
-        toks, n, done = self.gen.generate_ids(rows, max_new_tokens=b, sampling=self.sampling,
-                                              seed=derive(self.seed, self.calls))
-        for r, k in enumerate(part):
-          gen = [int(t) for t in toks[r, :n[r]]]
-          out[k] = self._continuation(ids[k], gen[:-1] if done[r] else gen)
-        self.calls += len(part)
+      live.append(k)
+    for s in range(0, len(live), self.batch):
+      part = live[s:s + self.batch]
+      size = 1 << (len(part) - 1).bit_length()
+      size = -(-size // self.rows_multiple) * self.rows_multiple
+      rows = part + [part[0]] * (size - len(part))
+      toks, n, done = self.gen.generate_ids(
+          [ids[k] for k in rows], max_new_tokens=max(budgets[k] for k in part),
+          row_limits=[budgets[k] for k in rows], sampling=self.sampling,
+          seed=derive(self.seed, self.calls))
+      for r, k in enumerate(part):
+        gen = [int(t) for t in toks[r, :n[r]]]
+        out[k] = self._continuation(ids[k], gen[:-1] if done[r] else gen)
+      self.calls += len(part)
     return out
 
   def _continuation(self, prompt: list, gen: list) -> str:
