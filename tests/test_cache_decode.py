@@ -67,6 +67,10 @@ def test_generator_batch_of_different_lengths(tiny_dir):
   assert n.tolist() == [4, 12]
   with pytest.raises(UserError, match="exceeds the model's context"):
     gen.generate_ids([long, [5]], max_new_tokens=12, stop_ids=[], row_limits=[5, 12])
+  # a segment callback that returns True stops decoding there, with the tokens so far
+  part, n, _ = gen.generate_ids(prompts, max_new_tokens=12, stop_ids=[], segment=3,
+                                on_segment=lambda st: int(st.step) >= 4)
+  assert n.tolist() == [4, 4, 4] and part[:, :4].tolist() == tokens[:, :4].tolist()
 
 
 def test_stop_tokens_end_rows_independently(tiny_dir):

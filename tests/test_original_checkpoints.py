@@ -247,3 +247,22 @@ def test_apr_original_calls_near_the_context_end(checkpoints):
   assert out[2] == "" and host.cut == 2 and host.calls == 2
   assert len(tok.encode(near + out[0])) <= ctx - 1
   assert len(tok.encode("Moving to" + out[1])) > len(tok.encode("Moving to"))
+
+
+def test_apr_original_batch_stops_at_the_stop_string(checkpoints, monkeypatch):
+  """A batch stops decoding once every row has written the stop string (checked every
+  `segment` steps), not at its budget; the text up to it is what a full run gives."""
+  from apr_jax import checkpoint
+  from apr_jax.engine.host_original import AprOriginalHost
+  from apr_jax.protocols import reference as ref
+  model, tok = checkpoint.load(checkpoints["apr"])
+  host = AprOriginalHost(model, tok, max_tokens=64, segment=4, log=lambda s: None)
+  full = host.complete_batch([APR_PROMPT])[0]
+  assert host.gen.stats["decode_steps"] >= 60
+  stop = full[2:5]  # something the random model writes early (the real one: `<Sub Searches>`)
+  assert len(stop) == 3
+  monkeypatch.setattr(ref, "APR_STOP", stop)
+  early = host.complete_batch([APR_PROMPT])[0]
+  assert host.gen.stats["decode_steps"] < 20
+  cut = full.index(stop) + len(stop)
+  assert early[:cut] == full[:cut]

@@ -231,7 +231,9 @@ class Generator:
                    on_segment=None, segment: int = 0, row_limits: Sequence[int] | None = None):
     """Token-level API. Returns (tokens [B, max_new_tokens] np, n_gen [B] np, done [B] np).
 
-    `on_segment(state)` is called after every `segment` decode steps (0 = one segment).
+    `on_segment(state)` is called after every `segment` decode steps (0 = one segment); if
+    it returns True, decoding stops there (the caller has what it needs: e.g. every row has
+    written a stop string).
     `row_limits` [B] (each <= max_new_tokens): row r keeps its first row_limits[r] tokens,
     as if generated alone with that budget (rows are independent: the tokens a row decodes
     past its limit are dropped and change nothing before them); only prompt + limit must fit
@@ -249,8 +251,8 @@ class Generator:
       until = max_new_tokens if not segment else min(max_new_tokens, step + segment)
       state = self.advance(state, spec, until)
       step = int(state.step)
-      if on_segment is not None:
-        on_segment(state)
+      if on_segment is not None and on_segment(state) is True:
+        break
       if step >= max_new_tokens or bool(jnp.all(state.done)):
         break
     tokens, n_gen, done = jax.device_get((state.tokens, state.n_gen, state.done))

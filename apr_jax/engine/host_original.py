@@ -25,11 +25,12 @@ class AprOriginalHost:
   what the model's context leaves after the call's text (per row: calls of any budgets share
   a batch); batch: calls per Generator batch
   (batches are padded to a power of two and to the mesh's data axis, so few programs are
-  compiled)."""
+  compiled); segment: decode steps between checks whether every row of a batch has ended or
+  written the stop string (then the batch stops)."""
 
   def __init__(self, model, tokenizer, *, max_tokens: int = 4096,
                sampling: SamplingConfig = SamplingConfig(), seed: int = 0, batch: int = 64,
-               max_spawns: int = 64, mesh=None, log=None):
+               max_spawns: int = 64, mesh=None, segment: int = 64, log=None):
     if tokenizer is None:
       raise UserError("the APR original protocol needs the model's tokenizer")
     if max_tokens < 1 or batch < 1:
@@ -42,6 +43,7 @@ class AprOriginalHost:
     self.seed = seed
     self.batch = batch
     self.max_spawns = max_spawns
+    self.segment = segment  # decode steps between checks for the stop string
     self.calls = 0          # model calls so far (each is one sequence of the original)
     self.cut = 0            # calls whose budget the model's context cut below max_tokens
     self.log = log or (lambda s: print(s, file=sys.stderr, flush=True))
@@ -71,12 +73,23 @@ class AprOriginalHost:
       toks, n, done = self.gen.generate_ids(
           [ids[k] for k in rows], max_new_tokens=max(budgets[k] for k in part),
           row_limits=[budgets[k] for k in rows], sampling=self.sampling,
-          seed=derive(self.seed, self.calls))
+          seed=derive(self.seed, self.calls), segment=self.segment,
+          on_segment=lambda st, rows=rows: self._all_stopped(st, [ids[k] for k in rows]))
       for r, k in enumerate(part):
         gen = [int(t) for t in toks[r, :n[r]]]
         out[k] = self._continuation(ids[k], gen[:-1] if done[r] else gen)
       self.calls += len(part)
     return out
+
+  def _all_stopped(self, state, prompts) -> bool:
+    """True once every row has ended or written the stop string (`<Sub Searches>`: the
+    text past it is cut anyway), so a batch does not decode on to its budget."""
+    import jax
+    tokens, n, done = jax.device_get((state.tokens, state.n_gen, state.done))
+    for r, p in enumerate(prompts):
+      if not done[r] and reference.APR_STOP not in self._continuation(p, [int(t) for t in tokens[r, :n[r]]]):
+        return False
+    return True
 
   def _continuation(self, prompt: list, gen: list) -> str:
     """The text the sampled tokens add after the prompt (decoded together, so a piece's
