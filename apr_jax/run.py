@@ -343,8 +343,9 @@ def _run_tree(model, tok, mesh, prompts, sampling, path, log, t0):
 
 def _run_apr_original(model, tok, mesh, prompts, sampling, path, log, t0):
   """APR's original protocol: one search per prompt (`engine.host_original`). Each call may
-  write up to --max_new_tokens tokens (default here: the original's --max_tokens, 4096); the root prompt goes in as written (no chat
-  template, no assistant prefix), as the original sends it."""
+  write up to --max_new_tokens tokens (default here: the original's --max_tokens, 4096);
+  the root prompt goes in as written (no chat template, no assistant prefix), as the
+  original sends it."""
   from apr_jax.engine.host_original import AprOriginalHost
   from apr_jax.protocols.reference import apr_search_result
   budget = FLAGS.max_new_tokens if FLAGS["max_new_tokens"].present else 4096  # the original's

@@ -11,13 +11,12 @@ model axis, as the engine shards them):
   layout), a layer's hidden and feed-forward activations, and the logits of every row.
 The parameters are not counted: they are already on the device, so the device's free
 memory (`memory_stats()`: bytes_limit - bytes_in_use on GPU and TPU; on CPU the host's
-available memory, split over the engine's devices) is what is left after them. A margin (10%) covers XLA's
-temporaries and fragmentation.
+available memory, split over the engine's devices) is what is left after them. A margin
+(10%) covers XLA's temporaries and fragmentation.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from typing import Callable
 
@@ -86,20 +85,25 @@ class Need:
             f"engine tables {g(self.tables)}, activations {g(self.activations)}")
 
 
-def need(spec, cfg, cache_dtype, data: int = 1, model: int = 1) -> Need:
-  """What an engine with `spec` needs on each device of a (data, model) mesh."""
-  from apr_jax.engine.tree.state import empty_lane
-  lanes_dev = math.ceil(spec.lanes / data)
-  kv_heads_dev = math.ceil(cfg.n_kv_heads / model) if cfg.n_kv_heads % model == 0 else cfg.n_kv_heads
-  kv = lanes_dev * spec.slots * 2 * cfg.n_layers * kv_heads_dev * cfg.head_dim * \
-      jnp.dtype(cache_dtype).itemsize
-  lane = jax.eval_shape(lambda: empty_lane(spec, cfg.vocab_size))
-  per_lane = sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(lane))
-  heads_dev = math.ceil(cfg.n_heads / model) if cfg.n_heads % model == 0 else cfg.n_heads
-  scores = lanes_dev * heads_dev * spec.chunk * spec.slots * 4 * 2
-  logits = lanes_dev * spec.rows * cfg.vocab_size * 4 * 2
-  hidden = lanes_dev * spec.chunk * (4 * cfg.dim + 3 * cfg.ffn_dim) * 4
-  return Need(kv=int(kv), tables=int(per_lane * lanes_dev), activations=int(scores + logits + hidden))
+def _split(n: int, parts: int) -> int:
+  """A dimension of n per device over an axis of `parts` (not divisible: replicated)."""
+  return n // parts if n % parts == 0 else n
+
+
+def _per_device_heads(cfg, model: int) -> tuple[int, int]:
+  """(q heads, KV heads) per device of a model axis of `model`."""
+  return _split(cfg.n_heads, model), _split(cfg.n_kv_heads, model)
+
+
+def kv_bytes_per_token(cfg, cache_dtype, kv_heads: int | None = None) -> int:
+  """K and V bytes of one token over every layer (`kv_heads`: per device; default all)."""
+  kv_heads = cfg.n_kv_heads if kv_heads is None else kv_heads
+  return 2 * cfg.n_layers * kv_heads * cfg.head_dim * jnp.dtype(cache_dtype).itemsize
+
+
+def _layer_act(cfg, tokens: int) -> int:
+  """float32 bytes of one layer's hidden and feed-forward activations for `tokens`."""
+  return tokens * (4 * cfg.dim + 3 * cfg.ffn_dim) * 4
 
 
 def _mesh_axes(mesh) -> tuple[int, int]:
@@ -107,13 +111,32 @@ def _mesh_axes(mesh) -> tuple[int, int]:
   return shape.get("data", 1), shape.get("model", 1)
 
 
+def _free(mesh, free):
+  if free is not None:
+    return free
+  return free_bytes(mesh.devices.flat if mesh is not None else jax.local_devices()[:1])
+
+
+def need(spec, cfg, cache_dtype, data: int = 1, model: int = 1) -> Need:
+  """What an engine with `spec` needs on each device of a (data, model) mesh."""
+  from apr_jax.engine.tree.state import empty_lane
+  lanes = _split(spec.lanes, data)
+  heads, kv_heads = _per_device_heads(cfg, model)
+  kv = lanes * spec.slots * kv_bytes_per_token(cfg, cache_dtype, kv_heads)
+  lane = jax.eval_shape(lambda: empty_lane(spec, cfg.vocab_size))
+  per_lane = sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(lane))
+  scores = lanes * heads * spec.chunk * spec.slots * 4 * 2
+  logits = lanes * spec.rows * cfg.vocab_size * 4 * 2
+  return Need(kv=int(kv), tables=int(per_lane * lanes),
+              activations=int(scores + logits + _layer_act(cfg, lanes * spec.chunk)))
+
+
 def check(spec, cfg, cache_dtype, mesh, free: int | None = None) -> Need:
   """Raises a UserError when an engine with `spec` cannot fit in the devices' free memory
   (when that can be told). Returns the estimate."""
   data, model = _mesh_axes(mesh)
   n = need(spec, cfg, cache_dtype, data, model)
-  if free is None:
-    free = free_bytes(mesh.devices.flat if mesh is not None else jax.local_devices()[:1])
+  free = _free(mesh, free)
   if free is not None and n.total > (1 - MARGIN) * free:
     raise UserError(
         f"the engine does not fit in device memory: it needs about {n.describe(spec.slots, spec.lanes)}, "
@@ -127,13 +150,11 @@ def check_batch(cfg, cache_dtype, batch: int, prompt_len: int, slots: int, mesh,
   """Sequential decoding (`Generator`): its KV cache [batch, slots] and its prefill's
   scores [batch, heads, prompt_len, slots] must fit; else a UserError naming `what`."""
   data, model = _mesh_axes(mesh)
-  rows = batch // data if batch % data == 0 else batch  # a batch that does not split is replicated
-  kv_heads = math.ceil(cfg.n_kv_heads / model) if cfg.n_kv_heads % model == 0 else cfg.n_kv_heads
-  heads = math.ceil(cfg.n_heads / model) if cfg.n_heads % model == 0 else cfg.n_heads
-  kv = rows * slots * 2 * cfg.n_layers * kv_heads * cfg.head_dim * jnp.dtype(cache_dtype).itemsize
-  act = rows * heads * prompt_len * slots * 4 * 2 + rows * prompt_len * (4 * cfg.dim + 3 * cfg.ffn_dim) * 4
-  if free is None:
-    free = free_bytes(mesh.devices.flat if mesh is not None else jax.local_devices()[:1])
+  rows = _split(batch, data)  # a batch that does not split is replicated
+  heads, kv_heads = _per_device_heads(cfg, model)
+  kv = rows * slots * kv_bytes_per_token(cfg, cache_dtype, kv_heads)
+  act = rows * heads * prompt_len * slots * 4 * 2 + _layer_act(cfg, rows * prompt_len)
+  free = _free(mesh, free)
   if free is not None and kv + act > (1 - MARGIN) * free:
     raise UserError(f"{what} does not fit in device memory: its KV cache ({batch} rows x {slots} "
                     f"slots) needs {kv / GiB:.2f} GiB and its prefill {act / GiB:.2f} GiB per device, "
@@ -148,8 +169,7 @@ def auto_slots(make_spec: Callable[[int], object], cfg, cache_dtype, mesh, cap: 
   the engine's budgets can use, so a large device does not get a pool no request fills.
   On a platform that does not report its free memory, `cap`."""
   data, model = _mesh_axes(mesh)
-  if free is None:
-    free = free_bytes(mesh.devices.flat if mesh is not None else jax.local_devices()[:1])
+  free = _free(mesh, free)
   top = max(1, -(-cap // block))
   if free is None:
     return top * block

@@ -311,8 +311,7 @@ class TreeEngine:
     self._lane_sh = NamedSharding(self.mesh, P("data"))
     self._rep = NamedSharding(self.mesh, P())
     self._cache_sh = kvlib.cache_sharding(self.cfg, spec.lanes, spec.slots, self.mesh, self.rules)
-    self.bytes_per_token = 2 * self.cfg.n_layers * self.cfg.n_kv_heads * self.cfg.head_dim * \
-        self.cache_dtype.itemsize
+    self.bytes_per_token = memlib.kv_bytes_per_token(self.cfg, self.cache_dtype)
     self.stats = {"compile_s": 0.0, "restarts": 0}
     self.costs = StepCosts(tree.step_sizes(spec), step_cost)
     # a pool that cannot fit is an error here, not deep inside XLA (`cache.memory`)

@@ -252,29 +252,18 @@ def evaluate_host(host, tok, problems: Sequence[cd.Problem], max_thread_tokens: 
   return out
 
 
-def apr_original_counts(n_tokens, s, prompt: str) -> dict:
+def apr_original_counts(n_tokens, s) -> dict:
   """Token counts of one original-protocol search (`reference.AprSearch`), from its texts:
-  a call's sampled tokens are its text's tokens past its prefix (the root prompt, the
-  results block it resumes after, or a child prompt; the `<Calling Sub Searches>` that
-  replaces a written `<Sub Searches>` is counted as written). total: every call's;
-  critical path: the root's calls plus the longest child of each spawn; max context: the
-  longest call; APR's own accounting over all the calls."""
-  from apr_jax.protocols import reference as ref
+  a call's sampled tokens are its text's tokens past the text it started from (the
+  `<Calling Sub Searches>` that replaces a written `<Sub Searches>` is counted as written).
+  roots / kids: per root call, per spawn and child; max context: the longest call; apr:
+  APR's own accounting over all the calls."""
   sampled = lambda text, prefix: max(0, n_tokens(text) - n_tokens(prefix))
-  kids = [[sampled(c, p) for c, p in zip(spawn, prompts)]
-          for spawn, prompts in zip(s.sub_calls, s.child_prompts)]
-  roots = []
-  for k, call in enumerate(s.calls):
-    if k == 0:
-      roots.append(sampled(call, prompt))
-    else:
-      prev = s.calls[k - 1]
-      ids, _ = ref.apr_children(prev)
-      results = [ref.apr_search_result(c) for c in s.sub_calls[k - 1]]
-      roots.append(sampled(call, ref.apr_join(prev, ids, results)))
   subs = [c for spawn in s.sub_calls for c in spawn]
-  acc = accounting.apr_token_counts(s.calls, subs, n_tokens)
-  return dict(roots=roots, kids=kids, apr=acc,
+  return dict(roots=[sampled(c, p) for c, p in zip(s.calls, s.prefixes)],
+              kids=[[sampled(c, p) for c, p in zip(spawn, prompts)]
+                    for spawn, prompts in zip(s.sub_calls, s.child_prompts)],
+              apr=accounting.apr_token_counts(s.calls, subs, n_tokens),
               max_context=max(n_tokens(c) for c in s.calls + subs))
 
 
@@ -295,8 +284,8 @@ def evaluate_apr_original(host, tok, problems: Sequence[cd.Problem], batch: int 
     tb = time.perf_counter()
     searches = host.solve(prompts)
     wall = time.perf_counter() - tb
-    for p, prompt, s in zip(chunk, prompts, searches):
-      c = apr_original_counts(n, s, prompt)
+    for p, s in zip(chunk, searches):
+      c = apr_original_counts(n, s)
       kids = [k for spawn in s.sub_calls for k in spawn]
       if s.error:
         ok, valid, why = False, False, f"malformed: {s.error}"

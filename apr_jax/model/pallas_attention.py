@@ -77,19 +77,25 @@ def _kernel(pages_ref, n_ref, q_ref, k_ref, v_ref, m_ref, acc_ref, mx_ref, l_ref
     l_ref[0, 0] = l_sc[...]
 
 
-def cache_part(q, k_cache, v_cache, mask, block: int, interpret: bool | None = None):
-  """The kernel: over the cache's visible pages, per (row, kv head, query row g*T+t), the
-  unnormalised output acc [B, K, G*T, D] f32, the running max and the softmax denominator
-  [B, K, G*T, 1] f32 (max NEG_INF and denominator 0 where a query sees no cache slot)."""
+def _grouped(q, kh: int):
+  """q [B, T, H, D] -> [B, K, G*T, D], query row g*T + t (the kernel's layout)."""
   b, t, h, d = q.shape
-  kh, s = k_cache.shape[1], k_cache.shape[2]
+  return q.reshape(b, t, kh, h // kh, d).transpose(0, 2, 3, 1, 4).reshape(b, kh, h // kh * t, d)
+
+
+def cache_part(qk, k_cache, v_cache, mask, block: int, pages, interpret: bool | None = None):
+  """The kernel: over the cache's visible pages (`pages` = `visible_pages(mask, block)`),
+  per (row, kv head, query row g*T+t) of qk [B, K, G*T, D] (`_grouped`), the unnormalised
+  output acc [B, K, G*T, D] f32, the running max and the softmax denominator
+  [B, K, G*T, 1] f32 (max NEG_INF and denominator 0 where a query sees no cache slot)."""
+  b, kh, gt, d = qk.shape
+  t, s = mask.shape[1], k_cache.shape[2]
   if s % block:
     raise ValueError(f"the pool ({s} slots) must be a whole number of {block}-slot pages")
-  g = h // kh
+  g = gt // t
   if interpret is None:
     interpret = jax.default_backend() != "tpu"
-  qk = q.reshape(b, t, kh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, d)
-  pages, n = visible_pages(mask, block)
+  pages, n = pages
   mask_i = mask.astype(jnp.int32)
 
   def kv_map(bi, ki, i, pages, n):
@@ -116,17 +122,19 @@ def cache_part(q, k_cache, v_cache, mask, block: int, interpret: bool | None = N
       pages, n, qk, k_cache, v_cache, mask_i)
 
 
-def attend_pages(q, k_cache, v_cache, mask, k_new, v_new, mask_new, block: int,
+def attend_pages(q, k_cache, v_cache, mask, k_new, v_new, mask_new, block: int, pages=None,
                  interpret: bool | None = None):
   """`attend_split(q, k_cache, v_cache, mask, k_new, v_new, mask_new)` with the cache part in
-  the kernel (`cache_part`). Every query must see at least one new key (itself), as in the
-  engine. Returns [B, T, H, D] in q's dtype."""
+  the kernel (`cache_part`). `pages`: `visible_pages(mask, block)` when the caller has it
+  (the engine lists them once per step for every layer). Every query must see at least one
+  new key (itself), as in the engine. Returns [B, T, H, D] in q's dtype."""
   b, t, h, d = q.shape
   kh = k_cache.shape[1]
   g = h // kh
-  acc, mx, den = cache_part(q, k_cache, v_cache, mask, block, interpret)
+  qk = _grouped(q, kh)
+  acc, mx, den = cache_part(qk, k_cache, v_cache, mask, block,
+                            visible_pages(mask, block) if pages is None else pages, interpret)
   # the new keys in the same [B, K, G*T, *] layout
-  qk = q.reshape(b, t, kh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, d)
   s = jnp.einsum("bkrd,bksd->bkrs", qk, k_new.astype(q.dtype), preferred_element_type=jnp.float32,
                  _dot_general=dot_f32)
   s = s / math.sqrt(d)

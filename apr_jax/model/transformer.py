@@ -153,8 +153,9 @@ def read_only_attention(cache: kvlib.LayerKV, cache_mask, new_mask, visible=None
   """Attention over `cache` (read, not written; mask [B, T, S]) and the new tokens (mask
   [B, T, T]) in one softmax; returns the new tokens' LayerKV ([B, K, T, D], cache dtype).
   `visible` = (idx [B, S], count [B], n_blocks, block): read only the cache slots listed
-  (`attend_visible`); ("pages", block): only the pages of `block` slots some query sees,
-  in the Pallas kernel (`pallas_attention.attend_pages`; interpret mode off TPU); None:
+  (`attend_visible`); ("pages", block, pages): only the pages of `block` slots some query
+  sees (`pallas_attention.visible_pages`), in the Pallas kernel (`attend_pages`; interpret
+  mode off TPU); None:
   every slot (`attend_split`, the reference)."""
   def attn(q, k, v):
     new = kvlib.LayerKV(_cache_layout(k).astype(cache.k.dtype), _cache_layout(v).astype(cache.v.dtype))
@@ -164,7 +165,7 @@ def read_only_attention(cache: kvlib.LayerKV, cache_mask, new_mask, visible=None
                        new_mask)
     elif visible[0] == "pages":
       from apr_jax.model.pallas_attention import attend_pages
-      o = attend_pages(q, cache.k, cache.v, cache_mask, nk, nv, new_mask, visible[1])
+      o = attend_pages(q, cache.k, cache.v, cache_mask, nk, nv, new_mask, visible[1], visible[2])
     else:
       idx, count, n_blocks, block = visible
       o = attend_visible(q, cache.k, cache.v, cache_mask, idx, count, n_blocks, nk, nv, new_mask,

@@ -6,8 +6,8 @@ of its samples: entries (token, position, uid), where every written token has a 
 `Trace.visible[uid]` is the set of uids it attended to when it was written (itself
 included). A full forward of the model over such a context, with positions as given and the
 mask `Trace.mask(context)` (plain causal, except inside stitched Multiverse blocks where a
-path never saw its siblings), gives the logits the engine must produce at that sample; the training-side packing of a trajectory is checked
-against the same contexts. Threads are keyed by their path of ranks from the root (`()` is
+path never saw its siblings), gives the logits the engine must produce at that sample; the
+training-side packing of a trajectory is checked against the same contexts. Threads are keyed by their path of ranks from the root (`()` is
 the root, `(1, 0)` the first child of the second child).
 
 This is deliberately independent of the engine's data structures (no slots, no masks, no
@@ -367,10 +367,12 @@ class AprMalformed(Exception):
 @dataclasses.dataclass
 class AprSearch:
   """One search as the original's `trace_dict`: calls (the root's texts, each whole, its
-  prompt first), sub_calls (per spawn, each child's whole text), child_prompts (the same
-  shape), result (the summary path after the second-to-last `Goal Reached` of the last
-  call, or None) and error (why a malformed search ended, or "")."""
+  prompt first), prefixes (the text each root call started from: the prompt, then the text
+  with each results block), sub_calls (per spawn, each child's whole text), child_prompts
+  (the same shape), result (the summary path after the second-to-last `Goal Reached` of the
+  last call, or None) and error (why a malformed search ended, or "")."""
   calls: list
+  prefixes: list
   sub_calls: list
   child_prompts: list
   result: str | None
@@ -499,7 +501,7 @@ def _calls(prompts: list):
 def apr_search_steps(prompt: str, max_spawns: int = 64):
   """One search from the root prompt, as a generator (see `_calls`); returns an AprSearch.
   A spawn's children are completed together. `max_spawns` bounds the spawns of one search."""
-  out = AprSearch(calls=[], sub_calls=[], child_prompts=[], result=None)
+  out = AprSearch(calls=[], prefixes=[prompt], sub_calls=[], child_prompts=[], result=None)
   trace = (yield from _calls([prompt]))[0]
   out.calls.append(trace)
   try:
@@ -510,7 +512,8 @@ def apr_search_steps(prompt: str, max_spawns: int = 64):
       kids = yield from _calls(prompts)
       out.sub_calls.append(kids)
       out.child_prompts.append(prompts)
-      trace = (yield from _calls([apr_join(trace, ids, [apr_search_result(k) for k in kids])]))[0]
+      out.prefixes.append(apr_join(trace, ids, [apr_search_result(k) for k in kids]))
+      trace = (yield from _calls([out.prefixes[-1]]))[0]
       out.calls.append(trace)
   except AprMalformed as e:
     out.error = str(e)

@@ -65,8 +65,9 @@ def forward_step(model: Transformer, st: EngineState, spec: TreeSpec, m: int, pa
     read = (n_blocks * spec.block * spec.lanes).astype(jnp.float32)
   elif spec.attention == "pallas":  # the pages holding a slot some packed token sees
     from apr_jax.model.pallas_attention import visible_pages
-    visible = ("pages", spec.block)
-    read = (jnp.sum(visible_pages(pk["mask"], spec.block)[1]) * spec.block).astype(jnp.float32)
+    pages = visible_pages(pk["mask"], spec.block)  # once per step, for every layer
+    visible = ("pages", spec.block, pages)
+    read = (jnp.sum(pages[1]) * spec.block).astype(jnp.float32)
   h, new_kv = model.read_cache(pk["tok"], pk["pos"], pk["mask"], pk["mask_new"], st.cache,
                                visible)
   slot = pk["slot"]
