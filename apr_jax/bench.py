@@ -11,6 +11,9 @@ fork:   SmolLM2-135M, a P-token prompt, a forced fork into k threads of n tokens
 attention: the engine's step time on Countdown, tree vs dense attention, pool sizes.
 scaling: one decode step's attention on a synthetic thread tree (an 8B model's layer shape),
         tree vs dense (and the Pallas kernel on TPU), vs pool size, threads and lanes.
+samples: SmolLM2-135M, one P-token prompt, n samples of T tokens: the engine's n samples
+        (the prompt stored once) vs `Generator` decoding the prompt as a batch of n. Tokens/s,
+        KV bytes allocated against the unique tokens stored.
 """
 from __future__ import annotations
 
@@ -47,6 +50,9 @@ flags.DEFINE_list("scaling_lanes", ["1", "4"], "scaling: lanes.")
 flags.DEFINE_string("scaling_shape", "8b", "scaling: attention shape, 8b (32 q heads, 8 KV heads, "
                     "head_dim 128: Llama-3-8B) or tiny (4, 2, 16).")
 flags.DEFINE_integer("prompt_tokens", 512, "scaling: the shared prompt of each lane.", lower_bound=1)
+flags.DEFINE_integer("samples_prompt", 2000, "samples: prompt tokens.", lower_bound=2)
+flags.DEFINE_integer("samples_n", 8, "samples: samples of the prompt.", lower_bound=1)
+flags.DEFINE_integer("samples_tokens", 128, "samples: tokens per sample.", lower_bound=1)
 flags.DEFINE_integer("own_tokens", 32, "scaling: tokens of each thread's own.", lower_bound=1)
 
 PROMPT = "Write a short story about a robot who learns to paint."
@@ -488,8 +494,82 @@ def bench_scaling():
   return records
 
 
+def bench_samples():
+  """n samples of one prompt: the engine (`Request(n=...)`, the prompt prefilled and stored
+  once, the samples decoding side by side) vs `Generator` (a batch of n copies of the
+  prompt), interleaved, median of --repeats. Both sample at temperature 1 and decode
+  exactly T tokens (no stop token)."""
+  from apr_jax import checkpoint
+  from apr_jax.default_model import smollm2_path
+  from apr_jax.engine.generate import Generator, bucket
+  from apr_jax.engine.runner import Request, TreeEngine
+  from apr_jax.engine.sampling import SamplingConfig
+  from apr_jax.engine.tree import TreeSpec
+
+  p, n, t = FLAGS.samples_prompt, FLAGS.samples_n, FLAGS.samples_tokens
+  model, tok = checkpoint.load(FLAGS.model or smollm2_path())
+  if p + t > model.cfg.max_seq_len:
+    raise UserError(f"--samples_prompt + --samples_tokens ({p + t}) > the model's context "
+                    f"({model.cfg.max_seq_len})")
+  text = tok.encode(tok.apply_chat([{"role": "user", "content": PROMPT}]))
+  ids = (text * (p // len(text) + 1))[:p]
+  samp = SamplingConfig(temperature=1.0)
+  unique = p + n * t                 # the prompt once, every sample's tokens
+  slots = -(-(unique + n) // 64) * 64  # + each sample's copy of the prompt's last token
+  spec = TreeSpec(root_stop=(), lanes=1, requests=n, rows=n, threads=n, slots=slots, chunk=256,
+                  sampling=samp)
+  eng = TreeEngine(model, tok, spec, segment_steps=1 << 20)
+  gen = Generator(model, tok)
+
+  def run_engine():
+    t0 = time.perf_counter()
+    r = eng.run([Request(ids, n=n, seed=0, max_thread_tokens=t)])[0]
+    wall = time.perf_counter() - t0
+    got = sum(s.total_tokens for s in r.samples) if n > 1 else r.total_tokens
+    assert got == n * t, (got, r.stop_reason)
+    return {"wall_s": wall, "kv_bytes": r.kv_bytes}
+
+  def run_generator():
+    t0 = time.perf_counter()
+    _, n_gen, _ = gen.generate_ids([ids] * n, max_new_tokens=t, sampling=samp, stop_ids=[])
+    wall = time.perf_counter() - t0
+    assert int(n_gen.sum()) == n * t
+    return {"wall_s": wall, "prefill_s": gen.stats["prefill_s"],
+            "kv_bytes": n * bucket(p + t) * eng.bytes_per_token}
+
+  runners = {"apr_jax": run_engine, "generator": run_generator}
+  for name, fn in runners.items():
+    _log(f"warm-up {name}")
+    fn()
+  got = {name: [] for name in runners}
+  for rep in range(FLAGS.repeats):
+    for name, fn in runners.items():
+      got[name].append(fn())
+      _log(f"repeat {rep + 1}/{FLAGS.repeats} {name:10s}: "
+           f"{n * t / got[name][-1]['wall_s']:7.1f} tok/s")
+  records = []
+  for name, rs in got.items():
+    kv = rs[0]["kv_bytes"]
+    records.append({"benchmark": "samples", "system": name, "prompt_tokens": p, "n": n,
+                    "tokens_per_sample": t, "repeats": len(rs),
+                    "tokens_per_s": round(statistics.median(n * t / x["wall_s"] for x in rs), 2),
+                    "wall_s_median": round(statistics.median(x["wall_s"] for x in rs), 3),
+                    "kv_bytes": kv, "unique_tokens": unique,
+                    "kv_per_unique_token": round(kv / (unique * eng.bytes_per_token), 3)})
+  base = records[1]["tokens_per_s"]
+  for r in records:
+    r["speedup_vs_generator"] = round(r["tokens_per_s"] / base, 2)
+  print(f"{'system':10s} {'tok/s (median)':>15s} {'x generator':>12s} {'KV MB':>8s} "
+        f"{'KV / unique tokens':>19s}")
+  for r in records:
+    print(f"{r['system']:10s} {r['tokens_per_s']:15.1f} {r['speedup_vs_generator']:12.2f} "
+          f"{r['kv_bytes'] / 2**20:8.1f} {r['kv_per_unique_token']:19.2f}")
+  return records
+
+
 BENCHMARKS = {"decode": bench_decode, "fork": bench_fork, "train": bench_train,
-              "attention": bench_attention, "scaling": bench_scaling}
+              "attention": bench_attention, "scaling": bench_scaling,
+              "samples": bench_samples}
 
 
 @cli_main

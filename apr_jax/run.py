@@ -56,6 +56,8 @@ flags.DEFINE_integer("max_total_tokens", 0, "Fork/join: sampled tokens over all 
                      "(0 = max_threads x max_new_tokens).", lower_bound=0)
 flags.DEFINE_integer("max_critical_path", 0, "Fork/join: critical-path tokens (0 = off).",
                      lower_bound=0)
+flags.DEFINE_integer("n", 1, "Fork/join: samples per prompt (sample i uses seed derive(seed, i); "
+                     "the prompt is stored once for the samples that share a lane).", lower_bound=1)
 flags.DEFINE_float("deadline_s", 0.0, "Fork/join: wall-clock deadline per request (0 = off).",
                    lower_bound=0.0)
 config_files.DEFINE_config_file("config", "run", "Optional config file (e.g. configs/smollm2_chat.py) "
@@ -100,6 +102,9 @@ def main(argv):
   prompts = list(FLAGS.prompt)
   if not prompts or any(not p for p in prompts):
     raise UserError("--prompt must not be empty")
+  if FLAGS.n > 1 and FLAGS.protocol in ("none", "apr_original"):
+    raise UserError("--n samples each prompt in the fork/join engine: pass --protocol "
+                    "threadweaver, multiverse or apr (or repeat --prompt with --temperature)")
   if FLAGS.protocol == "apr_original" and (FLAGS.assistant_prefix or FLAGS.chat == "on"):
     raise UserError("--protocol apr_original sends each prompt as plain text: drop "
                     "--assistant_prefix and --chat=on (put the text in --prompt)")
@@ -210,7 +215,7 @@ def _run_countdown(t0):
   shown = [0]
 
   def progress(views):
-    lines = [l for k, v in sorted(views.items()) for l in _tree_lines(v, k)]
+    lines = [l for k, v in sorted(views.items(), key=lambda kv: str(kv[0])) for l in _tree_lines(v, k)]
     if shown[0]:
       sys.stderr.write(f"\x1b[{shown[0]}F\x1b[J")
     sys.stderr.write("\n".join(lines) + "\n")
@@ -286,7 +291,7 @@ def _run_tree(model, tok, mesh, prompts, sampling, path, log, t0):
   slots = bucket(longest + total + FLAGS.max_threads * 16)
   # one lane per device of the data axis; its requests share its rows, thread table and KV
   lanes = mesh.shape["data"]
-  per_lane = -(-min(len(ids), 8) // lanes)
+  per_lane = -(-min(len(ids) * FLAGS.n, 8) // lanes)
   depth = pr.max_depth if FLAGS.max_depth is None else min(FLAGS.max_depth, pr.max_depth)
   log_entries = tree.log_bound(pr, longest, FLAGS.max_threads, depth, total)
   spec = TreeSpec(protocol=pr, sampling=sampling, root_stop=tuple(tok.stop_ids()), lanes=lanes,
@@ -298,14 +303,14 @@ def _run_tree(model, tok, mesh, prompts, sampling, path, log, t0):
   eng = TreeEngine(model, tok, spec, mesh=mesh, segment_steps=FLAGS.stream_every)
   reqs = [Request(i, seed=FLAGS.seed + k, max_threads=FLAGS.max_threads, max_depth=FLAGS.max_depth,
                   max_total_tokens=total, max_critical_path=FLAGS.max_critical_path or None,
-                  max_thread_tokens=n_new, deadline_s=FLAGS.deadline_s or None)
+                  max_thread_tokens=n_new, deadline_s=FLAGS.deadline_s or None, n=FLAGS.n)
           for k, i in enumerate(ids)]
   live = sys.stderr.isatty() and not FLAGS.json
   shown = [0]
 
   def progress(views):
     lines = []
-    for k, v in sorted(views.items()):
+    for k, v in sorted(views.items(), key=lambda kv: str(kv[0])):
       lines += _tree_lines(v, k)
     if shown[0]:
       sys.stderr.write(f"\x1b[{shown[0]}F\x1b[J")
@@ -323,9 +328,10 @@ def _run_tree(model, tok, mesh, prompts, sampling, path, log, t0):
       out.update(out.pop("results")[0])
     print(json.dumps(out))
     return 0
-  for k, r in enumerate(results):
-    if len(results) > 1:
-      print(f"--- [{k}] {prompts[k]!r}")
+  outs = [(k, j, s) for k, r in enumerate(results) for j, s in enumerate(r.samples or [r])]
+  for k, j, r in outs:
+    if len(outs) > 1:
+      print(f"--- [{k}] {prompts[k]!r}" + (f" sample {j}" if FLAGS.n > 1 else ""))
     print(r.text)
     log(f"thread tree [{k}]:")
     for t in r.threads:

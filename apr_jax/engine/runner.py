@@ -54,6 +54,9 @@ class Request:
   max_thread_tokens: int | None = None  # sampled tokens per thread (the root's max_new_tokens)
   deadline_s: float | None = None       # wall clock from admission (checked between segments)
   script: dict | None = None            # teacher forcing: {thread path tuple: sampled tokens}
+  n: int = 1                            # samples of the prompt (OpenAI's n): sample i is the
+                                        # request with seed derive(seed, i); the prompt is
+                                        # stored once for the samples that share a lane
 
 
 @dataclasses.dataclass
@@ -90,6 +93,8 @@ class TreeResult:
   kv_bytes: int               # the lane's KV pool (shared by the lane's requests)
   kv_stored_bytes: int        # high-water mark of KV actually stored
   logits: dict | None = None  # teacher forcing with record_logits: {path: [n, V]}
+  samples: list = dataclasses.field(default_factory=list)  # n > 1: every sample's TreeResult
+                              # (the fields above are sample 0's); n = 1: empty
 
   @property
   def finish_reason(self) -> str:
@@ -97,8 +102,11 @@ class TreeResult:
     return finish_reason(self.stop_reason)
 
   def summary(self) -> dict:
-    d = dataclasses.asdict(self)
+    d = dataclasses.asdict(dataclasses.replace(self, logits=None, samples=[]))
     d.pop("logits")
+    d.pop("samples")
+    if self.samples:
+      d["samples"] = [s.summary() for s in self.samples]
     d["finish_reason"] = self.finish_reason
     d["threads"] = [{k: v for k, v in t.items() if k not in ("token_ids", "positions", "logprobs")}
                     for t in d["threads"]]
@@ -184,17 +192,30 @@ class StepCosts:
 
 class _Batch:
   """The host's bookkeeping of one `TreeEngine.run`: the waiting queue (first come, first
-  served), which request holds which lane and slot, and the results."""
+  served) of sample groups, which sample holds which lane and slot, and the results.
+
+  A request with n samples waits as groups of samples that fit one lane together (request
+  slots, thread-table shares); the first sample of a group stores the prompt and the others
+  share all of it but its last token (`tree.admit`'s src_slot)."""
 
   def __init__(self, eng: "TreeEngine", requests: Sequence[Request]):
     self.eng, self.requests, spec = eng, requests, eng.spec
-    # waiting: (request index, first admission time or None, must run alone)
-    self.waiting = collections.deque((i, None, False) for i in range(len(requests)))
-    # per lane and slot: dict(i, t0, threads, shared, alone); a lane holding a request that
-    # runs alone (a restart) takes no other request until that one ends
+    # waiting: (request index, its sample numbers, first admission time or None, alone)
+    self.waiting = collections.deque()
+    for i, r in enumerate(requests):
+      k = eng.group_size(r)
+      for j0 in range(0, r.n, k):
+        self.waiting.append((i, tuple(range(j0, min(j0 + k, r.n))), None, False))
+    # per lane and slot: dict(i, j, t0, threads, shared, alone, upto); a lane holding a
+    # request that runs alone (a restart) takes no other request until that one ends
     self.occ: list = [[None] * spec.requests for _ in range(spec.lanes)]
     self.free_kv = [spec.slots] * spec.lanes      # free KV slots per lane, as of the last segment
+    self.samples: list = [[None] * r.n for r in requests]
     self.results: list = [None] * len(requests)
+    self.root_pos = np.full((spec.lanes, spec.requests), -1)  # as of the last segment
+    self.prompts = [np.asarray(r.prompt, np.int64) for r in requests]
+    # prompts that open a fork block are never shared (their block marks index the prompt)
+    self.opens = [eng._prompt_block(list(r.prompt))[1] >= 0 for r in requests]
 
   def busy(self) -> bool:
     return bool(self.waiting) or any(o is not None for lane in self.occ for o in lane)
@@ -202,40 +223,85 @@ class _Batch:
   def lane_view(self) -> list:
     return [[(o["i"], o["alone"]) for o in lane if o is not None] for lane in self.occ]
 
-  def _lane_for(self, r: Request, alone: bool):
-    """The least busy lane with a free slot, the request's threads and (when shared) room
-    for its prompt, or None."""
-    spec, need, best = self.eng.spec, self.eng._limits(r)[0], None
-    for lane in range(spec.lanes):
-      used = [o for o in self.occ[lane] if o is not None]
-      if len(used) == spec.requests or sum(o["threads"] for o in used) + need > spec.threads:
+  def seed(self, i: int, j: int) -> int:
+    r = self.requests[i]
+    base = r.seed if r.seed is not None else derive(self.eng.seed, i)
+    return base if r.n == 1 else derive(base, j)
+
+  def _fits(self, lane: int, r: Request, alone: bool, k: int, stored: int) -> bool:
+    """Lane `lane` has k free request slots, their threads and (when shared) room for the
+    `stored` prompt tokens the group writes."""
+    spec, need = self.eng.spec, self.eng._limits(r)[0]
+    used = [o for o in self.occ[lane] if o is not None]
+    if len(used) + k > spec.requests or sum(o["threads"] for o in used) + k * need > spec.threads:
+      return False
+    return not used or not (alone or any(o["alone"] for o in used) or
+                            self.free_kv[lane] < stored + k + spec.chunk)
+
+  def _lane_for(self, r: Request, alone: bool, k: int):
+    """The least busy lane that fits the group, or None."""
+    best = None
+    for lane in range(self.eng.spec.lanes):
+      if not self._fits(lane, r, alone, k, len(r.prompt)):
         continue
-      if used and (alone or any(o["alone"] for o in used) or
-                   self.free_kv[lane] < len(r.prompt) + spec.chunk):
-        continue
-      if best is None or len(used) < best[1]:
-        best = (lane, len(used))
+      used = sum(o is not None for o in self.occ[lane])
+      if best is None or used < best[1]:
+        best = (lane, used)
     return None if best is None else best[0]
 
+  def _donor(self, i: int, lane: int):
+    """(request slot, tokens) of the running request in `lane` whose stored prompt shares
+    the longest leading span with request i's prompt (at most all but its last token), or
+    None when no span reaches the engine's `prefix_cache` tokens. Donors store their whole
+    prompt themselves and have written the span."""
+    need, best = self.eng.prefix_cache, None
+    if not need or self.opens[i]:
+      return None
+    for slot, o in enumerate(self.occ[lane]):
+      if o is None or o["upto"] or self.opens[o["i"]]:
+        continue
+      n = min(_common_prefix(self.prompts[o["i"]], self.prompts[i]), len(self.prompts[i]) - 1)
+      if n >= need and self.root_pos[lane, slot] >= n and (best is None or n > best[1]):
+        best = (slot, n)
+    return best
+
+  def _prefix_lane(self, i: int, k: int):
+    """The lane (with room for k samples) whose donor shares the longest prompt prefix."""
+    best = None
+    for lane in range(self.eng.spec.lanes):
+      d = self._donor(i, lane)
+      if d is not None and (best is None or d[1] > best[1][1]) and \
+          self._fits(lane, self.requests[i], False, k, len(self.prompts[i]) - d[1]):
+        best = (lane, d)
+    return best
+
   def admit(self):
-    """Admits waiting requests in order while the head finds a lane."""
+    """Admits waiting groups in order while the head finds a lane."""
     while self.waiting:
-      i, t0, alone = self.waiting[0]
+      i, js, t0, alone = self.waiting[0]
       r = self.requests[i]
-      lane = self._lane_for(r, alone)
+      pre = None if alone or len(js) > 1 else self._prefix_lane(i, 1)
+      lane = pre[0] if pre else self._lane_for(r, alone, len(js))
       if lane is None:
         return  # first come, first served: the head waits for room
       self.waiting.popleft()
-      slot = self.occ[lane].index(None)
-      shared = any(o is not None for o in self.occ[lane])
+      shared = any(o is not None for o in self.occ[lane]) or len(js) > 1
       for o in self.occ[lane]:
         if o is not None:
           o["shared"] = True
-      seed = r.seed if r.seed is not None else derive(self.eng.seed, i)
-      self.occ[lane][slot] = dict(i=i, t0=time.perf_counter() if t0 is None else t0,
-                                  threads=self.eng._admit_request(lane, slot, r, seed),
-                                  shared=shared, alone=alone)
-      self.free_kv[lane] -= len(r.prompt)
+      t0 = time.perf_counter() if t0 is None else t0
+      lead = None
+      for j in js:
+        slot = self.occ[lane].index(None)
+        src, upto = (-1, 0) if lead is None else (lead, len(r.prompt) - 1)
+        if pre:  # a running request's prompt prefix
+          src, upto = pre[1]
+          self.eng.stats["prefix_tokens"] += upto
+        threads = self.eng._admit_request(lane, slot, r, self.seed(i, j), src, upto)
+        self.occ[lane][slot] = dict(i=i, j=j, t0=t0, threads=threads, shared=shared,
+                                    alone=alone, upto=upto)
+        self.free_kv[lane] -= len(r.prompt) - upto
+        lead = slot if lead is None else lead
 
   def deadlines(self, done: np.ndarray) -> np.ndarray:
     """Cancels the running requests past their deadline; returns done [lanes, R] with them."""
@@ -251,9 +317,24 @@ class _Batch:
           done[lane, slot] = True
     return done
 
+  def _key(self, o):
+    return o["i"] if self.requests[o["i"]].n == 1 else f"{o['i']}.{o['j']}"
+
+  def _store(self, o, res, on_done):
+    i = o["i"]
+    self.samples[i][o["j"]] = res
+    if any(x is None for x in self.samples[i]):
+      return
+    out = self.samples[i][0]
+    if len(self.samples[i]) > 1:
+      out = dataclasses.replace(out, samples=list(self.samples[i]))
+    self.results[i] = out
+    if on_done is not None:
+      on_done(i, out)
+
   def collect(self, done: np.ndarray, on_progress, on_done):
-    """Reads and releases the finished requests (a shared one out of memory is queued
-    again, first, to run alone in a lane); reports progress."""
+    """Reads and releases the finished samples (a shared one out of memory is queued again,
+    first, to run alone in a lane with its whole prompt); reports progress."""
     eng, occ = self.eng, self.occ
     finished = [(lane, slot) for lane, slots in enumerate(occ) for slot, o in enumerate(slots)
                 if o is not None and done[lane, slot]]
@@ -261,7 +342,7 @@ class _Batch:
       return
     snap = jax.device_get(eng.state.lanes.replace(rec=None))
     if on_progress is not None:
-      on_progress({o["i"]: eng._view(jax.tree.map(lambda v: v[lane], snap), slot)
+      on_progress({self._key(o): eng._view(jax.tree.map(lambda v: v[lane], snap), slot)
                    for lane, slots in enumerate(occ) for slot, o in enumerate(slots) if o is not None})
     requeue = []
     for lane, slot in finished:
@@ -269,17 +350,30 @@ class _Batch:
       lane_np = jax.tree.map(lambda v: v[lane], snap)
       if eng.spec.record_logits:
         lane_np = lane_np.replace(rec=np.asarray(jax.device_get(eng.state.lanes.rec[lane])))
-      res = eng._result(lane_np, slot, self.requests[o["i"]], time.perf_counter() - o["t0"])
+      res = eng._result(lane_np, slot, self.requests[o["i"]], time.perf_counter() - o["t0"],
+                        o["upto"])
       if res.stop_reason == "out_of_memory" and o["shared"]:
-        requeue.append((o["i"], o["t0"], True))  # run it again, alone in a lane
+        requeue.append((o["i"], (o["j"],), o["t0"], True))  # run it again, alone in a lane
         eng.stats["restarts"] += 1
       else:
-        self.results[o["i"]] = res
-        if on_done is not None:
-          on_done(o["i"], res)
+        self._store(o, res, on_done)
       eng.state = eng._release(eng.state, jnp.int32(lane), jnp.int32(slot))
       occ[lane][slot] = None
     self.waiting.extendleft(reversed(requeue))
+
+
+def _root_positions(th: tree.Threads, n_req: int):
+  """[lanes, R]: the next position each request's root writes (-1: no request)."""
+  def one(req, parent, pos):
+    root = (req >= 0) & (parent < 0)
+    return jnp.full((n_req,), -1, jnp.int32).at[jnp.where(root, req, n_req)].max(pos, mode="drop")
+  return jax.vmap(one)(th.req, th.parent, th.pos)
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+  n = min(len(a), len(b))
+  diff = np.nonzero(a[:n] != b[:n])[0]
+  return int(diff[0]) if len(diff) else n
 
 
 class TreeEngine:
@@ -287,12 +381,16 @@ class TreeEngine:
 
   `step_cost` picks how each loop step chooses its size (see `StepCosts`): None (always
   cover the busiest lane), "auto" (the most tokens per measured cost: more throughput on a
-  compute-bound machine such as a CPU), or a fixed list."""
+  compute-bound machine such as a CPU), or a fixed list.
+
+  `prefix_cache`: a request whose prompt starts with at least this many tokens of the
+  prompt of a request running in its lane reads them from that request's KV instead of
+  storing its own (0: off)."""
 
   def __init__(self, model: Transformer, tokenizer=None, spec: TreeSpec = TreeSpec(), *,
                mesh: Mesh | None = None, rules: ShardingRules | None = None, cache_dtype=None,
                segment_steps: int = 32, step_cost: Sequence[float] | str | None = None,
-               seed: int = 0):
+               seed: int = 0, prefix_cache: int = 16):
     self.graphdef, self.params = nnx.split(model)
     self.cfg = model.cfg
     self.tokenizer = tokenizer
@@ -305,6 +403,9 @@ class TreeEngine:
     leaves = jax.tree.leaves(self.params)
     self.cache_dtype = jnp.dtype(cache_dtype or (leaves[0].dtype if leaves else jnp.float32))
     self.segment_steps = segment_steps
+    if prefix_cache < 0:
+      raise UserError(f"prefix_cache must be >= 0 tokens, got {prefix_cache}")
+    self.prefix_cache = prefix_cache
     data = self.mesh.shape.get("data", 1)
     if spec.lanes % data:
       raise UserError(f"lanes ({spec.lanes}) must be a multiple of the mesh data axis ({data})")
@@ -312,7 +413,7 @@ class TreeEngine:
     self._rep = NamedSharding(self.mesh, P())
     self._cache_sh = kvlib.cache_sharding(self.cfg, spec.lanes, spec.slots, self.mesh, self.rules)
     self.bytes_per_token = memlib.kv_bytes_per_token(self.cfg, self.cache_dtype)
-    self.stats = {"compile_s": 0.0, "restarts": 0}
+    self.stats = {"compile_s": 0.0, "restarts": 0, "prefix_tokens": 0}
     self.costs = StepCosts(tree.step_sizes(spec), step_cost)
     # a pool that cannot fit is an error here, not deep inside XLA (`cache.memory`)
     self.memory = memlib.check(spec, self.cfg, self.cache_dtype, self.mesh)
@@ -346,6 +447,7 @@ class TreeEngine:
                            out_shardings=sh)
     self._release = jax.jit(functools.partial(tree.release, spec=spec), donate_argnums=(0,),
                             out_shardings=sh)
+    self._root_pos = jax.jit(functools.partial(_root_positions, n_req=spec.requests))
     self.state = self._init()
     # compile the loop now (one program for every protocol event, request and batch): a call
     # with until_step = 0 runs no step
@@ -400,9 +502,20 @@ class TreeEngine:
       depth = 0
     return tree.log_bound(self.spec.protocol, len(r.prompt), int(lim[tree.Limit.THREADS]), depth, total)
 
+  def group_size(self, r: Request) -> int:
+    """How many of a request's samples run together in one lane, sharing its prompt: as
+    many as the lane's request slots and thread table take; 1 when the prompt cannot be
+    shared (one token, a prompt that opens a fork block)."""
+    if r.n == 1 or len(r.prompt) < 2 or self._prompt_block(list(r.prompt))[1] >= 0:
+      return 1
+    need = int(self._limits(r)[tree.Limit.THREADS])
+    return max(1, min(r.n, self.spec.requests, self.spec.threads // need))
+
   def _check(self, r: Request):
     spec = self.spec
     n = len(r.prompt)
+    if isinstance(r.n, bool) or not isinstance(r.n, (int, np.integer)) or r.n < 1:
+      raise UserError(f"n (samples per request) must be a positive integer, got {r.n!r}")
     if n == 0:
       raise UserError("empty prompt")
     if n > spec.n_queue or n >= spec.slots:
@@ -430,11 +543,14 @@ class TreeEngine:
         if len(toks) > spec.script:
           raise UserError(f"script of thread {p} has {len(toks)} tokens > {spec.script}")
 
-  def _admit_request(self, lane: int, slot: int, r: Request, seed: int):
+  def _admit_request(self, lane: int, slot: int, r: Request, seed: int, src_slot: int = -1,
+                     upto: int = 0):
+    """Admits `r` into (lane, slot); src_slot >= 0: the request there stores its first
+    `upto` prompt tokens (the same prompt), and this one writes the rest."""
     spec, pr = self.spec, self.spec.protocol
     prompt = [int(t) for t in r.prompt]
     q = np.zeros((spec.n_queue,), np.int32)
-    q[:len(prompt)] = prompt
+    q[:len(prompt) - upto] = prompt[upto:]
     # the prompt may open a block and end with the fork trigger: a forced fork
     count, mark, outline0 = self._prompt_block(prompt)
     limits = self._limits(r)
@@ -447,9 +563,10 @@ class TreeEngine:
       sc.tokens[i, :len(toks)] = toks
       sc.length[i], sc.parent[i], sc.rank[i] = len(toks), parent, rank
     key = jax.random.key_data(jax.random.key(seed))
-    self.state = self._admit(self.state, jnp.int32(lane), jnp.int32(slot), q, jnp.int32(len(prompt)),
-                             limits, key, sc, jnp.int32(count), jnp.int32(mark), jnp.bool_(fork0),
-                             outline0)
+    self.state = self._admit(self.state, jnp.int32(lane), jnp.int32(slot), q,
+                             jnp.int32(len(prompt) - upto), limits, key, sc, jnp.int32(count),
+                             jnp.int32(mark), jnp.bool_(fork0), outline0, jnp.int32(src_slot),
+                             jnp.int32(upto))
     return int(limits[0])
 
   def _prompt_block(self, prompt) -> tuple[int, int, dict]:
@@ -505,8 +622,10 @@ class TreeEngine:
       self.state = self._segment(self.graphdef, self.params, self.state,
                                  jnp.int32(step + self.segment_steps), self.costs.cost())
       st = self.state
-      done, free, v1, step_now = jax.device_get((
-          st.lanes.requests.done, jnp.sum(st.lanes.slots.owner < 0, axis=1), st.vsteps, st.step))
+      done, free, v1, step_now, root_pos = jax.device_get((
+          st.lanes.requests.done, jnp.sum(st.lanes.slots.owner < 0, axis=1), st.vsteps, st.step,
+          self._root_pos(st.lanes.threads)))
+      batch.root_pos = np.asarray(root_pos)
       seconds = time.perf_counter() - t_seg
       v1 = np.asarray(v1)
       self.costs.observe(v1 - v0, seconds)
@@ -551,15 +670,16 @@ class TreeEngine:
             for t in order]
 
   # ---- outputs
-  def _threads(self, L: tree.Lane, slot: int, req: Request, order: list) -> list:
-    """ThreadInfo of each of the request's threads (`order`: creation order)."""
+  def _threads(self, L: tree.Lane, slot: int, req: Request, order: list, upto: int = 0) -> list:
+    """ThreadInfo of each of the request's threads (`order`: creation order; the root wrote
+    its prompt but the first `upto` tokens)."""
     th, tok = L.threads, self.tokenizer
     n = int(L.log.n)
     g_tok, g_thr, g_pos = L.log.tok[:n], L.log.thread[:n], L.log.pos[:n]
     g_lp, g_sampled = L.log.logp[:n], L.log.kind[:n] == tree.LogKind.SAMPLED
     local = {t: k for k, t in enumerate(order)}
     paths = self._paths(L, slot)
-    root, plen, start = order[0], len(req.prompt), int(L.requests.start[slot])
+    root, plen, start = order[0], len(req.prompt) - upto, int(L.requests.start[slot])
     out = []
     for t in order:
       own = np.nonzero(g_thr == t)[0]
@@ -611,13 +731,14 @@ class TreeEngine:
       return out
     return render(order[0])
 
-  def _result(self, L: tree.Lane, slot: int, req: Request, wall: float) -> TreeResult:
-    """The result of the request in `slot` of lane arrays `L`. Threads are numbered in
-    creation order (the root is 0) whatever table entries they used."""
+  def _result(self, L: tree.Lane, slot: int, req: Request, wall: float, upto: int = 0) -> TreeResult:
+    """The result of the request in `slot` of lane arrays `L` (its first `upto` prompt tokens
+    stored by another). Threads are numbered in creation order (the root is 0) whatever
+    table entries they used."""
     spec, tok, th, rq = self.spec, self.tokenizer, L.threads, L.requests
     order = self._order(L, slot)
     plen = len(req.prompt)
-    traj = self._render(L, order)[plen:]
+    traj = self._render(L, order)[plen - upto:]
     body = traj
     if body and tok is not None and body[-1] in set(tok.stop_ids()):
       body = body[:-1]
@@ -630,7 +751,7 @@ class TreeEngine:
     return TreeResult(
         prompt_tokens=plen, token_ids=traj, text=tok.decode(body) if tok is not None else "",
         stop_reason=tree.REASONS[int(rq.reason[slot])],
-        threads=[dataclasses.asdict(x) for x in self._threads(L, slot, req, order)],
+        threads=[dataclasses.asdict(x) for x in self._threads(L, slot, req, order, upto)],
         total_tokens=int(th.n_sampled[order].sum()), critical_path=int(th.cp[order].max()),
         forks=int(rq.forks[slot]), steps=int(rq.end[slot]) - start, wall_s=wall,
         kv_bytes=spec.slots * self.bytes_per_token,

@@ -119,7 +119,8 @@ def _new_children(lane: Lane, spec: TreeSpec, n_w, step):
       script=jax.vmap(lambda q, p, r: script_row(lane.scripts, q, p, r))(
           th.req[parent], th.script[parent], rank),
       queue=queue, q_len=jnp.minimum(qlen, spec.n_queue), q_head=0, q_sampled=False, label=label,
-      label_len=lablen, vis=(th.vis[parent] | own) if shared else own)
+      label_len=lablen, vis=(th.vis[parent] | own) if shared else own,
+      src=th.src[parent] if shared else -1, upto=th.upto[parent] if shared else 0)
   return lane.replace(threads=th), is_new, qlen
 
 

@@ -146,12 +146,14 @@ def _on_lane(st: EngineState, lane_idx, fn) -> EngineState:
 
 
 def admit(st: EngineState, lane_idx, req_idx, prompt, plen, limits, key, script: Scripts, count0,
-          mark0, fork0, outline0, spec: TreeSpec) -> EngineState:
+          mark0, fork0, outline0, src_slot, upto, spec: TreeSpec) -> EngineState:
   """Request slot `req_idx` of lane `lane_idx` takes a request (`requests.admit`); `script`:
-  its rows of the Scripts table (no request axis)."""
+  its rows of the Scripts table (no request axis); src_slot >= 0: its first `upto` prompt
+  tokens are stored by the request in that slot."""
   rows = (script.tokens, script.length, script.parent, script.rank)
   return _on_lane(st, lane_idx, lambda l: requests.admit(
-      l, req_idx, prompt, plen, limits, key, rows, st.step, count0, mark0, fork0, outline0, spec))
+      l, req_idx, prompt, plen, limits, key, rows, st.step, count0, mark0, fork0, outline0,
+      src_slot, upto, spec))
 
 
 def cancel(st: EngineState, lane_idx, req_idx, reason, spec: TreeSpec) -> EngineState:

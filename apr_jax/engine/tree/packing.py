@@ -11,9 +11,11 @@ from apr_jax.engine.tree.state import Lane, LogKind, StopReason, ThreadState, Tr
 
 
 def assign_rows(lane: Lane, spec: TreeSpec) -> Lane:
-  """Ready threads (lowest id first) take free rows."""
+  """Ready threads (lowest id first) take free rows; a root that shares another's prompt
+  prefix once that root has stored it."""
   th = lane.threads
-  ready = (th.state == ThreadState.READY) & live_threads(lane)
+  stored = (th.src < 0) | (th.pos[jnp.clip(th.src, 0)] >= th.upto)
+  ready = (th.state == ThreadState.READY) & live_threads(lane) & stored
   free_row = lane.rows.thread < 0
   ready_ids = jnp.nonzero(ready, size=spec.rows, fill_value=-1)[0]
   rank = jnp.cumsum(free_row) - 1
@@ -95,11 +97,15 @@ def _book(lane: Lane, g, step, spec: TreeSpec, m: int):
 
 def _masks(lane: Lane, pk: dict, spec: TreeSpec, m: int):
   """mask [M, S]: what each packed token sees among the slots held before this step (its
-  own request's visible threads, at positions <= its own); mask_new [M, M]: among this
+  own request's visible threads and its shared prompt prefix, at positions <= its own); mask_new [M, M]: among this
   step's tokens (a read-only cache sees them through the new keys)."""
   s, owner = spec.slots, lane.slots.owner
-  vis = lane.threads.vis[pk["t_m"]]                                        # [M, NT]
+  th, t_m = lane.threads, pk["t_m"]
+  vis = th.vis[t_m]                                                        # [M, NT]
   mask = jnp.take_along_axis(vis, jnp.broadcast_to(jnp.clip(owner, 0)[None, :], (m, s)), axis=1)
+  # a shared prompt prefix: the first `upto` positions of another root's slots
+  mask = mask | ((owner[None, :] == th.src[t_m][:, None]) &
+                 (lane.slots.pos[None, :] < th.upto[t_m][:, None]))
   mask = (mask & (owner >= 0)[None, :] & (lane.slots.pos[None, :] <= pk["pos"][:, None])
           & pk["valid"][:, None])
   slot = pk["slot"]

@@ -238,6 +238,9 @@ class Threads(_Table):
   last_logp: its latest sample's (the log records it when the sample is written).
   born_log: log length when it was created. label [NT, LBL], label_len: its label tokens.
   vis [NT, NT]: vis[t, u] = thread t sees the KV written by thread u.
+  src, upto: a shared prompt prefix (another request's root, or -1): the thread also sees
+  src's slots at positions < upto (the first `upto` prompt tokens, stored once for the lane's
+  samples of one prompt); a root with a source waits for a row until src has written them.
   Outline numbers (protocols with an `outline` reader; shapes [NT, 1(, 1)] otherwise):
   o_state: the reader's state; o_cur [NT, LBL], o_cur_len: the number being read (its length
   counts past LBL: such a number is no label); o_lab [NT, M, LBL], o_len [NT, M]: the distinct
@@ -276,6 +279,8 @@ class Threads(_Table):
   label: jax.Array
   label_len: jax.Array
   vis: jax.Array
+  src: jax.Array
+  upto: jax.Array
   o_state: jax.Array
   o_cur: jax.Array
   o_cur_len: jax.Array
@@ -296,7 +301,7 @@ class Threads(_Table):
         key=jnp.zeros((nt,) + _key_shape(), jnp.uint32), logp=jnp.zeros((nt,), jnp.float32),
         last_logp=jnp.zeros((nt,), jnp.float32),
         born_log=i32(nt), label=i32(nt, spec.label), label_len=i32(nt),
-        vis=jnp.zeros((nt, nt), bool), o_state=i32(nt), o_cur=i32(nt, spec.n_label),
+        vis=jnp.zeros((nt, nt), bool), src=i32(nt, v=-1), upto=i32(nt), o_state=i32(nt), o_cur=i32(nt, spec.n_label),
         o_cur_len=i32(nt), o_lab=i32(nt, spec.n_outlines, spec.n_label),
         o_len=i32(nt, spec.n_outlines))
 
