@@ -8,6 +8,8 @@ def setup_jax():
   """Multi-host init (launch/*.sh set APR_JAX_DISTRIBUTED=1) and a persistent XLA
   compilation cache, so a second run of the same shapes starts fast."""
   import jax
+  if os.environ.get("JAX_CPU_COLLECTIVES"):  # e.g. gloo: CPU processes that share a mesh
+    jax.config.update("jax_cpu_collectives_implementation", os.environ["JAX_CPU_COLLECTIVES"])
   if os.environ.get("APR_JAX_DISTRIBUTED") == "1":
     kw = {}
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):

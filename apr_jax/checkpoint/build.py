@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -19,6 +18,7 @@ from jax.sharding import Mesh
 from apr_jax.errors import UserError
 from apr_jax.model.config import ModelConfig
 from apr_jax.model.sharding import ShardingRules, single_device_mesh
+from apr_jax.processes import put
 from apr_jax.model.transformer import Transformer, abstract_model
 
 
@@ -92,7 +92,7 @@ def build_model(cfg: ModelConfig, tensors: Mapping[str, TensorSource], *, dtype=
     if not np.all(np.isfinite(host.astype(np.float32))):
       raise UserError(f"{source}: tensor {name!r} contains NaN or Inf (corrupt file?)")
     sharding = rules.sharding(mesh, var.get_metadata()["axes"], want)
-    var.set_value(jax.device_put(host.astype(jnp.dtype(dtype)), sharding))
+    var.set_value(put(host.astype(jnp.dtype(dtype)), sharding))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -106,7 +106,7 @@ def shard_model(model: Transformer, mesh: Mesh, rules: ShardingRules | None = No
     if axes is None:
       return var
     val = var.get_value()
-    return var.replace(jax.device_put(val, rules.sharding(mesh, axes, val.shape)))
+    return var.replace(put(val, rules.sharding(mesh, axes, val.shape)))
 
   flat = [(p, place(v)) for p, v in nnx.to_flat_state(state)]
   return nnx.merge(graphdef, nnx.from_flat_state(flat))

@@ -22,6 +22,7 @@ from flax import nnx
 
 from jax.sharding import Mesh, NamedSharding
 
+from apr_jax.processes import fetch, put
 from apr_jax.cache import kv as kvlib
 from apr_jax.cache import memory as memlib
 from apr_jax.engine.sampling import SamplingConfig, sample
@@ -97,9 +98,10 @@ def decode_mask(pad, slot, slots: int):
 
 
 def _prefill(graphdef, params, tokens, pad, keys, spec: Spec, cache_dtype, cache_sharding):
-  """tokens [B, P] left-padded. Allocates the cache, runs the prompt, samples the first
-  token; returns the DecodeState."""
+  """tokens [B, P] left-padded; keys [B, *]: each row's PRNG key data. Allocates the cache,
+  runs the prompt, samples the first token; returns the DecodeState."""
   model: Transformer = nnx.merge(graphdef, params)
+  keys = jax.random.wrap_key_data(keys)
   b, p = tokens.shape
   cache = kvlib.init_cache(model.cfg, b, spec.slots, cache_dtype, cache_sharding)
   i = jnp.arange(p)
@@ -170,7 +172,8 @@ class Generator:
     b = spec.batch
     row, row2 = self._row_shardings(b)
     i32 = lambda shape, sh: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh)
-    keys_abs = jax.ShapeDtypeStruct((b,), jax.random.key(0).dtype, sharding=row)
+    kshape = jax.random.key_data(jax.random.key(0)).shape
+    keys_abs = jax.ShapeDtypeStruct((b,) + kshape, jnp.uint32, sharding=row2)
     cache_sharding = kvlib.cache_sharding(self.cfg, b, spec.slots, self.mesh, self.rules)
     prefill = jax.jit(functools.partial(_prefill, cache_dtype=self.cache_dtype,
                                         cache_sharding=cache_sharding),
@@ -217,14 +220,13 @@ class Generator:
     for r, ids in enumerate(prompts):
       arr[r, p - len(ids):] = ids
       pad[r] = p - len(ids)
-    keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+    keys = np.asarray(jax.random.key_data(jax.vmap(jax.random.key)(np.asarray(seeds, np.uint32))))
     row, row2 = self._row_shardings(b)
-    return prefill(self.params, jax.device_put(arr, row2), jax.device_put(pad, row),
-                   jax.device_put(keys, row))
+    return prefill(self.params, put(arr, row2), put(pad, row), put(keys, row2))
 
   def advance(self, state: DecodeState, spec: Spec, until_step: int) -> DecodeState:
     _, decode = self._programs(spec)
-    return decode(self.params, state, jnp.asarray(until_step, jnp.int32))
+    return decode(self.params, state, np.int32(until_step))
 
   def generate_ids(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
                    sampling: SamplingConfig = SamplingConfig(), stop_ids=None, seed: int = 0,
@@ -250,12 +252,13 @@ class Generator:
     while True:
       until = max_new_tokens if not segment else min(max_new_tokens, step + segment)
       state = self.advance(state, spec, until)
-      step = int(state.step)
+      step, all_done = fetch((state.step, jnp.all(state.done)))  # the same on every process
+      step = int(step)
       if on_segment is not None and on_segment(state) is True:
         break
-      if step >= max_new_tokens or bool(jnp.all(state.done)):
+      if step >= max_new_tokens or bool(all_done):
         break
-    tokens, n_gen, done = jax.device_get((state.tokens, state.n_gen, state.done))
+    tokens, n_gen, done = fetch((state.tokens, state.n_gen, state.done))
     t2 = time.perf_counter()
     self.stats.update(prefill_s=t1 - t0, decode_s=t2 - t1, decode_steps=step - 1)
     tokens, n_gen = np.array(tokens[:, :max_new_tokens]), np.minimum(n_gen, max_new_tokens)

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from apr_jax.cache import kv as kvlib
+from apr_jax.processes import fetch
 from apr_jax.model.transformer import Transformer
 
 
@@ -75,7 +76,7 @@ class HostOrchestrator:
     start = len(prompt)
     first, cache_k = self._extend(g, p, cache_k, pre, start)
     toks, cache_k = self._decode(g, p, cache_k, first, start + pre.shape[1], n)
-    threads = np.asarray(jax.device_get(toks))   # host round trip: the orchestrator joins
+    threads = np.asarray(fetch(toks))   # host round trip: the orchestrator joins
     t1 = time.perf_counter()
     # join: the parent's cached prefix is prompt + thread 1; re-prefill threads 2..k
     parent = jax.tree.map(lambda x: x[:1], cache_k)

@@ -13,6 +13,7 @@ import sys
 from typing import Sequence
 
 from apr_jax.engine.generate import Generator
+from apr_jax.processes import fetch
 from apr_jax.engine.sampling import SamplingConfig, derive
 from apr_jax.errors import UserError
 from apr_jax.protocols import reference
@@ -84,8 +85,7 @@ class AprOriginalHost:
   def _all_stopped(self, state, prompts) -> bool:
     """True once every row has ended or written the stop string (`<Sub Searches>`: the
     text past it is cut anyway), so a batch does not decode on to its budget."""
-    import jax
-    tokens, n, done = jax.device_get((state.tokens, state.n_gen, state.done))
+    tokens, n, done = fetch((state.tokens, state.n_gen, state.done))
     for r, p in enumerate(prompts):
       if not done[r] and reference.APR_STOP not in self._continuation(p, [int(t) for t in tokens[r, :n[r]]]):
         return False
