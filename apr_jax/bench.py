@@ -11,12 +11,19 @@ fork:   SmolLM2-135M, a P-token prompt, a forced fork into k threads of n tokens
 attention: the engine's step time on Countdown, tree vs dense attention, pool sizes.
 scaling: one decode step's attention on a synthetic thread tree (an 8B model's layer shape),
         tree vs dense (and the Pallas kernel on TPU), vs pool size, threads and lanes.
+prefill: SmolLM2-135M, the prefill program (`TreeSpec.prefill`): a long prompt's time to first
+        token alone against `Generator`'s prefill; then beside 7 decoding lanes, its latency
+        and the decoders' time per token, with and without the prefill program.
+prefix: SmolLM2-135M, R requests that share an S-token system prompt: time to first token with
+        the prefix cache and without.
 samples: SmolLM2-135M, one P-token prompt, n samples of T tokens: the engine's n samples
         (the prompt stored once) vs `Generator` decoding the prompt as a batch of n. Tokens/s,
         KV bytes allocated against the unique tokens stored.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -50,6 +57,13 @@ flags.DEFINE_list("scaling_lanes", ["1", "4"], "scaling: lanes.")
 flags.DEFINE_string("scaling_shape", "8b", "scaling: attention shape, 8b (32 q heads, 8 KV heads, "
                     "head_dim 128: Llama-3-8B) or tiny (4, 2, 16).")
 flags.DEFINE_integer("prompt_tokens", 512, "scaling: the shared prompt of each lane.", lower_bound=1)
+flags.DEFINE_integer("prefill_prompt", 4000, "prefill: the prompt alone.", lower_bound=2)
+flags.DEFINE_integer("prefill_beside", 2000, "prefill: the prompt beside decoding lanes.",
+                     lower_bound=2)
+flags.DEFINE_integer("prefill_chunk", 256, "prefill, prefix: tokens per prefill call (256 suits a CPU; "
+                     "accelerators want larger).", lower_bound=1)
+flags.DEFINE_integer("prefix_tokens", 1000, "prefix: the shared system prompt.", lower_bound=1)
+flags.DEFINE_integer("prefix_requests", 32, "prefix: requests sharing it.", lower_bound=1)
 flags.DEFINE_integer("samples_prompt", 2000, "samples: prompt tokens.", lower_bound=2)
 flags.DEFINE_integer("samples_n", 8, "samples: samples of the prompt.", lower_bound=1)
 flags.DEFINE_integer("samples_tokens", 128, "samples: tokens per sample.", lower_bound=1)
@@ -494,6 +508,167 @@ def bench_scaling():
   return records
 
 
+def _pct(xs, q):
+  xs = sorted(xs)
+  return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def bench_prefill():
+  """Part 1, alone: one prompt's time to first token through the engine with the prefill
+  program, through the engine's loop alone (chunks of `chunk` tokens), and `Generator`'s
+  (prefill + first token), interleaved, median of --repeats. Part 2, beside decoders: 8
+  lanes, 7 of them decoding from short prompts, the long prompt arriving in the eighth; one
+  engine step per segment, so every step's wall time (prefill calls included) is a
+  decoder's time per token until the long prompt's first token."""
+  from apr_jax import checkpoint
+  from apr_jax.default_model import smollm2_path
+  from apr_jax.engine.generate import Generator
+  from apr_jax.engine.runner import Request, TreeEngine
+  from apr_jax.engine.tree import TreeSpec
+
+  model, tok = checkpoint.load(FLAGS.model or smollm2_path())
+  text = tok.encode(tok.apply_chat([{"role": "user", "content": PROMPT}]))
+  make = lambda p: (text * (p // len(text) + 1))[:p]
+  pa, pb, c = FLAGS.prefill_prompt, FLAGS.prefill_beside, FLAGS.prefill_chunk
+  if max(pa, pb) + 64 > model.cfg.max_seq_len:
+    raise UserError(f"prompts of {max(pa, pb)} tokens do not fit the model's context")
+  blocks = lambda n: -(-n // 64) * 64
+  records = []
+
+  # part 1: alone
+  ids = make(pa)
+  base = TreeSpec(root_stop=(), lanes=1, requests=1, rows=1, threads=1, slots=blocks(pa + 64),
+                  chunk=32)
+  engines = {"apr_jax_prefill": TreeEngine(model, tok, dataclasses.replace(base, prefill=c),
+                                           segment_steps=1 << 20),
+             "apr_jax_loop": TreeEngine(model, tok, base, segment_steps=1 << 20)}
+  gen = Generator(model, tok)
+
+  def ttft_engine(eng):
+    t0 = time.perf_counter()
+    eng.run([Request(ids, max_thread_tokens=1)])
+    return time.perf_counter() - t0
+
+  def ttft_gen():
+    t0 = time.perf_counter()
+    gen.generate_ids([ids], max_new_tokens=1, stop_ids=[])
+    return time.perf_counter() - t0
+  runners = {name: functools.partial(ttft_engine, e) for name, e in engines.items()}
+  runners["generator"] = ttft_gen
+  for name, fn in runners.items():
+    _log(f"warm-up {name}")
+    fn()
+  got = {name: [] for name in runners}
+  for rep in range(FLAGS.repeats):
+    for name, fn in runners.items():
+      got[name].append(fn())
+      _log(f"repeat {rep + 1}/{FLAGS.repeats} {name:16s}: {got[name][-1]:.2f} s to first token")
+  g = statistics.median(got["generator"])
+  for name, xs in got.items():
+    records.append({"benchmark": "prefill", "part": "alone", "system": name, "prompt_tokens": pa,
+                    "prefill_chunk": c if name == "apr_jax_prefill" else None,
+                    "repeats": len(xs), "ttft_s": round(statistics.median(xs), 3),
+                    "x_generator": round(statistics.median(xs) / g, 2)})
+  del engines
+
+  # part 2: beside 7 decoding lanes
+  long_ids, short = make(pb), make(32)
+  window = pb // 32 + 16   # decoder tokens: past the long prompt's first token either way
+  spec = TreeSpec(root_stop=(), lanes=8, requests=1, rows=1, threads=1,
+                  slots=blocks(max(pb, 32 + window) + 64), chunk=32)
+  for name, sp in (("loop", spec), ("prefill", dataclasses.replace(spec, prefill=c))):
+    eng = TreeEngine(model, tok, sp, segment_steps=1)
+    reqs = [Request(short, max_thread_tokens=window) for _ in range(7)]
+    reqs.append(Request(long_ids, max_thread_tokens=1))
+    # warm-up: admission, release, every step variant, the prefill program
+    eng.run([Request(short, max_thread_tokens=2)] * 7 + [Request(long_ids, max_thread_tokens=1)])
+    stamps, first = [], {}
+
+    def on_done(i, _r, first=first):
+      first.setdefault(i, time.perf_counter())
+    t0 = time.perf_counter()
+    eng.run(reqs, on_segment=lambda seg: stamps.append(time.perf_counter()), on_done=on_done)
+    latency = first[7] - t0
+    steps = [b - a for a, b in zip([t0] + stamps, stamps) if b <= first[7]]
+    records.append({"benchmark": "prefill", "part": "beside_7_decoders", "system": name,
+                    "prompt_tokens": pb, "prefill_chunk": c if name == "prefill" else None,
+                    "latency_s": round(latency, 3), "decoder_steps": len(steps),
+                    "decoder_ms_p50": round(1e3 * _pct(steps, 50), 1),
+                    "decoder_ms_p99": round(1e3 * _pct(steps, 99), 1),
+                    "prefill_calls": eng.stats["prefill_calls"]})
+    _log(f"beside decoders, {name}: first token after {latency:.2f} s; decoder step p50 "
+         f"{records[-1]['decoder_ms_p50']} ms, p99 {records[-1]['decoder_ms_p99']} ms")
+    del eng
+  print(f"{'alone':18s} {'prompt':>7s} {'TTFT s':>8s} {'x generator':>12s}")
+  for r in records[:3]:
+    print(f"{r['system']:18s} {r['prompt_tokens']:7d} {r['ttft_s']:8.2f} {r['x_generator']:12.2f}")
+  print(f"{'beside 7 decoders':18s} {'prompt':>7s} {'latency s':>10s} {'decoder p50 ms':>15s} "
+        f"{'p99 ms':>8s}")
+  for r in records[3:]:
+    print(f"{r['system']:18s} {r['prompt_tokens']:7d} {r['latency_s']:10.2f} "
+          f"{r['decoder_ms_p50']:15.1f} {r['decoder_ms_p99']:8.1f}")
+  return records
+
+
+def bench_prefix():
+  """R requests, each an S-token system prompt + its own question, all submitted at once to
+  4 lanes of 8 request slots; each request's time to first token (it ends there) with the
+  prefix cache (`TreeEngine(prefix_cache=16)`) and without (0), the same engine program
+  (prefill program on, `--prefill_chunk`), interleaved, median of --repeats."""
+  from apr_jax import checkpoint
+  from apr_jax.default_model import smollm2_path
+  from apr_jax.engine.runner import Request, TreeEngine
+  from apr_jax.engine.tree import TreeSpec
+
+  model, tok = checkpoint.load(FLAGS.model or smollm2_path())
+  text = tok.encode("You are a careful assistant. Answer briefly and check every step. ")
+  s_tok, n_req = FLAGS.prefix_tokens, FLAGS.prefix_requests
+  system = (text * (s_tok // len(text) + 1))[:s_tok]
+  reqs = [Request(system + tok.encode(f" Question {i}: what is {i} + {2 * i + 1}?"),
+                  max_thread_tokens=1) for i in range(n_req)]
+  longest = max(len(r.prompt) for r in reqs)
+  lanes, per = 4, 8
+  spec = TreeSpec(root_stop=(), lanes=lanes, requests=per, rows=per, threads=per,
+                  slots=-(-per * (longest + 8) // 64) * 64, chunk=32, prefill=FLAGS.prefill_chunk)
+  engines = {"prefix_cache": TreeEngine(model, tok, spec, segment_steps=4, prefix_cache=16),
+             "no_prefix_cache": TreeEngine(model, tok, spec, segment_steps=4, prefix_cache=0)}
+
+  def run(eng):
+    t0, first = time.perf_counter(), {}
+    eng.stats["prefix_tokens"] = 0
+    eng.run(reqs, on_done=lambda i, _r: first.setdefault(i, time.perf_counter() - t0))
+    return {"ttft": [first[i] for i in range(n_req)], "wall_s": time.perf_counter() - t0,
+            "prefix_tokens": eng.stats["prefix_tokens"]}
+  for name, eng in engines.items():
+    _log(f"warm-up {name}")
+    run(eng)
+  got = {name: [] for name in engines}
+  for rep in range(FLAGS.repeats):
+    for name, eng in engines.items():
+      got[name].append(run(eng))
+      x = got[name][-1]
+      _log(f"repeat {rep + 1}/{FLAGS.repeats} {name:16s}: TTFT median "
+           f"{statistics.median(x['ttft']):.2f} s, all done {x['wall_s']:.2f} s")
+  records = []
+  for name, xs in got.items():
+    records.append({"benchmark": "prefix", "system": name, "requests": n_req,
+                    "system_prompt_tokens": s_tok, "lanes": lanes, "requests_per_lane": per,
+                    "repeats": len(xs),
+                    "ttft_s_median": round(statistics.median(statistics.median(x["ttft"]) for x in xs), 3),
+                    "ttft_s_p90": round(statistics.median(_pct(x["ttft"], 90) for x in xs), 3),
+                    "wall_s": round(statistics.median(x["wall_s"] for x in xs), 3),
+                    "prefix_tokens_read": xs[-1]["prefix_tokens"]})
+  off = records[1]
+  for r in records:
+    r["ttft_vs_no_cache"] = round(r["ttft_s_median"] / off["ttft_s_median"], 3)
+  print(f"{'system':16s} {'TTFT median s':>14s} {'TTFT p90 s':>11s} {'all done s':>11s} "
+        f"{'x no cache':>11s} {'prefix tokens read':>19s}")
+  for r in records:
+    print(f"{r['system']:16s} {r['ttft_s_median']:14.2f} {r['ttft_s_p90']:11.2f} {r['wall_s']:11.2f} "
+          f"{r['ttft_vs_no_cache']:11.2f} {r['prefix_tokens_read']:19d}")
+  return records
+
+
 def bench_samples():
   """n samples of one prompt: the engine (`Request(n=...)`, the prompt prefilled and stored
   once, the samples decoding side by side) vs `Generator` (a batch of n copies of the
@@ -569,7 +744,8 @@ def bench_samples():
 
 BENCHMARKS = {"decode": bench_decode, "fork": bench_fork, "train": bench_train,
               "attention": bench_attention, "scaling": bench_scaling,
-              "samples": bench_samples}
+              "samples": bench_samples, "prefill": bench_prefill,
+              "prefix": bench_prefix}
 
 
 @cli_main

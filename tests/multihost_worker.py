@@ -35,7 +35,7 @@ def main(pid: int, nproc: int, port: int, devices: int, out: str):
   model = shard_model(tf.tiny_model(), mesh)
   spec = TreeSpec(protocol=tf.PROTOCOLS["multiverse"], root_stop=(tf.EOS,), lanes=4, requests=2,
                   rows=3, threads=32, slots=256, log=2048, chunk=8, script=64, script_rows=16,
-                  sampling=SamplingConfig(temperature=1.0))
+                  sampling=SamplingConfig(temperature=1.0), prefill=8, prefill_min=2)
   # "auto" step costs: each process times its own segments; process 0's fit decides
   eng = TreeEngine(model, None, spec, mesh=mesh, segment_steps=8, step_cost="auto")
   rng = np.random.default_rng(5)
@@ -46,6 +46,7 @@ def main(pid: int, nproc: int, port: int, devices: int, out: str):
                         max_thread_tokens=24, max_threads=8, deadline_s=600.0,
                         n=3 if i == 4 else 1))
   results = eng.run(reqs)
+  assert eng.stats["prefill_calls"] > 0  # prompts written by the prefill program, a lane per shard
   # plain decoding on the same mesh: rows over the data axis
   gen = generate.Generator(model, None, mesh=mesh)
   toks, n_gen, _ = gen.generate_ids([r.prompt for r in reqs[:4]], max_new_tokens=12,

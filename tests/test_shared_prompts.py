@@ -12,12 +12,12 @@ from tests import tree_fixtures as tf
 MODEL = tf.tiny_model()
 
 
-def engine(name, **kw):
+def engine(name, prefix_cache=16, **kw):
   args = dict(protocol=tf.PROTOCOLS[name], root_stop=(tf.EOS,), lanes=1, requests=4, rows=4,
               threads=32, slots=512, log=4096, chunk=8, sampling=SamplingConfig(temperature=1.0),
               script=64, script_rows=16)
   args.update(kw)
-  return TreeEngine(MODEL, None, TreeSpec(**args), segment_steps=8)
+  return TreeEngine(MODEL, None, TreeSpec(**args), segment_steps=8, prefix_cache=prefix_cache)
 
 
 def case(name, seed):
@@ -55,13 +55,14 @@ def test_samples_equal_separate_requests_and_share_the_prompt(name):
   res = eng.run([Request(prompt, n=6, seed=5, **kw)], on_segment=count)[0]
   shared_held = max(held)
   held.clear()
+  eng = engine(name, prefix_cache=0)  # separate requests, each storing its own prompt
   sep = eng.run([Request(prompt, seed=derive(5, j), **kw) for j in range(6)], on_segment=count)
   assert len(res.samples) == 6 and res.token_ids == res.samples[0].token_ids
   for a, b in zip(res.samples, sep):
     same(a, b)
   assert all(s.forks == 1 for s in res.samples)
   assert len({tuple(s.token_ids) for s in res.samples}) == 6  # they differ after the script
-  # at most two groups hold a copy at once; separate requests hold four
+  # at most two groups hold a copy at once; separate requests without the prefix cache hold four
   assert shared_held <= 2 * (p - 1) and max(held) == 4 * (p - 1)
   first = res.samples[:4]
   assert any(s.steps > first[0].steps for s in first[1:])  # outlived the prompt's first owner

@@ -25,14 +25,14 @@ def model():
   return MODEL
 
 
-def engine(name, step_cost="auto", **kw):
+def engine(name, step_cost="auto", segment_steps=16, **kw):
   args = dict(protocol=tf.PROTOCOLS[name], root_stop=(tf.EOS,), lanes=2, rows=3, threads=16,
               slots=256, log=2048, chunk=8, script=64, script_rows=16, record_logits=True)
   args.update(kw)
   spec = TreeSpec(**args)
   if step_cost == "one_token":  # every step writes one token per lane: rows and queues wait
     step_cost = (1.0,) + (1e9,) * (len(tree.step_sizes(spec)) - 1)
-  return TreeEngine(model(), None, spec, segment_steps=16, step_cost=step_cost)
+  return TreeEngine(model(), None, spec, segment_steps=segment_steps, step_cost=step_cost)
 
 
 # layouts: a lane per request; one lane whose rows, thread table, log and KV pool are
@@ -68,12 +68,23 @@ def _exact(name, layout: dict, shared=False):
     forks += res.forks
   assert forks >= 3
   assert eng.compiled_loops() == 1
+  return eng
 
 
 def test_exact_with_the_pallas_page_kernel():
   """The engine with attention in the Pallas TPU kernel (interpret mode on CPU): the same
   exactness against the reference as every other layout, on stitched Multiverse blocks."""
   _exact("multiverse", dict(attention="pallas", block=16))
+
+
+@pytest.mark.parametrize("name", ["threadweaver", "apr"])
+def test_exact_with_the_prefill_program(name):
+  """Forced queues of 2+ tokens written by the prefill program (`tree.prefill`) between
+  one-step segments: prompts, flat-join re-prefills (ThreadWeaver), fresh children's prompts
+  and results blocks (APR). The same exactness against the reference."""
+  layout = dict(prefill=16, prefill_min=2, block=16, segment_steps=1)
+  eng = _exact(name, layout)
+  assert eng.stats["prefill_calls"] >= 10 and eng.stats["prefill_tokens"] >= 60
 
 
 @pytest.mark.parametrize("name", sorted(tf.OUTLINE_PROTOCOLS))

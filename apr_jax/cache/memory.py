@@ -8,7 +8,8 @@ model axis, as the engine shards them):
   from the engine state's shapes;
 - the activations of the largest step: every lane's `chunk` tokens scoring every slot in
   float32 (scores and probabilities; the dense layout's cost, an upper bound for the tree
-  layout), a layer's hidden and feed-forward activations, and the logits of every row.
+  layout), a layer's hidden and feed-forward activations, and the logits of every row; or,
+  when larger, a prefill call's (one lane's `prefill` tokens per device);
 The parameters are not counted: they are already on the device, so the device's free
 memory (`memory_stats()`: bytes_limit - bytes_in_use on GPU and TPU; on CPU the host's
 available memory, split over the engine's devices) is what is left after them. A margin
@@ -127,8 +128,12 @@ def need(spec, cfg, cache_dtype, data: int = 1, model: int = 1) -> Need:
   per_lane = sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(lane))
   scores = lanes * heads * spec.chunk * spec.slots * 4 * 2
   logits = lanes * spec.rows * cfg.vocab_size * 4 * 2
-  return Need(kv=int(kv), tables=int(per_lane * lanes),
-              activations=int(scores + logits + _layer_act(cfg, lanes * spec.chunk)))
+  act = scores + logits + _layer_act(cfg, lanes * spec.chunk)
+  if spec.prefill:  # one lane per device: its scores, its KV picked, every lane's new KV
+    per_token = kv_bytes_per_token(cfg, cache_dtype, kv_heads)
+    act = max(act, heads * spec.prefill * spec.slots * 4 * 2 + _layer_act(cfg, spec.prefill) +
+              spec.slots * per_token + lanes * spec.prefill * per_token)
+  return Need(kv=int(kv), tables=int(per_lane * lanes), activations=int(act))
 
 
 def check(spec, cfg, cache_dtype, mesh, free: int | None = None) -> Need:

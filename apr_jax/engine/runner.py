@@ -32,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from apr_jax.cache import kv as kvlib
 from apr_jax.cache import memory as memlib
 from apr_jax.engine import tree
+from apr_jax.processes import agree, fetch
 from apr_jax.engine.sampling import derive
 from apr_jax.engine.stop_reasons import finish_reason
 from apr_jax.engine.tree import TreeSpec
@@ -253,7 +254,9 @@ class _Batch:
     """(request slot, tokens) of the running request in `lane` whose stored prompt shares
     the longest leading span with request i's prompt (at most all but its last token), or
     None when no span reaches the engine's `prefix_cache` tokens. Donors store their whole
-    prompt themselves and have written the span."""
+    prompt themselves and have written the span, or will (a reader waits on device): a
+    donor admitted since the last segment qualifies only without a deadline, the one way
+    it could end before writing it that would not restart its readers too."""
     need, best = self.eng.prefix_cache, None
     if not need or self.opens[i]:
       return None
@@ -261,7 +264,8 @@ class _Batch:
       if o is None or o["upto"] or self.opens[o["i"]]:
         continue
       n = min(_common_prefix(self.prompts[o["i"]], self.prompts[i]), len(self.prompts[i]) - 1)
-      if n >= need and self.root_pos[lane, slot] >= n and (best is None or n > best[1]):
+      stored = self.root_pos[lane, slot] >= n or self.requests[o["i"]].deadline_s is None
+      if n >= need and stored and (best is None or n > best[1]):
         best = (slot, n)
     return best
 
@@ -300,21 +304,26 @@ class _Batch:
         threads = self.eng._admit_request(lane, slot, r, self.seed(i, j), src, upto)
         self.occ[lane][slot] = dict(i=i, j=j, t0=t0, threads=threads, shared=shared,
                                     alone=alone, upto=upto)
+        self.root_pos[lane, slot] = -1  # not the slot's last occupant's
         self.free_kv[lane] -= len(r.prompt) - upto
         lead = slot if lead is None else lead
 
   def deadlines(self, done: np.ndarray) -> np.ndarray:
-    """Cancels the running requests past their deadline; returns done [lanes, R] with them."""
+    """Cancels the running requests past their deadline (by process 0's clock, so every
+    process cancels the same); returns done [lanes, R] with them."""
     eng, now = self.eng, time.perf_counter()
+    expired = np.zeros(done.shape, bool)
     for lane, slots in enumerate(self.occ):
       for slot, o in enumerate(slots):
-        if o is None or done[lane, slot]:
-          continue
-        dl = self.requests[o["i"]].deadline_s
-        if dl is not None and now - o["t0"] > dl:
-          eng.state = eng._cancel(eng.state, jnp.int32(lane), jnp.int32(slot),
-                                  jnp.int32(tree.StopReason.DEADLINE))
-          done[lane, slot] = True
+        dl = None if o is None else self.requests[o["i"]].deadline_s
+        expired[lane, slot] = dl is not None and not done[lane, slot] and now - o["t0"] > dl
+    if not any(self.requests[o["i"]].deadline_s is not None
+               for slots in self.occ for o in slots if o is not None):
+      return done  # nothing to agree on (the same on every process)
+    for lane, slot in zip(*np.nonzero(agree(expired))):
+      eng.state = eng._cancel(eng.state, np.int32(lane), np.int32(slot),
+                              np.int32(tree.StopReason.DEADLINE))
+      done[lane, slot] = True
     return done
 
   def _key(self, o):
@@ -340,7 +349,7 @@ class _Batch:
                 if o is not None and done[lane, slot]]
     if on_progress is None and not finished:
       return
-    snap = jax.device_get(eng.state.lanes.replace(rec=None))
+    snap = fetch(eng.state.lanes.replace(rec=None))
     if on_progress is not None:
       on_progress({self._key(o): eng._view(jax.tree.map(lambda v: v[lane], snap), slot)
                    for lane, slots in enumerate(occ) for slot, o in enumerate(slots) if o is not None})
@@ -349,7 +358,7 @@ class _Batch:
       o = occ[lane][slot]
       lane_np = jax.tree.map(lambda v: v[lane], snap)
       if eng.spec.record_logits:
-        lane_np = lane_np.replace(rec=np.asarray(jax.device_get(eng.state.lanes.rec[lane])))
+        lane_np = lane_np.replace(rec=np.asarray(fetch(eng.state.lanes.rec)[lane]))
       res = eng._result(lane_np, slot, self.requests[o["i"]], time.perf_counter() - o["t0"],
                         o["upto"])
       if res.stop_reason == "out_of_memory" and o["shared"]:
@@ -357,7 +366,7 @@ class _Batch:
         eng.stats["restarts"] += 1
       else:
         self._store(o, res, on_done)
-      eng.state = eng._release(eng.state, jnp.int32(lane), jnp.int32(slot))
+      eng.state = eng._release(eng.state, np.int32(lane), np.int32(slot))
       occ[lane][slot] = None
     self.waiting.extendleft(reversed(requeue))
 
@@ -413,7 +422,8 @@ class TreeEngine:
     self._rep = NamedSharding(self.mesh, P())
     self._cache_sh = kvlib.cache_sharding(self.cfg, spec.lanes, spec.slots, self.mesh, self.rules)
     self.bytes_per_token = memlib.kv_bytes_per_token(self.cfg, self.cache_dtype)
-    self.stats = {"compile_s": 0.0, "restarts": 0, "prefix_tokens": 0}
+    self.stats = {"compile_s": 0.0, "restarts": 0, "prefix_tokens": 0, "prefill_calls": 0,
+                  "prefill_tokens": 0, "prefill_s": 0.0}
     self.costs = StepCosts(tree.step_sizes(spec), step_cost)
     # a pool that cannot fit is an error here, not deep inside XLA (`cache.memory`)
     self.memory = memlib.check(spec, self.cfg, self.cache_dtype, self.mesh)
@@ -448,18 +458,28 @@ class TreeEngine:
     self._release = jax.jit(functools.partial(tree.release, spec=spec), donate_argnums=(0,),
                             out_shardings=sh)
     self._root_pos = jax.jit(functools.partial(_root_positions, n_req=spec.requests))
+    if spec.prefill:
+      shards = self.mesh.shape.get("data", 1)
+      self._prefill_fn = jax.jit(functools.partial(
+          tree.prefill, spec=spec, c=spec.prefill, min_tokens=spec.n_prefill_min, shards=shards),
+          static_argnums=(0,), donate_argnums=(2,), out_shardings=sh)
+      self._prefill_work = jax.jit(functools.partial(
+          tree.prefill_work, spec=spec, c=spec.prefill, min_tokens=spec.n_prefill_min))
     self.state = self._init()
     # compile the loop now (one program for every protocol event, request and batch): a call
     # with until_step = 0 runs no step
-    self.state = self._segment(self.graphdef, self.params, self.state, jnp.zeros((), jnp.int32),
+    self.state = self._segment(self.graphdef, self.params, self.state, np.int32(0),
                                self.costs.cost())
+    if spec.prefill:  # and the prefill program, ahead of time
+      self._prefill = self._prefill_fn.lower(self.graphdef, self.params, self.state).compile()
+      fetch(self._prefill_work(self.state))
     jax.block_until_ready(self.state.step)
     self.stats["compile_s"] += time.perf_counter() - t0
 
   def loop_hlo(self) -> str:
     """The optimized HLO of the loop program (tests look for host callbacks in it)."""
     return self._segment.lower(self.graphdef, self.params, self.state,
-                               jnp.zeros((), jnp.int32), self.costs.cost()).compile().as_text()
+                               np.int32(0), self.costs.cost()).compile().as_text()
 
   def compiled_loops(self) -> int:
     """How many loop programs have been compiled (the jit cache size): 1 whatever ran."""
@@ -562,11 +582,11 @@ class TreeEngine:
     for i, (_, toks, parent, rank) in enumerate(script_rows(r.script or {})):
       sc.tokens[i, :len(toks)] = toks
       sc.length[i], sc.parent[i], sc.rank[i] = len(toks), parent, rank
-    key = jax.random.key_data(jax.random.key(seed))
-    self.state = self._admit(self.state, jnp.int32(lane), jnp.int32(slot), q,
-                             jnp.int32(len(prompt) - upto), limits, key, sc, jnp.int32(count),
-                             jnp.int32(mark), jnp.bool_(fork0), outline0, jnp.int32(src_slot),
-                             jnp.int32(upto))
+    key = np.asarray(jax.random.key_data(jax.random.key(seed)))
+    self.state = self._admit(self.state, np.int32(lane), np.int32(slot), q,
+                             np.int32(len(prompt) - upto), limits, key, sc, np.int32(count),
+                             np.int32(mark), np.bool_(fork0), outline0, np.int32(src_slot),
+                             np.int32(upto))
     return int(limits[0])
 
   def _prompt_block(self, prompt) -> tuple[int, int, dict]:
@@ -614,18 +634,20 @@ class TreeEngine:
     for r in requests:
       self._check(r)
     batch = _Batch(self, requests)
-    v0 = np.asarray(self.state.vsteps)   # steps per variant so far (for the cost fit)
+    v0, step_now = fetch((self.state.vsteps, self.state.step))  # steps per variant so far
     while batch.busy():
       batch.admit()
-      step = int(self.state.step)
+      self._run_prefill()
+      step = int(step_now)
       t_seg = time.perf_counter()
+      # the step-size choice must be the same on every process: process 0's fitted costs
       self.state = self._segment(self.graphdef, self.params, self.state,
-                                 jnp.int32(step + self.segment_steps), self.costs.cost())
+                                 np.int32(step + self.segment_steps), agree(self.costs.cost()))
       st = self.state
-      done, free, v1, step_now, root_pos = jax.device_get((
+      done, free, v1, step_now, root_pos = fetch((
           st.lanes.requests.done, jnp.sum(st.lanes.slots.owner < 0, axis=1), st.vsteps, st.step,
           self._root_pos(st.lanes.threads)))
-      batch.root_pos = np.asarray(root_pos)
+      batch.root_pos = np.array(root_pos)  # writable: admission resets entries
       seconds = time.perf_counter() - t_seg
       v1 = np.asarray(v1)
       self.costs.observe(v1 - v0, seconds)
@@ -638,6 +660,25 @@ class TreeEngine:
       done = batch.deadlines(np.array(done))
       batch.collect(done, on_progress, on_done)
     return batch.results
+
+  def _run_prefill(self):
+    """Prefill calls between decode segments (`TreeSpec.prefill`): one call when some
+    thread is decoding (its lane waits for one call of `prefill` tokens per segment, not
+    for the whole prompt), back to back while none is (nobody waits)."""
+    if not self.spec.prefill:
+      return
+    t0 = time.perf_counter()
+    while True:
+      todo, decoding = fetch(self._prefill_work(self.state))
+      if not np.any(todo):
+        break
+      self.state = self._prefill(self.params, self.state)
+      self.stats["prefill_calls"] += 1
+      self.stats["prefill_tokens"] += int(np.sum(
+          np.max(np.asarray(todo).reshape(self.mesh.shape.get("data", 1), -1), axis=1)))
+      if decoding:
+        break
+    self.stats["prefill_s"] += time.perf_counter() - t0
 
   # ---- outputs
   @staticmethod

@@ -49,11 +49,14 @@ The package, in the order a step runs:
 - `budgets`: sampling, the token budgets, the protocol's state machine, race and pruning;
 - `forkjoin`: children created, threads finished, parents joined;
 - `loop`: one step, the step variants, the `while_loop` segment, and the whole-state
-  `init` / `admit` / `cancel` / `release` the host calls between segments.
+  `init` / `admit` / `cancel` / `release` the host calls between segments;
+- `prefill`: long forced queues (prompts, re-prefills) written in large chunks by a
+  program apart from the loop, one lane per data shard per call, between segments.
 """
 from __future__ import annotations
 
 from apr_jax.engine.tree.loop import admit, cancel, init, release, segment, step_sizes
+from apr_jax.engine.tree.prefill import prefill, work as prefill_work
 from apr_jax.engine.tree.state import (LABEL_DIGITS, LIMITS, REASONS, STATE_NAMES, EngineState, Lane, Limit,
                                        LogKind, Log, Next, Requests, Rows, Scripts, Slots,
                                        StopReason, ThreadState, Threads, TreeSpec, empty_lane,
@@ -62,4 +65,4 @@ from apr_jax.engine.tree.state import (LABEL_DIGITS, LIMITS, REASONS, STATE_NAME
 __all__ = ["LABEL_DIGITS", "LIMITS", "REASONS", "STATE_NAMES", "EngineState", "Lane", "Limit", "Log", "LogKind",
            "Next", "Requests", "Rows", "Scripts", "Slots", "StopReason", "ThreadState", "Threads",
            "TreeSpec", "admit", "cancel", "empty_lane", "init", "label_tokens", "log_bound",
-           "release", "segment", "step_sizes"]
+           "prefill", "prefill_work", "release", "segment", "step_sizes"]

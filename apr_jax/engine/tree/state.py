@@ -86,6 +86,9 @@ class TreeSpec:
   attention: str = "tree"      # "tree": read only the slots the step's tokens see; "dense": every
                                # slot; "pallas": the pages they see, in the Pallas TPU kernel
   block: int = 64              # tree attention: KV slots per block
+  prefill: int = 0             # >0: tokens per prefill call, a program apart from the loop that
+                               # writes one long forced queue per data shard (`tree.prefill`)
+  prefill_min: int = 0         # queues shorter than this are left to the loop (0: 2 x chunk)
 
   def __post_init__(self):
     if self.attention not in ("tree", "dense", "pallas"):
@@ -96,10 +99,18 @@ class TreeSpec:
     for f in ("lanes", "requests", "rows", "threads", "slots", "chunk", "block"):
       if getattr(self, f) < 1:
         raise UserError(f"{f} must be >= 1, got {getattr(self, f)}")
+    if self.prefill < 0 or self.prefill_min < 0:
+      raise UserError(f"prefill and prefill_min must be >= 0, got {self.prefill}, "
+                      f"{self.prefill_min}")
     if self.chunk < self.rows:
       raise UserError(f"chunk ({self.chunk}) must be >= rows ({self.rows})")
     if self.threads < self.requests:
       raise UserError(f"threads ({self.threads}) must be >= requests per lane ({self.requests})")
+
+  @property
+  def n_prefill_min(self):
+    """The shortest forced queue a prefill call takes (shorter ones the loop writes)."""
+    return self.prefill_min or 2 * self.chunk
 
   @property
   def n_log(self):
