@@ -58,6 +58,9 @@ flags.DEFINE_integer("max_critical_path", 0, "Fork/join: critical-path tokens (0
                      lower_bound=0)
 flags.DEFINE_integer("n", 1, "Fork/join: samples per prompt (sample i uses seed derive(seed, i); "
                      "the prompt is stored once for the samples that share a lane).", lower_bound=1)
+flags.DEFINE_integer("prefill", 0, "Fork/join: tokens per call of the prefill program, which writes "
+                     "long prompts and re-prefills apart from the decode loop (0 = the loop "
+                     "writes them, chunk by chunk).", lower_bound=0)
 flags.DEFINE_float("deadline_s", 0.0, "Fork/join: wall-clock deadline per request (0 = off).",
                    lower_bound=0.0)
 config_files.DEFINE_config_file("config", "run", "Optional config file (e.g. configs/smollm2_chat.py) "
@@ -297,7 +300,7 @@ def _run_tree(model, tok, mesh, prompts, sampling, path, log, t0):
   spec = TreeSpec(protocol=pr, sampling=sampling, root_stop=tuple(tok.stop_ids()), lanes=lanes,
                   requests=per_lane, rows=FLAGS.rows, threads=FLAGS.max_threads * per_lane,
                   slots=slots * per_lane, chunk=max(32, FLAGS.rows),
-                  log=log_entries * per_lane)
+                  log=log_entries * per_lane, prefill=FLAGS.prefill)
   log(f"compiling the fork/join loop ({name}, {lanes} lane(s) x {per_lane} request(s) sharing "
       f"{FLAGS.rows} rows and {slots * per_lane} KV slots)...")
   eng = TreeEngine(model, tok, spec, mesh=mesh, segment_steps=FLAGS.stream_every)

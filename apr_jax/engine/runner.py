@@ -464,7 +464,8 @@ class TreeEngine:
           tree.prefill, spec=spec, c=spec.prefill, min_tokens=spec.n_prefill_min, shards=shards),
           static_argnums=(0,), donate_argnums=(2,), out_shardings=sh)
       self._prefill_work = jax.jit(functools.partial(
-          tree.prefill_work, spec=spec, c=spec.prefill, min_tokens=spec.n_prefill_min))
+          tree.prefill_work, spec=spec, c=spec.prefill, min_tokens=spec.n_prefill_min,
+          shards=shards))
     self.state = self._init()
     # compile the loop now (one program for every protocol event, request and batch): a call
     # with until_step = 0 runs no step
@@ -663,20 +664,21 @@ class TreeEngine:
 
   def _run_prefill(self):
     """Prefill calls between decode segments (`TreeSpec.prefill`): one call when some
-    thread is decoding (its lane waits for one call of `prefill` tokens per segment, not
-    for the whole prompt), back to back while none is (nobody waits)."""
+    running thread is not served by it (decoding, or a queue the loop takes chunk by chunk:
+    it waits for one call of `prefill` tokens per segment, not for the whole prompt), back
+    to back while every running thread is (nobody waits)."""
     if not self.spec.prefill:
       return
     t0 = time.perf_counter()
     while True:
-      todo, decoding = fetch(self._prefill_work(self.state))
+      todo, waiting = fetch(self._prefill_work(self.state))
       if not np.any(todo):
         break
       self.state = self._prefill(self.params, self.state)
       self.stats["prefill_calls"] += 1
       self.stats["prefill_tokens"] += int(np.sum(
           np.max(np.asarray(todo).reshape(self.mesh.shape.get("data", 1), -1), axis=1)))
-      if decoding:
+      if waiting:
         break
     self.stats["prefill_s"] += time.perf_counter() - t0
 

@@ -40,16 +40,18 @@ def plan(lane: Lane, spec: TreeSpec, c: int, min_tokens: int):
   return jnp.where(g >= min_tokens, g, 0).astype(jnp.int32)
 
 
-def work(st: EngineState, spec: TreeSpec, c: int, min_tokens: int):
+def work(st: EngineState, spec: TreeSpec, c: int, min_tokens: int, shards: int = 1):
   """(tokens a prefill call would write in each lane [lanes], whether some running thread
-  is decoding: its queue holds at most its last sample). The host asks before calling."""
+  would wait for it: a live row the call does not serve, decoding or with a queue the loop
+  takes chunk by chunk). The host asks before calling."""
   def one(lane):
     lane = assign_rows(lane, spec)
     tw = jnp.clip(lane.rows.thread, 0)
     live = (lane.rows.thread >= 0) & live_threads(lane)[tw]
-    return jnp.sum(plan(lane, spec, c, min_tokens)), jnp.any(live & (lane.threads.q_len[tw] <= 1))
-  todo, decoding = jax.vmap(one)(st.lanes)
-  return todo, jnp.any(decoding)
+    return jnp.sum(plan(lane, spec, c, min_tokens)), jnp.sum(live)
+  todo, live = jax.vmap(one)(st.lanes)
+  served = jnp.sum(jnp.any(todo.reshape(shards, -1) > 0, axis=1))  # one row per data shard
+  return todo, jnp.sum(live) > served
 
 
 def _pick(x, shards, idx):
