@@ -513,6 +513,20 @@ def _pct(xs, q):
   return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
+def _interleaved(runners: dict, describe) -> dict:
+  """Each runner once to warm up, then --repeats rounds of all of them in turn (noise on a
+  shared machine hits every system alike): {name: [result of each round]}."""
+  for name, fn in runners.items():
+    _log(f"warm-up {name}")
+    fn()
+  got = {name: [] for name in runners}
+  for rep in range(FLAGS.repeats):
+    for name, fn in runners.items():
+      got[name].append(fn())
+      _log(f"repeat {rep + 1}/{FLAGS.repeats} {name:16s}: {describe(got[name][-1])}")
+  return got
+
+
 def bench_prefill():
   """Part 1, alone: one prompt's time to first token through the engine with the prefill
   program, through the engine's loop alone (chunks of `chunk` tokens), and `Generator`'s
@@ -555,14 +569,7 @@ def bench_prefill():
     return time.perf_counter() - t0
   runners = {name: functools.partial(ttft_engine, e) for name, e in engines.items()}
   runners["generator"] = ttft_gen
-  for name, fn in runners.items():
-    _log(f"warm-up {name}")
-    fn()
-  got = {name: [] for name in runners}
-  for rep in range(FLAGS.repeats):
-    for name, fn in runners.items():
-      got[name].append(fn())
-      _log(f"repeat {rep + 1}/{FLAGS.repeats} {name:16s}: {got[name][-1]:.2f} s to first token")
+  got = _interleaved(runners, lambda x: f"{x:.2f} s to first token")
   g = statistics.median(got["generator"])
   for name, xs in got.items():
     records.append({"benchmark": "prefill", "part": "alone", "system": name, "prompt_tokens": pa,
@@ -639,16 +646,9 @@ def bench_prefix():
     eng.run(reqs, on_done=lambda i, _r: first.setdefault(i, time.perf_counter() - t0))
     return {"ttft": [first[i] for i in range(n_req)], "wall_s": time.perf_counter() - t0,
             "prefix_tokens": eng.stats["prefix_tokens"]}
-  for name, eng in engines.items():
-    _log(f"warm-up {name}")
-    run(eng)
-  got = {name: [] for name in engines}
-  for rep in range(FLAGS.repeats):
-    for name, eng in engines.items():
-      got[name].append(run(eng))
-      x = got[name][-1]
-      _log(f"repeat {rep + 1}/{FLAGS.repeats} {name:16s}: TTFT median "
-           f"{statistics.median(x['ttft']):.2f} s, all done {x['wall_s']:.2f} s")
+  got = _interleaved({name: functools.partial(run, eng) for name, eng in engines.items()},
+                     lambda x: f"TTFT median {statistics.median(x['ttft']):.2f} s, "
+                               f"all done {x['wall_s']:.2f} s")
   records = []
   for name, xs in got.items():
     records.append({"benchmark": "prefix", "system": name, "requests": n_req,
@@ -713,15 +713,7 @@ def bench_samples():
             "kv_bytes": n * bucket(p + t) * eng.bytes_per_token}
 
   runners = {"apr_jax": run_engine, "generator": run_generator}
-  for name, fn in runners.items():
-    _log(f"warm-up {name}")
-    fn()
-  got = {name: [] for name in runners}
-  for rep in range(FLAGS.repeats):
-    for name, fn in runners.items():
-      got[name].append(fn())
-      _log(f"repeat {rep + 1}/{FLAGS.repeats} {name:10s}: "
-           f"{n * t / got[name][-1]['wall_s']:7.1f} tok/s")
+  got = _interleaved(runners, lambda x: f"{n * t / x['wall_s']:7.1f} tok/s")
   records = []
   for name, rs in got.items():
     kv = rs[0]["kv_bytes"]
