@@ -105,8 +105,7 @@ def test_protocol_run_shows_the_thread_tree():
   assert all(t["tokens"] <= 6 for t in d["threads"])
   assert d["total_tokens"] == sum(t["tokens"] for t in d["threads"])
   assert d["text"].startswith("\n<Path>\n1:") and "<Conclusion>" in d["text"]
-  rc, out, err = run("--protocol", "multiverse", "--max_new_tokens", "4", "--assistant_prefix", prefix)
-  assert rc == 0 and "thread tree" in err and "critical path" in err, err
+  # the human-readable form (thread tree, critical path): test_original_checkpoints
 
 
 @pytest.mark.parametrize("flags,needle", [

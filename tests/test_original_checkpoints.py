@@ -92,12 +92,13 @@ def make_apr_checkpoint(path, seed=0):
 
 
 def run(*args):
+  """`python -m apr_jax.run ARGS`: its JSON object with --json, else (stdout, stderr)."""
   env = dict(os.environ, APR_JAX_CACHE_DIR="off", PYTHONPATH=ROOT)
   env.pop("XLA_FLAGS", None)
   p = subprocess.run([sys.executable, "-m", "apr_jax.run", *args], capture_output=True, text=True,
                      cwd=ROOT, env=env, timeout=300)
   assert p.returncode == 0, p.stderr
-  return json.loads(p.stdout)
+  return json.loads(p.stdout) if "--json" in args else (p.stdout, p.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +136,14 @@ def test_multiverse_on_a_qwen2_checkpoint(checkpoints):
   assert d["forks"] == 1 and len(d["threads"]) == 3
   text = d["text"]
   assert text.startswith("\n<Path>\n1:") and "\n<Path>\n2.1:" in text and "<Conclusion>\n" in text, text
+  # without --json: the text on stdout, the thread tree and the summary line on stderr
+  out, err = run("--model", path, "--protocol", "multiverse", "--prompt", "What is 12+30?",
+                 "--assistant_prefix", prefix, "--max_new_tokens", "4")
+  assert "<Path>\n2.1:" in out and "thread tree [0]:" in err, err
+  tree = err.split("thread tree [0]:")[1].splitlines()[1:4]
+  assert [l.split()[:4] for l in tree] == [["T0", "root", "parent", "-1"], ["T1", "1", "parent", "0"],
+                                           ["T2", "2", "parent", "0"]], err
+  assert "critical path" in err and "forks" in err, err
 
 
 APR_PROMPT = "Moving to Node #0\nCurrent State: 39:[51, 49, 25, 36], Operations: []"
