@@ -107,7 +107,8 @@ def main(argv):
     eng = ev.make_engine(model, tok, fmt, lanes=c.lanes, rows=c.rows, slots=c.slots,
                          step_cost=c.get("step_cost", None) or None,
                          max_total_tokens=c.max_total_tokens,
-                         attention=c.get("attention", "tree"))
+                         attention=c.get("attention", "tree"),
+                         requests_per_lane=c.get("requests_per_lane", 1))
     t0 = time.perf_counter()
     rs = ev.evaluate(eng, tok, fmt, problems, max_thread_tokens=c.max_thread_tokens,
                      max_total_tokens=c.max_total_tokens, batch=c.batch)

@@ -16,6 +16,7 @@ def get_config():
                           "parallel_host": {"path": "countdown_small_apr", "engine": "host"}})
   c.lanes = 32
   c.rows = 8
+  c.requests_per_lane = 1  # requests in flight per lane (sharing its rows, pool and log)
   # KV slots per lane; "auto" (also --config.slots=auto): the most that fit in device memory
   c.slots = FieldReference(1536, field_type=object)
   c.dtype = "auto"         # parameters and KV: auto = bfloat16 on GPU/TPU, float32 on CPU

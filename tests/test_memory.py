@@ -76,6 +76,9 @@ def test_make_engine_slots_auto(monkeypatch):
   for bad in ("many", 0, -5, 2.5):
     with pytest.raises(UserError, match="slots must be"):
       ev.make_engine(model, tok, "apr", slots=bad)
+  # requests sharing a lane: the thread table and the log hold each one's budgets
+  two = ev.make_engine(model, tok, "apr", lanes=8, slots=1024, requests_per_lane=2)
+  assert (two.spec.requests, two.spec.threads) == (2, 32) and two.spec.n_log >= 2 * cap
 
 
 def test_generator_refuses_a_batch_that_cannot_fit(monkeypatch):

@@ -81,9 +81,11 @@ PROMPT_TOKENS = 128  # more than any Countdown prompt of the shipped settings
 
 def make_engine(model, tok, fmt: str, lanes: int = 8, rows: int = 8, slots: int | str = 2048,
                 max_threads: int = 16, step_cost=None, max_total_tokens: int = 6000,
-                attention: str = "tree"):
+                attention: str = "tree", requests_per_lane: int = 1):
   """An engine for the format's protocol whose token log holds any request with these
   budgets (`tree.log_bound`), so a request ends at its budget, never because of the log.
+  `requests_per_lane` share a lane's rows, KV pool and log (its thread table and log grow
+  with them: `max_threads` and a log bound per request).
   `slots="auto"`: the most KV slots per lane that fit in device memory (`cache.memory`), at
   most what a request with these budgets can write."""
   import jax
@@ -98,14 +100,15 @@ def make_engine(model, tok, fmt: str, lanes: int = 8, rows: int = 8, slots: int 
   log = tree.log_bound(pr, PROMPT_TOKENS, max_threads, depth, max_total_tokens)
 
   def spec_for(n: int) -> TreeSpec:
-    spec = TreeSpec(protocol=pr, root_stop=(tok.eos_id,), lanes=lanes, rows=rows,
-                    threads=max_threads, slots=n, chunk=32, attention=attention)
-    return dataclasses.replace(spec, log=max(log, spec.n_log))
+    spec = TreeSpec(protocol=pr, root_stop=(tok.eos_id,), lanes=lanes,
+                    requests=requests_per_lane, rows=rows, threads=max_threads * requests_per_lane,
+                    slots=n, chunk=32, attention=attention)
+    return dataclasses.replace(spec, log=max(log * requests_per_lane, spec.n_log))
 
   if slots == "auto":
     leaves = jax.tree.leaves(nnx.state(model))
     dtype = leaves[0].dtype if leaves else "float32"
-    slots = memory.auto_slots(spec_for, model.cfg, dtype, None, cap=log)
+    slots = memory.auto_slots(spec_for, model.cfg, dtype, None, cap=log * requests_per_lane)
   elif not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
     raise UserError(f"slots must be a positive number of KV slots per lane or 'auto', got {slots!r}")
   return TreeEngine(model, tok, spec_for(slots), segment_steps=64, step_cost=step_cost)
