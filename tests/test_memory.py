@@ -79,6 +79,8 @@ def test_make_engine_slots_auto(monkeypatch):
   # requests sharing a lane: the thread table and the log hold each one's budgets
   two = ev.make_engine(model, tok, "apr", lanes=8, slots=1024, requests_per_lane=2)
   assert (two.spec.requests, two.spec.threads) == (2, 32) and two.spec.n_log >= 2 * cap
+  with pytest.raises(UserError, match="requests_per_lane must be"):
+    ev.make_engine(model, tok, "apr", requests_per_lane=0)
 
 
 def test_generator_refuses_a_batch_that_cannot_fit(monkeypatch):

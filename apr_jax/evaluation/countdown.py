@@ -95,6 +95,9 @@ def make_engine(model, tok, fmt: str, lanes: int = 8, rows: int = 8, slots: int 
   from apr_jax.engine import tree
   from apr_jax.engine.runner import TreeEngine
   from apr_jax.engine.tree import TreeSpec
+  if not isinstance(requests_per_lane, int) or isinstance(requests_per_lane, bool) or \
+      requests_per_lane < 1:
+    raise UserError(f"requests_per_lane must be a positive number, got {requests_per_lane!r}")
   pr = data.protocol_for(fmt, tok)
   depth = pr.max_depth if pr.forks else 0
   log = tree.log_bound(pr, PROMPT_TOKENS, max_threads, depth, max_total_tokens)
