@@ -50,7 +50,7 @@ flags.DEFINE_list("methods", ["apr_jax", "apr_jax_flat", "sequential", "host"], 
 flags.DEFINE_list("pools", ["1536", "3072", "6144"], "attention: KV slots per lane to compare.")
 flags.DEFINE_list("attentions", ["dense", "tree"], "attention: the attention paths to compare.")
 flags.DEFINE_integer("problems", 16, "attention: Countdown problems per run.", lower_bound=1)
-flags.DEFINE_integer("lanes", 8, "attention: lanes.", lower_bound=1)
+flags.DEFINE_integer("lanes", 8, "attention, step: lanes.", lower_bound=1)
 flags.DEFINE_list("scaling_pools", ["1024", "2048", "4096"], "scaling: KV slots per lane.")
 flags.DEFINE_list("scaling_threads", ["4", "16"], "scaling: threads per request (one lane).")
 flags.DEFINE_list("scaling_lanes", ["1", "4"], "scaling: lanes.")
@@ -67,6 +67,8 @@ flags.DEFINE_integer("prefix_requests", 32, "prefix: requests sharing it.", lowe
 flags.DEFINE_integer("samples_prompt", 2000, "samples: prompt tokens.", lower_bound=2)
 flags.DEFINE_integer("samples_n", 8, "samples: samples of the prompt.", lower_bound=1)
 flags.DEFINE_integer("samples_tokens", 128, "samples: tokens per sample.", lower_bound=1)
+flags.DEFINE_integer("step_at", 128, "step: the engine step whose state is timed.", lower_bound=1)
+flags.DEFINE_integer("step_calls", 50, "step: calls per timed repeat.", lower_bound=1)
 flags.DEFINE_integer("own_tokens", 32, "scaling: tokens of each thread's own.", lower_bound=1)
 
 PROMPT = "Write a short story about a robot who learns to paint."
@@ -734,10 +736,83 @@ def bench_samples():
   return records
 
 
+def bench_step():
+  """One 1-token engine step of the Countdown evaluation, timed by part: the row assignment,
+  packing, packing + the model, the whole step (sampling, budgets and the protocol
+  included), and the model's forward over as many tokens with one key each (its matmuls
+  without attention). Each part is a jitted call on the engine state of --lanes problems at
+  step --step_at (one per lane, the evaluation's engine shape); --step_calls calls per
+  repeat, parts interleaved, median of --repeats."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from apr_jax import checkpoint
+  from apr_jax.engine.tree import loop, packing
+  from apr_jax.evaluation import countdown as ev
+  from apr_jax.shipped import resolve
+  from apr_jax.tasks import countdown as cd
+  model, tok = checkpoint.load(resolve("countdown_small_apr"))
+  eng = ev.make_engine(model, tok, "apr", lanes=FLAGS.lanes, slots=1536, step_cost="auto")
+  problems = cd.test_split(cd.SETTINGS["small"], FLAGS.lanes, seed=0)
+  snap = []
+
+  def keep(info):  # a copy of the state once the loop has passed --step_at
+    if not snap and info["first_step"] + info["steps"] >= FLAGS.step_at:
+      snap.append(jax.tree.map(lambda a: a.copy(), eng.state))
+
+  eng.run(ev.requests(tok, problems), on_segment=keep)
+  if not snap:
+    raise UserError(f"the run ended before step {FLAGS.step_at}: lower --step_at")
+  st, spec, g, params = snap[0], eng.spec, eng.graphdef, eng.params
+  n_tok = spec.lanes  # a 1-token step: one token per lane
+
+  def pack(st):
+    return jax.vmap(lambda l: packing.pack(l, st.step, spec, 1))(st.lanes)
+
+  def pack_model(st, params):
+    lanes, pk = pack(st)
+    n_blocks = (jnp.max(pk["vis_count"]) + spec.block - 1) // spec.block
+    visible = (pk["vis_idx"], pk["vis_count"], n_blocks, spec.block)
+    return nnx.merge(g, params).read_cache(pk["tok"], pk["pos"], pk["mask"], pk["mask_new"],
+                                           st.cache, visible)
+
+  ones = (jnp.zeros((n_tok, 1), jnp.int32), jnp.zeros((n_tok, 1), jnp.int32),
+          jnp.ones((n_tok, 1, 1), bool))
+  parts = {"assign_rows": (lambda st, params: jax.vmap(
+               lambda l: packing.assign_rows(l, spec))(st.lanes)),
+           "pack": lambda st, params: pack(st),
+           "pack+model": pack_model,
+           "whole step": lambda st, params: loop.forward_step(nnx.merge(g, params), st, spec, 1),
+           "model, 1 key": lambda st, params: nnx.merge(g, params)(*ones)}
+
+  def timed(fn):
+    fn = jax.jit(fn)
+    jax.block_until_ready(fn(st, params))  # compiled before the timed calls
+
+    def run():
+      t0 = time.perf_counter()
+      for _ in range(FLAGS.step_calls):
+        out = fn(st, params)
+      jax.block_until_ready(out)
+      return 1e3 * (time.perf_counter() - t0) / FLAGS.step_calls
+    return run
+
+  got = _interleaved({k: timed(f) for k, f in parts.items()}, lambda x: f"{x:.2f} ms")
+  whole = statistics.median(got["whole step"])
+  records = [{"benchmark": "step", "part": k, "lanes": spec.lanes, "slots": spec.slots,
+              "step": int(st.step), "ms_median": round(statistics.median(v), 3),
+              "share_of_step": round(statistics.median(v) / whole, 3), "repeats": len(v)}
+             for k, v in got.items()]
+  print(f"{'part':14s} {'ms (median)':>12s} {'x whole step':>13s}")
+  for r in records:
+    print(f"{r['part']:14s} {r['ms_median']:12.2f} {r['share_of_step']:13.2f}")
+  return records
+
+
 BENCHMARKS = {"decode": bench_decode, "fork": bench_fork, "train": bench_train,
               "attention": bench_attention, "scaling": bench_scaling,
               "samples": bench_samples, "prefill": bench_prefill,
-              "prefix": bench_prefix}
+              "prefix": bench_prefix, "step": bench_step}
 
 
 @cli_main
