@@ -144,3 +144,30 @@ def test_scaling_benchmark_records(tmp_path):
     assert r["kv_visible_mb"] == pytest.approx(80 * per_slot, abs=1e-3)  # prompt + 2 x 8
     want = 128 * per_slot if r["attention"] == "tree" else r["slots"] * per_slot
     assert r["kv_read_mb"] == pytest.approx(want, abs=1e-3)
+
+
+def test_step_benchmark_records(tmp_path):
+  """`bench step` on 2 lanes: a record per part, all of the same step (at or past
+  --step_at), the whole step's share exactly 1."""
+  import json
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, APR_JAX_CACHE_DIR="off", PYTHONPATH=root)
+  env.pop("XLA_FLAGS", None)
+
+  def bench(*args):
+    return subprocess.run([sys.executable, "-m", "apr_jax.bench", "step", "--lanes", "2",
+                           "--repeats", "1", "--step_calls", "1", *args],
+                          capture_output=True, text=True, cwd=root, env=env, timeout=300)
+
+  out = tmp_path / "s.json"
+  p = bench("--step_at", "8", "--out", str(out))
+  assert p.returncode == 0, p.stderr
+  recs = json.loads(out.read_text())
+  assert [r["part"] for r in recs] == ["assign_rows", "pack", "pack+model", "whole step",
+                                       "model, 1 key"]
+  assert len({r["step"] for r in recs}) == 1 and recs[0]["step"] >= 8
+  assert all(r["ms_median"] > 0 and r["lanes"] == 2 for r in recs)
+  assert recs[3]["share_of_step"] == 1.0
