@@ -71,7 +71,8 @@ def attend_visible(q, k_cache, v_cache, mask, idx, count, n_blocks, k_new, v_new
   else read).
 
   q [B, T, H, D]; k_cache, v_cache [B, K, S, D]; mask [B, T, S]; idx [B, S] int32: each
-  row's visible slots first (`count` [B] of them), in any order; n_blocks: a scalar,
+  row's visible slots first (`count` [B] of them), in any order, every entry in [0, S)
+  (those past `count` are ignored); n_blocks: a scalar,
   >= ceil(max(count) / block), the blocks to visit; k_new, v_new [B, K, T', D] with mask_new
   [B, T, T']. Visits blocks of `block` slots of idx with an online softmax (flash-decoding
   over a ragged list of KV chunks): the work and the KV bytes read grow with what the step's
@@ -85,6 +86,14 @@ def attend_visible(q, k_cache, v_cache, mask, idx, count, n_blocks, k_new, v_new
   s = k_cache.shape[2]
   pad = (-s) % block
   idx = jnp.pad(idx, ((0, 0), (0, pad)))  # n_blocks <= ceil(S / block): every block in range
+  # the mask in list order, once (not per block); False past the list: those entries never
+  # reach the output. The slot ids are in [0, S): gathers need no bounds checks.
+  live = jnp.arange(s + pad)[None, :] < count[:, None]                      # [B, S + pad]
+  mask = jnp.take_along_axis(mask, jnp.broadcast_to(idx[:, None, :], (b, t, s + pad)), axis=2,
+                             mode="promise_in_bounds") & live[:, None, :]
+
+  def rows(cache, sl):  # [B, K, S, D] at slots sl [B, blk] -> [B, K, blk, D]
+    return jnp.take_along_axis(cache, sl[:, None, :, None], axis=2, mode="promise_in_bounds")
 
   def scores(k, m):
     x = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32,
@@ -104,12 +113,11 @@ def attend_visible(q, k_cache, v_cache, mask, idx, count, n_blocks, k_new, v_new
   def body(c):
     i, mx, den, acc = c
     sl = jax.lax.dynamic_slice_in_dim(idx, i * block, block, axis=1)          # [B, blk]
-    live = (i * block + jnp.arange(block))[None, :] < count[:, None]         # [B, blk]
-    kb = jnp.take_along_axis(k_cache, sl[:, None, :, None], axis=2)          # [B, K, blk, D]
-    vb = jnp.take_along_axis(v_cache, sl[:, None, :, None], axis=2)
-    vb = jnp.where(live[:, None, :, None], vb, 0)  # entries past the list: never in the output
-    mb = jnp.take_along_axis(mask, jnp.broadcast_to(sl[:, None, :], (b, t, block)), axis=2)
-    sb = scores(kb.astype(q.dtype), mb & live[:, None, :])
+    lv = jax.lax.dynamic_slice_in_dim(live, i * block, block, axis=1)        # [B, blk]
+    mb = jax.lax.dynamic_slice_in_dim(mask, i * block, block, axis=2)        # [B, T, blk]
+    kb, vb = rows(k_cache, sl), rows(v_cache, sl)
+    vb = jnp.where(lv[:, None, :, None], vb, 0)  # entries past the list: never in the output
+    sb = scores(kb.astype(q.dtype), mb)
     new_mx = jnp.maximum(mx, jnp.max(sb, -1))
     alpha = jnp.exp(mx - new_mx)
     p = jnp.exp(sb - new_mx[..., None])
