@@ -127,11 +127,14 @@ def _write_samples(lane: Lane, t_w, x, logp, allowed, spec: TreeSpec):
   qtok = jnp.concatenate([x[:, None], jnp.broadcast_to(close[None, :], (w, close.shape[0]))], axis=1)
   qok = jnp.concatenate([jnp.ones((w, 1), bool),
                          add_close[:, None] & (jnp.arange(close.shape[0]) < nclose)[None, :]], axis=1)
-  newq, newlen = jax.vmap(lambda t, v: compact(t, v, spec.n_queue))(qtok, qok)
+  e = min(qtok.shape[1], spec.n_queue)
+  newq, newlen = jax.vmap(lambda t, v: compact(t, v, e))(qtok, qok)
   tid = targets(allowed, t_w, nt)
   reason = jnp.where(stop, StopReason.STOP, jnp.where(is_child, StopReason.BUDGET, StopReason.LENGTH))
+  # only the queue's first e entries are written: what lies past q_len is never read
+  th = th.replace(queue=th.queue.at[tid[:, None], jnp.arange(e)[None, :]].set(newq, mode="drop"))
   th = th.set_at(
-      tid, queue=newq, q_len=newlen, q_head=0, q_sampled=True, n_sampled=th.n_sampled[t_w] + 1,
+      tid, q_len=newlen, q_head=0, q_sampled=True, n_sampled=th.n_sampled[t_w] + 1,
       cp=th.cp[t_w] + 1, logp=th.logp[t_w] + logp, last_logp=logp, count=count,
       after=jnp.where(finish, Next.FINISH, jnp.where(fork_next, Next.FORK, Next.SAMPLE)),
       **outline)
