@@ -771,8 +771,7 @@ def bench_step():
 
   def pack_model(st, params):
     lanes, pk = pack(st)
-    n_blocks = (jnp.max(pk["vis_count"]) + spec.block - 1) // spec.block
-    visible = (pk["vis_idx"], pk["vis_count"], n_blocks, spec.block)
+    visible = loop.visible_kv(pk, spec)[0]
     return nnx.merge(g, params).read_cache(pk["tok"], pk["pos"], pk["mask"], pk["mask_new"],
                                            st.cache, visible)
 

@@ -79,6 +79,10 @@ def verdict(p: cd.Problem, texts) -> tuple[bool, bool, str]:
 PROMPT_TOKENS = 128  # more than any Countdown prompt of the shipped settings
 
 
+def _positive_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
 def make_engine(model, tok, fmt: str, lanes: int = 8, rows: int = 8, slots: int | str = 2048,
                 max_threads: int = 16, step_cost=None, max_total_tokens: int = 6000,
                 attention: str = "tree", requests_per_lane: int = 1):
@@ -95,8 +99,7 @@ def make_engine(model, tok, fmt: str, lanes: int = 8, rows: int = 8, slots: int 
   from apr_jax.engine import tree
   from apr_jax.engine.runner import TreeEngine
   from apr_jax.engine.tree import TreeSpec
-  if not isinstance(requests_per_lane, int) or isinstance(requests_per_lane, bool) or \
-      requests_per_lane < 1:
+  if not _positive_int(requests_per_lane):
     raise UserError(f"requests_per_lane must be a positive number, got {requests_per_lane!r}")
   pr = data.protocol_for(fmt, tok)
   depth = pr.max_depth if pr.forks else 0
@@ -112,7 +115,7 @@ def make_engine(model, tok, fmt: str, lanes: int = 8, rows: int = 8, slots: int 
     leaves = jax.tree.leaves(nnx.state(model))
     dtype = leaves[0].dtype if leaves else "float32"
     slots = memory.auto_slots(spec_for, model.cfg, dtype, None, cap=log * requests_per_lane)
-  elif not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
+  elif not _positive_int(slots):
     raise UserError(f"slots must be a positive number of KV slots per lane or 'auto', got {slots!r}")
   return TreeEngine(model, tok, spec_for(slots), segment_steps=64, step_cost=step_cost)
 

@@ -86,8 +86,8 @@ def attend_visible(q, k_cache, v_cache, mask, idx, count, n_blocks, k_new, v_new
   s = k_cache.shape[2]
   pad = (-s) % block
   idx = jnp.pad(idx, ((0, 0), (0, pad)))  # n_blocks <= ceil(S / block): every block in range
-  # the mask in list order, once (not per block); False past the list: those entries never
-  # reach the output. The slot ids are in [0, S): gathers need no bounds checks.
+  # the mask in list order, once (not per block; XLA merges the layers' identical copies);
+  # False past the list: those entries never reach the output. The slot ids are in [0, S): gathers need no bounds checks.
   live = jnp.arange(s + pad)[None, :] < count[:, None]                      # [B, S + pad]
   mask = jnp.take_along_axis(mask, jnp.broadcast_to(idx[:, None, :], (b, t, s + pad)), axis=2,
                              mode="promise_in_bounds") & live[:, None, :]

@@ -49,13 +49,10 @@ def _last_logits(model: Transformer, h, pk, spec: TreeSpec, m: int):
   return jnp.zeros((lo.shape[0], spec.rows, lo.shape[-1]), lo.dtype).at[b, sel].set(lo, mode="drop")
 
 
-def forward_step(model: Transformer, st: EngineState, spec: TreeSpec, m: int, pad_to: int = 0):
-  """One engine step packing at most `m` tokens per lane. Returns (lanes, a LayerKV per
-  layer with k, v [lanes, K, pad_to, D], their slots [lanes, pad_to], the KV slots seen and
-  read [2]): the cache is only read here, and not returned; the caller writes the new KV
-  (outside any lax.switch, so in place)."""
-  step = st.step
-  lanes, pk = jax.vmap(lambda l: pack(l, step, spec, m))(st.lanes)
+def visible_kv(pk, spec: TreeSpec):
+  """What the packed tokens `pk` read of the cache, for `Transformer.read_cache`: (visible,
+  the KV slots seen and the KV slots read, float32 scalars). visible is None for dense
+  attention (every slot read)."""
   visible = None
   seen = jnp.sum(pk["vis_count"]).astype(jnp.float32)
   read = jnp.float32(spec.lanes * spec.slots)
@@ -68,6 +65,17 @@ def forward_step(model: Transformer, st: EngineState, spec: TreeSpec, m: int, pa
     pages = visible_pages(pk["mask"], spec.block)  # once per step, for every layer
     visible = ("pages", spec.block, pages)
     read = (jnp.sum(pages[1]) * spec.block).astype(jnp.float32)
+  return visible, seen, read
+
+
+def forward_step(model: Transformer, st: EngineState, spec: TreeSpec, m: int, pad_to: int = 0):
+  """One engine step packing at most `m` tokens per lane. Returns (lanes, a LayerKV per
+  layer with k, v [lanes, K, pad_to, D], their slots [lanes, pad_to], the KV slots seen and
+  read [2]): the cache is only read here, and not returned; the caller writes the new KV
+  (outside any lax.switch, so in place)."""
+  step = st.step
+  lanes, pk = jax.vmap(lambda l: pack(l, step, spec, m))(st.lanes)
+  visible, seen, read = visible_kv(pk, spec)
   h, new_kv = model.read_cache(pk["tok"], pk["pos"], pk["mask"], pk["mask_new"], st.cache,
                                visible)
   slot = pk["slot"]
