@@ -11,7 +11,7 @@ from flax import nnx
 
 from apr_jax.cache import kv as kvlib
 from apr_jax.engine.tree import budgets, forkjoin, requests
-from apr_jax.engine.tree.packing import assign_rows, pack
+from apr_jax.engine.tree.packing import assign_rows, pack, rows_to_assign, write_log
 from apr_jax.engine.tree.state import EngineState, Lane, Scripts, TreeSpec, empty_lane
 from apr_jax.model.transformer import Transformer
 
@@ -69,22 +69,44 @@ def visible_kv(pk, spec: TreeSpec):
 
 
 def forward_step(model: Transformer, st: EngineState, spec: TreeSpec, m: int, pad_to: int = 0):
-  """One engine step packing at most `m` tokens per lane. Returns (lanes, a LayerKV per
-  layer with k, v [lanes, K, pad_to, D], their slots [lanes, pad_to], the KV slots seen and
-  read [2]): the cache is only read here, and not returned; the caller writes the new KV
-  (outside any lax.switch, so in place)."""
+  """Packing and the model of one engine step of at most `m` tokens per lane. Returns
+  (lanes, out): out holds what the rest of the step writes, padded to `pad_to` tokens so
+  that every variant has the same shapes: "log" (`packing.write_log`'s entries), "kv" (a
+  LayerKV per layer with k, v [lanes, pad_to, K, D]) and "slot" [lanes, pad_to] (where
+  they go, pad slots dropped), "logits" [lanes, W, V] and "drained" [lanes, W] (for
+  `update`), "reads" (the KV slots seen and read [2]). Nothing big is written here: inside a
+  `lax.switch` branch the cache, the log and the tables `update` writes would be copied
+  whole every step, so `finish_step` writes them after the switch."""
   step = st.step
-  lanes, pk = jax.vmap(lambda l: pack(l, step, spec, m))(st.lanes)
+  lanes, pk = jax.vmap(lambda l: pack(l, step, spec, m, log=False))(st.lanes)
   visible, seen, read = visible_kv(pk, spec)
   h, new_kv = model.read_cache(pk["tok"], pk["pos"], pk["mask"], pk["mask_new"], st.cache,
                                visible)
-  slot = pk["slot"]
-  if pad_to > m:  # every variant hands back the same shapes; pad slots are dropped
-    new_kv = jax.tree.map(lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, pad_to - m), (0, 0))), new_kv)
-    pad = jnp.broadcast_to(spec.slots + jnp.arange(m, pad_to), (slot.shape[0], pad_to - m))
+  # token-major ([lanes, T, K, D], the layout `kvlib.write` scatters) at m tokens, not pad_to
+  new_kv = jax.tree.map(lambda x: x.transpose(0, 2, 1, 3), new_kv)
+  slot, log = pk["slot"], pk["log"]
+  if pad_to > m:
+    n = slot.shape[0]
+    new_kv = jax.tree.map(lambda x: jnp.pad(x, ((0, 0), (0, pad_to - m), (0, 0), (0, 0))), new_kv)
+    pad = jnp.broadcast_to(spec.slots + jnp.arange(m, pad_to), (n, pad_to - m))
     slot = jnp.concatenate([slot, pad.astype(slot.dtype)], axis=1)
-  logits = _last_logits(model, h, pk, spec, m)
-  return update(lanes, logits, pk["drained"], step, spec), new_kv, slot, jnp.stack([seen, read])
+    drop = jnp.broadcast_to(spec.n_log + jnp.arange(m, pad_to), (n, pad_to - m))
+    log = {k: jnp.concatenate([v, drop.astype(v.dtype) if k == "at" else
+                               jnp.zeros((n, pad_to - m), v.dtype)], axis=1)
+           for k, v in log.items()}
+  out = dict(log=log, kv=new_kv, slot=slot, logits=_last_logits(model, h, pk, spec, m),
+             drained=pk["drained"], reads=jnp.stack([seen, read]))
+  return lanes, out
+
+
+def finish_step(st: EngineState, lanes: Lane, out: dict, spec: TreeSpec) -> EngineState:
+  """The rest of a step after `forward_step`: the cache and the log written in place, then
+  `update` (sampling, the protocol, fork, finish, join)."""
+  cache = tuple(kvlib.write(c, kv.k, kv.v, out["slot"], tokens_major=True)
+                for c, kv in zip(st.cache, out["kv"]))
+  lanes = jax.vmap(write_log)(lanes, out["log"])
+  lanes = update(lanes, out["logits"], out["drained"], st.step, spec)
+  return st.replace(lanes=lanes, cache=cache, step=st.step + 1, reads=st.reads + out["reads"])
 
 
 def step_sizes(spec: TreeSpec) -> tuple:
@@ -130,19 +152,20 @@ def segment(graphdef, params, st: EngineState, until_step, cost, spec: TreeSpec)
     return (st.step < until_step) & jnp.any(rq.active & ~rq.done)
 
   def body(st):
-    st = st.replace(lanes=jax.vmap(lambda l: assign_rows(l, spec))(st.lanes))
+    # rows change hands only after a fork, a join, a finish or an admission: most steps
+    # skip the assignment (one predicate instead of its ops)
+    assign = jnp.any(jax.vmap(rows_to_assign)(st.lanes))
+    st = st.replace(lanes=jax.lax.cond(
+        assign, lambda l: jax.vmap(lambda a: assign_rows(a, spec))(l), lambda l: l, st.lanes))
     which = _variant(st, cost, spec)
     if len(sizes) == 1:
-      new, new_kv, slot, reads = forward_step(model, st, spec, sizes[0])
+      lanes, out = forward_step(model, st, spec, sizes[0])
     else:
-      new, new_kv, slot, reads = jax.lax.switch(
+      lanes, out = jax.lax.switch(
           which, [functools.partial(forward_step, model, spec=spec, m=m, pad_to=sizes[-1]) for m in sizes],
           st)
-    # the cache is written here, not in the switch's branches: a buffer that a lax.cond
-    # returns is copied whole every step (the KV pool, at every step)
-    cache = tuple(kvlib.write(c, kv.k, kv.v, slot) for c, kv in zip(st.cache, new_kv))
-    return EngineState(lanes=new, cache=cache, step=st.step + 1, vsteps=st.vsteps.at[which].add(1),
-                       reads=st.reads + reads)
+    st = finish_step(st, lanes, out, spec)
+    return st.replace(vsteps=st.vsteps.at[which].add(1))
 
   return jax.lax.while_loop(cond, body, st)
 

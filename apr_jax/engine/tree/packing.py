@@ -10,12 +10,24 @@ from apr_jax.engine.tree.requests import live_threads, terminate
 from apr_jax.engine.tree.state import Lane, LogKind, StopReason, ThreadState, TreeSpec
 
 
+def _ready(lane: Lane):
+  """[NT] bool: threads that may take a row (a root that shares another's prompt prefix
+  once that root has stored it)."""
+  th = lane.threads
+  stored = (th.src < 0) | (th.pos[jnp.clip(th.src, 0)] >= th.upto)
+  return (th.state == ThreadState.READY) & live_threads(lane) & stored
+
+
+def rows_to_assign(lane: Lane):
+  """Whether `assign_rows` changes anything: a ready thread and a free row."""
+  return jnp.any(_ready(lane)) & jnp.any(lane.rows.thread < 0)
+
+
 def assign_rows(lane: Lane, spec: TreeSpec) -> Lane:
   """Ready threads (lowest id first) take free rows; a root that shares another's prompt
   prefix once that root has stored it."""
   th = lane.threads
-  stored = (th.src < 0) | (th.pos[jnp.clip(th.src, 0)] >= th.upto)
-  ready = (th.state == ThreadState.READY) & live_threads(lane) & stored
+  ready = _ready(lane)
   free_row = lane.rows.thread < 0
   ready_ids = jnp.nonzero(ready, size=spec.rows, fill_value=-1)[0]
   rank = jnp.cumsum(free_row) - 1
@@ -78,11 +90,10 @@ def _book(lane: Lane, g, step, spec: TreeSpec, m: int):
       owner=lane.slots.owner.at[slot].set(t_m, mode="drop", unique_indices=True),
       pos=lane.slots.pos.at[slot].set(pos, mode="drop", unique_indices=True))
   li = jnp.where(valid, lane.log.n + mi, lg + mi)
-  log = lane.log.replace(n=lane.log.n + total, **{
-      k: getattr(lane.log, k).at[li].set(v, mode="drop", unique_indices=True)
-      for k, v in dict(tok=tok, thread=t_m, pos=pos, kind=kind,
-                       step=jnp.full((m,), step, jnp.int32),
-                       logp=jnp.where(kind == LogKind.SAMPLED, th.last_logp[t_m], 0.0)).items()})
+  entries = dict(at=li, tok=tok, thread=t_m, pos=pos, kind=kind,
+                 step=jnp.full((m,), step, jnp.int32),
+                 logp=jnp.where(kind == LogKind.SAMPLED, th.last_logp[t_m], 0.0))
+  log = lane.log.replace(n=lane.log.n + total)
   # a pending mark (an opening tag) gets the log index of its token
   hit = valid & th.mark_pending[t_m] & (pos == th.mark_pos[t_m])
   th = th.set_at(targets(hit, t_m, nt), mark_log=li, mark_pending=False)
@@ -92,7 +103,17 @@ def _book(lane: Lane, g, step, spec: TreeSpec, m: int):
                      spec.requests)
   rq = lane.requests.replace(high=jnp.maximum(lane.requests.high, held))
   lane = lane.replace(threads=th, slots=slots, log=log, requests=rq)
-  return lane, dict(tok=tok, pos=pos, slot=slot, valid=valid, t_m=t_m), cum
+  return lane, dict(tok=tok, pos=pos, slot=slot, valid=valid, t_m=t_m, log=entries), cum
+
+
+def write_log(lane: Lane, entries: dict) -> Lane:
+  """Writes the log entries `_book` booked (entries["at"]: their indices, >= n_log dropped).
+  Kept apart from the booking so that a loop choosing a step variant with `lax.switch` can
+  write the log outside the switch: a table written inside a branch is copied whole."""
+  at = entries["at"]
+  return lane.replace(log=lane.log.replace(**{
+      k: getattr(lane.log, k).at[at].set(v, mode="drop", unique_indices=True)
+      for k, v in entries.items() if k != "at"}))
 
 
 def _masks(lane: Lane, pk: dict, spec: TreeSpec, m: int):
@@ -121,8 +142,9 @@ def visible_slots(mask):
           jnp.sum(seen).astype(jnp.int32))
 
 
-def pack(lane: Lane, step, spec: TreeSpec, m: int):
-  """Chooses this step's tokens for one lane and books their slots and log entries.
+def pack(lane: Lane, step, spec: TreeSpec, m: int, log: bool = True):
+  """Chooses this step's tokens for one lane and books their slots and log entries (written
+  with log=True; else returned as packed["log"] for `write_log`).
 
   Returns (lane, packed) with packed = tok/pos/slot [M], mask [M, S] over the slots held
   before this step, mask_new [M, M] over this step's tokens, last [W] (index of each row's
@@ -131,12 +153,16 @@ def pack(lane: Lane, step, spec: TreeSpec, m: int):
   """
   g, has, qlen, oom_r, ctx_r = _row_tokens(lane, spec, m)
   lane, pk, cum = _book(lane, g, step, spec, m)
+  if log:
+    lane = write_log(lane, pk["log"])
   mask, mask_new = _masks(lane, pk, spec, m)
   drained = has & (g > 0) & (g == qlen)
   lane = terminate(lane, StopReason.OUT_OF_MEMORY, step, oom_r)
   lane = terminate(lane, StopReason.CONTEXT, step, ctx_r)
   packed = dict(tok=pk["tok"], pos=pk["pos"], slot=pk["slot"], mask=mask, mask_new=mask_new,
                 last=jnp.clip(cum - 1, 0, m - 1), drained=drained)
+  if not log:
+    packed["log"] = pk["log"]
   if spec.attention == "tree":
     packed["vis_idx"], packed["vis_count"] = visible_slots(mask)
   else:  # the counters only: what the step's tokens see

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from apr_jax.cache import kv as kvlib
-from apr_jax.engine.tree.packing import _book, _masks, assign_rows, visible_slots
+from apr_jax.engine.tree.packing import _book, _masks, assign_rows, visible_slots, write_log
 from apr_jax.engine.tree.requests import live_threads
 from apr_jax.engine.tree.state import EngineState, Lane, TreeSpec
 from apr_jax.model.transformer import Transformer
@@ -94,6 +94,7 @@ def prefill(graphdef, params, st: EngineState, spec: TreeSpec, c: int, min_token
   chosen = jnp.zeros_like(per_lane, bool).at[jnp.arange(shards), idx].set(True).reshape(-1)
   g = jnp.where(chosen[:, None], g, 0)
   lanes, pk, _ = jax.vmap(lambda l, gg: _book(l, gg, st.step, spec, c))(lanes, g)
+  lanes = jax.vmap(write_log)(lanes, pk["log"])
   mask, mask_new = jax.vmap(lambda l, p: _masks(l, p, spec, c))(lanes, pk)
   cache = tuple(kvlib.LayerKV(_pick(x.k, shards, idx), _pick(x.v, shards, idx)) for x in st.cache)
   mask = _pick(mask, shards, idx)
