@@ -777,8 +777,7 @@ def bench_step():
 
   def whole(st, params):  # the cache is not written: a call without donation would copy it
     lanes, out = loop.forward_step(nnx.merge(g, params), st, spec, 1)
-    lanes = jax.vmap(packing.write_log)(lanes, out["log"])
-    return loop.update(lanes, out["logits"], out["drained"], st.step, spec)
+    return loop.finish_lanes(lanes, out, st.step, spec)
 
   ones = (jnp.zeros((n_tok, 1), jnp.int32), jnp.zeros((n_tok, 1), jnp.int32),
           jnp.ones((n_tok, 1, 1), bool))

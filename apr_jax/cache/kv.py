@@ -45,22 +45,24 @@ def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32,
   return tuple(LayerKV(zeros(), zeros()) for _ in range(cfg.n_layers))
 
 
-def write(layer: LayerKV, k: jax.Array, v: jax.Array, index, tokens_major: bool = False) -> LayerKV:
-  """Writes k/v [batch, kv_heads, T, head_dim] (tokens_major: [batch, T, kv_heads,
-  head_dim]) into the cache, in place.
+def write_slots(layer: LayerKV, k: jax.Array, v: jax.Array, index) -> LayerKV:
+  """Writes k/v [batch, T, kv_heads, head_dim] (the projection's layout) at slot addresses
+  `index` [batch, T], one per new token (the tree cache, where each token goes to any free
+  slot), in place. Addresses >= slots (padding tokens) are dropped."""
+  b = jnp.arange(k.shape[0])[:, None]
+  def put(buf, new):
+    return buf.at[b, :, index].set(new.astype(buf.dtype), mode="drop", unique_indices=True)
+  return LayerKV(put(layer.k, k), put(layer.v, v))
+
+
+def write(layer: LayerKV, k: jax.Array, v: jax.Array, index) -> LayerKV:
+  """Writes k/v [batch, kv_heads, T, head_dim] into the cache, in place.
 
   `index` is either a scalar (every row writes slots [index, index+T): sequential decoding)
-  or an int array [batch, T] of slot addresses, one per new token (the tree cache, where
-  each token goes to any free slot). Addresses >= slots (padding tokens) are dropped.
+  or an int array [batch, T] of slot addresses (`write_slots`).
   """
-  if tokens_major and jnp.ndim(index) != 2:
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   if jnp.ndim(index) == 2:
-    b = jnp.arange(k.shape[0])[:, None]
-    kt, vt = (k, v) if tokens_major else (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
-    def put(buf, new):
-      return buf.at[b, :, index].set(new.astype(buf.dtype), mode="drop", unique_indices=True)
-    return LayerKV(put(layer.k, kt), put(layer.v, vt))
+    return write_slots(layer, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), index)
   z = jnp.zeros((), jnp.int32)
   idx = (z, z, jnp.asarray(index, jnp.int32), z)
   return LayerKV(jax.lax.dynamic_update_slice(layer.k, k.astype(layer.k.dtype), idx),

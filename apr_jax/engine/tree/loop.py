@@ -78,11 +78,11 @@ def forward_step(model: Transformer, st: EngineState, spec: TreeSpec, m: int, pa
   `lax.switch` branch the cache, the log and the tables `update` writes would be copied
   whole every step, so `finish_step` writes them after the switch."""
   step = st.step
-  lanes, pk = jax.vmap(lambda l: pack(l, step, spec, m, log=False))(st.lanes)
+  lanes, pk = jax.vmap(lambda l: pack(l, step, spec, m))(st.lanes)
   visible, seen, read = visible_kv(pk, spec)
   h, new_kv = model.read_cache(pk["tok"], pk["pos"], pk["mask"], pk["mask_new"], st.cache,
                                visible)
-  # token-major ([lanes, T, K, D], the layout `kvlib.write` scatters) at m tokens, not pad_to
+  # token-major ([lanes, T, K, D], what `kvlib.write_slots` scatters) at m tokens, not pad_to
   new_kv = jax.tree.map(lambda x: x.transpose(0, 2, 1, 3), new_kv)
   slot, log = pk["slot"], pk["log"]
   if pad_to > m:
@@ -99,14 +99,18 @@ def forward_step(model: Transformer, st: EngineState, spec: TreeSpec, m: int, pa
   return lanes, out
 
 
-def finish_step(st: EngineState, lanes: Lane, out: dict, spec: TreeSpec) -> EngineState:
-  """The rest of a step after `forward_step`: the cache and the log written in place, then
-  `update` (sampling, the protocol, fork, finish, join)."""
-  cache = tuple(kvlib.write(c, kv.k, kv.v, out["slot"], tokens_major=True)
-                for c, kv in zip(st.cache, out["kv"]))
+def finish_lanes(lanes: Lane, out: dict, step, spec: TreeSpec) -> Lane:
+  """The lanes' part of a step after `forward_step`: the log entries written, then `update`
+  (sampling, the protocol, fork, finish, join)."""
   lanes = jax.vmap(write_log)(lanes, out["log"])
-  lanes = update(lanes, out["logits"], out["drained"], st.step, spec)
-  return st.replace(lanes=lanes, cache=cache, step=st.step + 1, reads=st.reads + out["reads"])
+  return update(lanes, out["logits"], out["drained"], step, spec)
+
+
+def finish_step(st: EngineState, lanes: Lane, out: dict, spec: TreeSpec) -> EngineState:
+  """The rest of a step after `forward_step`, in place: the new KV written, `finish_lanes`."""
+  cache = tuple(kvlib.write_slots(c, kv.k, kv.v, out["slot"]) for c, kv in zip(st.cache, out["kv"]))
+  return st.replace(lanes=finish_lanes(lanes, out, st.step, spec), cache=cache,
+                    step=st.step + 1, reads=st.reads + out["reads"])
 
 
 def step_sizes(spec: TreeSpec) -> tuple:

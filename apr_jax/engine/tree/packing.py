@@ -142,9 +142,9 @@ def visible_slots(mask):
           jnp.sum(seen).astype(jnp.int32))
 
 
-def pack(lane: Lane, step, spec: TreeSpec, m: int, log: bool = True):
-  """Chooses this step's tokens for one lane and books their slots and log entries (written
-  with log=True; else returned as packed["log"] for `write_log`).
+def pack(lane: Lane, step, spec: TreeSpec, m: int):
+  """Chooses this step's tokens for one lane and books their slots and log entries (the
+  entries are returned as packed["log"], for `write_log`).
 
   Returns (lane, packed) with packed = tok/pos/slot [M], mask [M, S] over the slots held
   before this step, mask_new [M, M] over this step's tokens, last [W] (index of each row's
@@ -153,16 +153,12 @@ def pack(lane: Lane, step, spec: TreeSpec, m: int, log: bool = True):
   """
   g, has, qlen, oom_r, ctx_r = _row_tokens(lane, spec, m)
   lane, pk, cum = _book(lane, g, step, spec, m)
-  if log:
-    lane = write_log(lane, pk["log"])
   mask, mask_new = _masks(lane, pk, spec, m)
   drained = has & (g > 0) & (g == qlen)
   lane = terminate(lane, StopReason.OUT_OF_MEMORY, step, oom_r)
   lane = terminate(lane, StopReason.CONTEXT, step, ctx_r)
   packed = dict(tok=pk["tok"], pos=pk["pos"], slot=pk["slot"], mask=mask, mask_new=mask_new,
-                last=jnp.clip(cum - 1, 0, m - 1), drained=drained)
-  if not log:
-    packed["log"] = pk["log"]
+                last=jnp.clip(cum - 1, 0, m - 1), drained=drained, log=pk["log"])
   if spec.attention == "tree":
     packed["vis_idx"], packed["vis_count"] = visible_slots(mask)
   else:  # the counters only: what the step's tokens see
