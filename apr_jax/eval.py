@@ -31,6 +31,15 @@ def _log(*a):
   print(*a, file=sys.stderr, flush=True)
 
 
+def _format_of(path: str) -> str:
+  """The training format an apr_jax checkpoint records ("" for another checkpoint)."""
+  try:
+    with open(os.path.join(path, "apr_config.json")) as f:
+      return json.load(f).get("format", "")
+  except (OSError, ValueError):
+    return ""
+
+
 @cli_main
 def main(argv):
   if len(argv) > 1:
@@ -67,7 +76,10 @@ def main(argv):
   for name, m in c.methods.items():
     if FLAGS.methods and name not in FLAGS.methods:
       continue
-    if m.get("engine", "tree") == "apr_original":
+    engine = m.get("engine", "tree")
+    if engine == "tree" and m.get("path") and _format_of(resolve(m.path)) == "apr_original":
+      engine = "apr_original"  # a checkpoint trained on the original's calls runs as the original
+    if engine == "apr_original":
       if not m.get("path"):
         raise UserError(f"method {name}: set its path to a checkpoint in the original APR format "
                         f"(--config.methods.{name}.path=DIR)")
@@ -91,7 +103,7 @@ def main(argv):
     _log(f"{name}: {path} ({fmt}, {resolve_dtype(c.get('dtype', 'auto'))})")
     model, tok = checkpoint.load(path, dtype=c.get("dtype", "auto"))
     dtype = str(jax.tree.leaves(model)[0].dtype)
-    if m.get("engine", "tree") == "host":
+    if engine == "host":
       from apr_jax.engine.host import HostAPR
       from apr_jax.tasks.countdown import data
       if fmt != "apr":

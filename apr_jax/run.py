@@ -206,6 +206,10 @@ def _run_countdown(t0):
   path = resolve(FLAGS.model or name)
   extra = json.load(open(f"{path}/apr_config.json"))
   fmt = extra.get("format", "sos")
+  if fmt == "apr_original":
+    raise UserError(f"{path} is trained on the original APR calls: run it with --protocol "
+                    "apr_original and its prompt, or evaluate it with `python -m apr_jax.eval "
+                    "--config configs/eval_apr_original.py`")
   if FLAGS.problem:
     p = _parse_problem(FLAGS.problem)
   else:

@@ -1,7 +1,8 @@
 """Supervised training: `python -m apr_jax.train --config configs/countdown_small_apr.py`.
 
 Builds the task's trajectories in the config's format (sequential SoS, APR, ThreadWeaver or
-Multiverse), trains a tokenizer (or grows a pretrained one with the protocol tags), packs each
+Multiverse, or the original SoS+ and APR formats: `apr_original` trains each call of the
+original's search as its own sequence, as the original does), trains a tokenizer (or grows a pretrained one with the protocol tags), packs each
 thread tree into rows with its tree mask, trains with AdamW (warmup + cosine), checkpoints
 with orbax (an interrupted run resumes where it stopped), and writes the final model as an
 apr_jax checkpoint in WORKDIR/model (with its tokenizer) that `run` and `eval` load.
@@ -55,9 +56,9 @@ def build_data(c, tok, log=_log):
   train, _ = cd.splits(setting, c.n_train, c.n_test, seed=c.data_seed)
   items, t0 = [], time.perf_counter()
   for i, p in enumerate(train):
-    prompt, scripts, _ = data.encode(tok, c.format, p, setting)
-    trace = reference.simulate(pr, prompt, scripts, eos_ids=(tok.eos_id,), text=(tok.decode, tok.encode))
-    items.extend(packing.split_components(packing.pack_trace(trace)))
+    for prompt, scripts in data.sequences(tok, c.format, p, setting)[0]:
+      trace = reference.simulate(pr, prompt, scripts, eos_ids=(tok.eos_id,), text=(tok.decode, tok.encode))
+      items.extend(packing.split_components(packing.pack_trace(trace)))
     if (i + 1) % 2000 == 0:
       log(f"  trajectories {i + 1}/{len(train)} ({time.perf_counter() - t0:.0f} s)")
   rows, skipped = packing.pack_rows(items, c.seq_len, c.max_groups)
@@ -86,7 +87,8 @@ def build_model(c, log=_log):
     from apr_jax.model.vocab import add_tokens
     path = smollm2_path() if c.init_from == "smollm2" else c.init_from
     model, tok = checkpoint.load(path)
-    model, _ = add_tokens(model, tok, data.ALL_TAGS)
+    if data.tags_for(c.format):
+      model, _ = add_tokens(model, tok, data.tags_for(c.format))
     return model, tok
   if os.path.exists(os.path.join(tok_dir, "tokenizer.model")):
     from apr_jax.tokenizer import load_tokenizer
@@ -95,7 +97,7 @@ def build_model(c, log=_log):
     setting = cd.SETTINGS[c.setting]
     train, _ = cd.splits(setting, min(c.n_train, 2000), c.n_test, seed=c.data_seed)
     tok = data.train_tokenizer(data.texts_for_tokenizer(train, setting, c.format), tok_dir,
-                               c.vocab_size)
+                               c.vocab_size, tags=data.tags_for(c.format))
     log(f"tokenizer: {tok.vocab_size} pieces -> {tok_dir}")
   m = dict(c.model)
   cfg = ModelConfig(arch=m.pop("arch", "llama"), vocab_size=tok.vocab_size, bos_id=tok.bos_id,

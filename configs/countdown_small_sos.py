@@ -11,7 +11,7 @@ def get_config():
   c.task = "countdown"
   c.setting = "small"
   c.beam = 0              # 0: the setting's default
-  c.format = "sos"        # sos | apr | threadweaver | multiverse | sos_original
+  c.format = "sos"        # sos | apr | threadweaver | multiverse | sos_original | apr_original
   c.n_train = 12000
   c.n_test = 1000
   c.data_seed = 0

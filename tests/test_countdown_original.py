@@ -256,3 +256,68 @@ def test_sos_original_format_trains_and_evaluates_as_written(tmp_path):
   assert n_solved >= 10
   with pytest.raises(UserError, match="unknown Countdown format"):
     data.encode(tok, "sos_orig", train[0])
+
+
+def test_apr_original_format_trains_every_call_as_the_original_sends_it(tmp_path):
+  """`format="apr_original"`: a tokenizer with no tags; one sequence per call (the root's
+  calls, then every child), each the context the original orchestration gives the call
+  (BOS + the prompt, the reference's join of the previous call with its children's results,
+  or the child prompt) and what the model writes + EOS."""
+  from apr_jax.protocols import reference
+  from apr_jax.tasks.countdown import data
+  train, _ = cd.splits(cd.SMALL, 60, 1, seed=3)
+  tok = data.train_tokenizer(data.texts_for_tokenizer(train, cd.SMALL, "apr_original"),
+                             str(tmp_path), 400, tags=data.tags_for("apr_original"))
+  assert tok.token_id("<Calling Sub Searches>") is None and tok.token_id("<Sub Search>") is None
+  assert not data.protocol_for("apr_original", tok).forks
+  n_spawns = 0
+  for p in train[:30]:
+    seqs, solved = data.sequences(tok, "apr_original", p)
+    assert data.sequences(tok, "apr_original", p) == (seqs, solved)  # a fixed trace per problem
+    t = orig.solve_apr_original(p, data.original_rng(p))
+    kids = [k for spawn in t.children for k in spawn]
+    assert solved == t.solved and len(seqs) == len(t.calls) + len(kids)
+    texts = [tok.decode(prompt[1:] + s[()][:-1]) for prompt, s in seqs]
+    assert texts == t.calls + kids
+    assert all(prompt[0] == tok.bos_id and s[()][-1] == tok.eos_id for prompt, s in seqs)
+    assert seqs[0][0] == [tok.bos_id] + tok.encode(data.prompt_text("apr_original", p))
+    for k, (spawn, prompts) in enumerate(zip(t.children, t.child_prompts)):
+      n_spawns += 1
+      ids = [cp.split("\n")[0].split("#")[1] for cp in prompts]
+      joined = reference.apr_join(t.calls[k], ids, [reference.apr_search_result(c) for c in spawn])
+      assert tok.decode(seqs[k + 1][0][1:]) == joined
+      assert reference.apr_children(t.calls[k]) == (ids, prompts)
+  assert n_spawns >= 10
+  with pytest.raises(UserError, match="one sequence per call"):
+    data.encode(tok, "apr_original", train[0])
+
+
+def test_apr_original_checkpoint_trains_and_evaluates_through_the_original_calls(tmp_path):
+  import json
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, APR_JAX_CACHE_DIR="off", PYTHONPATH=root)
+  env.pop("XLA_FLAGS", None)
+  run = lambda *a: subprocess.run([sys.executable, "-m", *a], capture_output=True, text=True,
+                                  cwd=root, env=env, timeout=900)
+  work = tmp_path / "w"
+  p = run("apr_jax.train", "--config", "configs/countdown_small_sos.py", f"--config.workdir={work}",
+          "--config.format=apr_original", "--config.n_train=40", "--config.train.steps=2",
+          "--config.train.log_every=1", "--config.seq_len=512")
+  assert p.returncode == 0, p.stderr
+  assert "apr_original trajectories" in p.stderr
+  from apr_jax import checkpoint
+  _, tok = checkpoint.load(str(work / "model"))
+  assert tok.token_id("<End Calling Sub Searches>") is None
+  # engine "tree" in the config: eval sees the checkpoint's format and runs the original's calls
+  p = run("apr_jax.eval", "--config", "configs/eval_apr_original.py",
+          f"--config.methods.apr.path={work / 'model'}", "--config.methods.apr.engine=tree",
+          "--config.setting=small", "--config.max_call_tokens=24", "--config.batch=2",
+          "--num_problems", "2", "--out", str(tmp_path / "e"))
+  assert p.returncode == 0, p.stderr
+  m = json.load(open(tmp_path / "e" / "results.json"))["methods"]["apr"]
+  assert m["engine"] == "apr_original" and m["problems"] == 2 and m["model_calls"] >= 2
+  p = run("apr_jax.run", "--task", "countdown", "--model", str(work / "model"))
+  assert p.returncode == 2 and "--protocol apr_original" in p.stderr and "Traceback" not in p.stderr

@@ -14,15 +14,24 @@ from apr_jax.protocols import TAGS, Protocol, build
 from apr_jax.tasks import countdown as cd
 from apr_jax.tasks.countdown import original
 
-FORMATS = ("sos", "apr", "threadweaver", "multiverse", "sos_original")
+FORMATS = ("sos", "apr", "threadweaver", "multiverse", "sos_original", "apr_original")
 PROTOCOL_OF = {"sos": "none", "apr": "apr", "threadweaver": "threadweaver", "multiverse": "multiverse",
-               "sos_original": "none"}
+               "sos_original": "none", "apr_original": "none"}
 SEQUENTIAL = ("sos", "sos_original")
 ALL_TAGS = tuple(dict.fromkeys(TAGS["apr"] + TAGS["threadweaver"] + TAGS["multiverse"]))
+# "apr_original": the original's calls, each one plain sequence in the tokenizer's own
+# vocabulary (its tags are text, nothing is added), run by the original's orchestration
+# (`engine.host_original`); every call is trained as it is sent (`sequences`).
+CALLS = ("apr_original",)
 
 
-def train_tokenizer(texts: Sequence[str], out_dir: str, vocab_size: int = 320):
-  """BPE sentencepiece on the trace lines: protocol tags and newline as user-defined
+def tags_for(fmt: str) -> tuple:
+  """The tags a format's tokenizer holds as single tokens."""
+  return () if check_format(fmt) in CALLS else ALL_TAGS
+
+
+def train_tokenizer(texts: Sequence[str], out_dir: str, vocab_size: int = 320, tags=ALL_TAGS):
+  """BPE sentencepiece on the trace lines: the protocol `tags` and newline as user-defined
   symbols, digits split, no normalisation (text round-trips exactly). Saved as
   out_dir/tokenizer.model; returns the loaded tokenizer."""
   import sentencepiece as spm
@@ -33,7 +42,7 @@ def train_tokenizer(texts: Sequence[str], out_dir: str, vocab_size: int = 320):
     prefix = os.path.join(tmp, "sp")
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_prefix=prefix, vocab_size=vocab_size, model_type="bpe",
-        user_defined_symbols=list(ALL_TAGS) + ["\n"], split_digits=True,
+        user_defined_symbols=list(tags) + ["\n"], split_digits=True,
         normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0, num_threads=2,
         minloglevel=2, hard_vocab_limit=False)
@@ -43,7 +52,8 @@ def train_tokenizer(texts: Sequence[str], out_dir: str, vocab_size: int = 320):
   with open(path, "wb") as f:
     f.write(data)
   tok = SentencePieceTokenizer(path)
-  tok.add_special_tokens(ALL_TAGS)  # multi-word tags: text is split at them before sentencepiece
+  if tags:
+    tok.add_special_tokens(tags)  # multi-word tags: text is split at them before sentencepiece
   tok.save(out_dir)
   return tok
 
@@ -60,8 +70,11 @@ def protocol_for(fmt: str, tok) -> Protocol:
 
 def prompt_text(fmt: str, p: cd.Problem) -> str:
   """The prompt a model trained on `fmt` reads: the original SoS+ prompt (numbers as drawn,
-  no newline) for `sos_original`, else `Current State: ...` with sorted numbers."""
-  return original.sos_prompt(p) if fmt == "sos_original" else cd.prompt_text(p)
+  no newline) for `sos_original`, the original APR root prompt for `apr_original`, else
+  `Current State: ...` with sorted numbers."""
+  if fmt == "sos_original":
+    return original.sos_prompt(p)
+  return original.apr_prompt(p) if fmt == "apr_original" else cd.prompt_text(p)
 
 
 def original_rng(p: cd.Problem) -> random.Random:
@@ -73,7 +86,9 @@ def original_rng(p: cd.Problem) -> random.Random:
 def encode(tok, fmt: str, problem: cd.Problem, setting: cd.Setting = cd.SMALL):
   """(prompt ids, scripts {thread path: sampled ids}, solved) for one problem."""
   bos, eos = tok.bos_id, tok.eos_id
-  check_format(fmt)
+  if check_format(fmt) in CALLS:
+    raise UserError(f"the {fmt} format is one sequence per call, not one trajectory: use "
+                    "data.sequences")
   if fmt in SEQUENTIAL:
     prompt, completion, solved = (cd.solve_sos(problem, setting) if fmt == "sos" else
                                   original.solve_sos_original(problem, original_rng(problem)))
@@ -86,9 +101,28 @@ def encode(tok, fmt: str, problem: cd.Problem, setting: cd.Setting = cd.SMALL):
   return [bos] + tok.encode(tr.prompt), scripts, tr.solved
 
 
+def sequences(tok, fmt: str, problem: cd.Problem, setting: cd.Setting = cd.SMALL):
+  """([(prompt ids, scripts)], solved): every sequence one problem trains on. One for a
+  trajectory format (`encode`); for `apr_original` one per call of the original's search
+  (the root's calls, then every child), each BOS + the text the call was given as its
+  prompt, and the text the model wrote + EOS as its only thread, tokenized as the original
+  orchestration sends and reads it (`engine.host_original`)."""
+  if check_format(fmt) not in CALLS:
+    prompt, scripts, solved = encode(tok, fmt, problem, setting)
+    return [(prompt, scripts)], solved
+  t = original.solve_apr_original(problem, original_rng(problem))
+  bos = [] if tok.bos_id is None else [tok.bos_id]
+  return [(bos + tok.encode(ctx), {(): tok.encode(text[len(ctx):]) + [tok.eos_id]})
+          for ctx, text in t.sequences()], t.solved
+
+
 def texts_for_tokenizer(problems, setting: cd.Setting = cd.SMALL, fmt: str = "") -> list[str]:
-  """Traces of every apr_jax format (and of `fmt`, an original one) to train a tokenizer on."""
+  """Traces of every apr_jax format (and of `fmt`, an original one) to train a tokenizer on;
+  for `apr_original` its calls only (a tokenizer of the original's plain text)."""
   out = []
+  if fmt == "apr_original":
+    return [text for p in problems
+            for _, text in original.solve_apr_original(p, original_rng(p)).sequences()]
   for p in problems:
     if fmt == "sos_original":
       out.append("".join(original.solve_sos_original(p, original_rng(p))[:2]))

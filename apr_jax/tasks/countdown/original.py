@@ -171,6 +171,22 @@ class AprOriginalTrace:
   child_prompts: list     # the same shape: each child's prompt
   solved: bool
 
+  def sequences(self) -> list[tuple[str, str]]:
+    """(context, whole text) of every call, as the original trains on them (each call one
+    sequence, `add_all_calls`): the root's calls in order, then every child. A call's context
+    is the text the model was given: the prompt, the text through the results block the
+    engine wrote (`<End Sub Searches>\\n`), or the child's prompt."""
+    out = []
+    for k, call in enumerate(self.calls):
+      end = call.rindex(RESULTS_END) + len(RESULTS_END) if k else len(self.prompt)
+      out.append((call[:end], call))
+    for texts, prompts in zip(self.children, self.child_prompts):
+      out += list(zip(prompts, texts))
+    return out
+
+
+RESULTS_END = "<End Sub Searches>\n"
+
 
 def apr_prompt(p: Problem) -> str:
   return f"Moving to Node #0\nCurrent State: {p.target}:{list(p.nums)}, Operations: []"
@@ -201,7 +217,7 @@ def _spawn(calls, explore, target, sub_beam, rng) -> tuple[list, list, _Node | N
     else:
       results += (f"<Goal Reached in Sub Search {i} at level 1 at Node #{child.idx}>\n" +
                   summary_path(goal, child, target))
-  calls.append(before + results + "<End Sub Searches>\n")
+  calls.append(before + results + RESULTS_END)
   return texts, prompts, next((g for g in goals if g is not None), None)
 
 
