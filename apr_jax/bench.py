@@ -181,7 +181,9 @@ def bench_fork():
   model, _ = add_tokens(model, tok, sorted(set(MULTIVERSE_TAGS) | set(THREADWEAVER_TAGS)))
   # threads run exactly n tokens: no stop tokens, no closing tags forced at the budget
   mv = dataclasses.replace(build("multiverse", tok), child_stop=(), child_close=())
-  tw = dataclasses.replace(build("threadweaver", tok), child_stop=(), child_close=())
+  # (and a thread ended by its budget joins as usual: not ThreadWeaver's malformed-block end)
+  tw = dataclasses.replace(build("threadweaver", tok), child_stop=(), child_close=(),
+                           malformed_close=())
   runners = {}
   prompt_len = {}
   for k in ks:
