@@ -275,3 +275,34 @@ def test_apr_original_batch_stops_at_the_stop_string(checkpoints, monkeypatch):
   assert host.gen.stats["decode_steps"] < 20
   cut = full.index(stop) + len(stop)
   assert early[:cut] == full[:cut]
+
+
+def test_generator_stop_strings_end_each_row_where_its_text_holds_one(checkpoints):
+  """Stop strings matched on device (sentencepiece pieces, leading spaces, strings split
+  across pieces) end each row in the token whose text completes one, against a host search
+  of the decoded text of every prefix of the same greedy run without stop strings."""
+  from apr_jax import checkpoint
+  from apr_jax.engine.generate import Generator
+  model, tok = checkpoint.load(checkpoints["apr"])
+  gen = Generator(model, tok)
+  prompts = [APR_PROMPT, "Moving to Node #0,1\nCurrent State: 12:[3, 4]"]
+  full = gen.generate(prompts, chat="off", max_new_tokens=40)
+  texts = [r.text for r in full]
+  assert all(len(t) > 30 for t in texts), texts
+  # strings each row writes late, one spanning a piece boundary (decoded text, not pieces)
+  stops = [texts[0][20:24], texts[1][25:28], "no such text \x01"]
+  out = gen.generate(prompts, chat="off", max_new_tokens=40, stop_strings=stops)
+  for r, (f, o) in enumerate(zip(full, out)):
+    ids = f.token_ids
+    end = next((k + 1 for k in range(len(ids))
+                if any(s in tok.decode(ids[:k + 1]) for s in stops)), None)
+    assert end is not None
+    assert o.token_ids == ids[:end], r
+    assert o.stop_reason == "stop"
+    first = min(texts[r].find(s) for s in stops if s in texts[r])
+    assert o.text == texts[r][:first]
+    assert not any(s in o.text for s in stops)
+  # no stop string written: the run is unchanged
+  same = gen.generate(prompts, chat="off", max_new_tokens=40, stop_strings=["no such text \x01"])
+  assert [r.token_ids for r in same] == [r.token_ids for r in full]
+  assert [r.stop_reason for r in same] == [r.stop_reason for r in full]

@@ -44,6 +44,7 @@ class DecodeState(NamedTuple):
   done: jax.Array     # [B] bool
   n_gen: jax.Array    # [B] tokens generated per row, stop token included
   keys: jax.Array     # [B] per-row PRNG keys
+  match: jax.Array    # [B, n_stop_strings] text-matcher state per stop string ([B, 0]: none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +56,7 @@ class Spec:
   sampling: SamplingConfig
   stop_ids: tuple[int, ...]
   pad_id: int
+  stop_text: tuple[str, ...] = ()  # stop strings: a row ends in the token that completes one
 
   @property
   def slots(self) -> int:
@@ -97,9 +99,19 @@ def decode_mask(pad, slot, slots: int):
   return ((s <= slot) & (s >= pad[:, None]))[:, None, :]
 
 
-def _prefill(graphdef, params, tokens, pad, keys, spec: Spec, cache_dtype, cache_sharding):
+def _stop_step(matcher, match, token, valid):
+  """The stop strings' matcher states after `token` [B] and whether one of them ended in it."""
+  if matcher is None:
+    return match, jnp.zeros(token.shape, bool)
+  match, hit = matcher.advance(match, token, valid)
+  return match, jnp.any(hit, axis=-1)
+
+
+def _prefill(graphdef, params, tokens, pad, keys, spec: Spec, cache_dtype, cache_sharding,
+             matcher=None):
   """tokens [B, P] left-padded; keys [B, *]: each row's PRNG key data. Allocates the cache,
-  runs the prompt, samples the first token; returns the DecodeState."""
+  runs the prompt, samples the first token; returns the DecodeState. Stop strings are matched
+  over the generated text only (as a server's stop sequences are)."""
   model: Transformer = nnx.merge(graphdef, params)
   keys = jax.random.wrap_key_data(keys)
   b, p = tokens.shape
@@ -111,14 +123,17 @@ def _prefill(graphdef, params, tokens, pad, keys, spec: Spec, cache_dtype, cache
   logits = model.logits(h[:, -1])                                           # [B, V]
   first = sample(logits, jax.vmap(jax.random.fold_in)(keys, jnp.zeros_like(pad)), spec.sampling)
   stop = jnp.asarray(spec.stop_ids or (-1,), jnp.int32)
-  done = jnp.isin(first, stop)
+  match = jnp.zeros((b, len(spec.stop_text)), jnp.int32)
+  match, text_stop = _stop_step(matcher, match, first, jnp.ones((b,), bool))
+  done = jnp.isin(first, stop) | text_stop
   out = jnp.full((b, spec.max_new), spec.pad_id, jnp.int32).at[:, 0].set(first)
   return DecodeState(cache=cache, tokens=out, last=first, pos=positions[:, -1] + 1, pad=pad,
                      slot=jnp.asarray(p, jnp.int32), step=jnp.asarray(1, jnp.int32), done=done,
-                     n_gen=jnp.ones((b,), jnp.int32), keys=keys)
+                     n_gen=jnp.ones((b,), jnp.int32), keys=keys, match=match)
 
 
-def _decode(graphdef, params, state: DecodeState, until_step, spec: Spec) -> DecodeState:
+def _decode(graphdef, params, state: DecodeState, until_step, spec: Spec,
+            matcher=None) -> DecodeState:
   """Runs decode steps while step < until_step and some row is not done."""
   model: Transformer = nnx.merge(graphdef, params)
   stop = jnp.asarray(spec.stop_ids or (-1,), jnp.int32)
@@ -134,10 +149,11 @@ def _decode(graphdef, params, state: DecodeState, until_step, spec: Spec) -> Dec
                  spec.sampling)
     nxt = jnp.where(s.done, spec.pad_id, nxt)
     tokens = jax.lax.dynamic_update_slice(s.tokens, nxt[:, None], (jnp.int32(0), s.step))
+    match, text_stop = _stop_step(matcher, s.match, nxt, ~s.done)
     return DecodeState(cache=cache, tokens=tokens, last=nxt, pos=s.pos + 1, pad=s.pad,
                        slot=s.slot + 1, step=s.step + 1,
-                       done=s.done | jnp.isin(nxt, stop), n_gen=s.n_gen + (~s.done).astype(jnp.int32),
-                       keys=s.keys)
+                       done=s.done | jnp.isin(nxt, stop) | text_stop,
+                       n_gen=s.n_gen + (~s.done).astype(jnp.int32), keys=s.keys, match=match)
 
   return jax.lax.while_loop(cond, body, state)
 
@@ -155,7 +171,21 @@ class Generator:
     leaves = jax.tree.leaves(self.params)
     self.cache_dtype = cache_dtype or (leaves[0].dtype if leaves else jnp.float32)
     self._compiled: dict = {}
+    self._matchers: dict = {}
     self.stats: dict = {}
+
+  def _matcher(self, stop_text: tuple):
+    """The text matcher of a tuple of stop strings (built once: tables over the vocabulary)."""
+    if not stop_text:
+      return None
+    if stop_text not in self._matchers:
+      from apr_jax.protocols.textmatch import TextMatcher
+      if self.tokenizer is None:
+        raise UserError("stop strings need the model's tokenizer")
+      texts = list(self.tokenizer.token_texts())[:self.cfg.vocab_size]
+      texts += [""] * (self.cfg.vocab_size - len(texts))  # ids past the tokenizer's: no text
+      self._matchers[stop_text] = TextMatcher.build(stop_text, texts)
+    return self._matchers[stop_text]
 
   # ---- compiled programs
   def _row_shardings(self, b: int):
@@ -175,14 +205,16 @@ class Generator:
     kshape = jax.random.key_data(jax.random.key(0)).shape
     keys_abs = jax.ShapeDtypeStruct((b,) + kshape, jnp.uint32, sharding=row2)
     cache_sharding = kvlib.cache_sharding(self.cfg, b, spec.slots, self.mesh, self.rules)
+    matcher = self._matcher(spec.stop_text)
     prefill = jax.jit(functools.partial(_prefill, cache_dtype=self.cache_dtype,
-                                        cache_sharding=cache_sharding),
+                                        cache_sharding=cache_sharding, matcher=matcher),
                       static_argnums=(0, 5)).lower(
         self.graphdef, self.params, i32((b, spec.prompt_len), row2), i32((b,), row), keys_abs,
         spec).compile()
     state_abs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                              prefill.out_info)
-    decode = jax.jit(_decode, static_argnums=(0, 4), donate_argnums=(2,)).lower(
+    decode = jax.jit(functools.partial(_decode, matcher=matcher), static_argnums=(0, 4),
+                     donate_argnums=(2,)).lower(
         self.graphdef, self.params, state_abs, jax.ShapeDtypeStruct((), jnp.int32), spec).compile()
     self._compiled[spec] = (prefill, decode)
     self.stats["compile_s"] = self.stats.get("compile_s", 0.0) + time.perf_counter() - t0
@@ -190,7 +222,8 @@ class Generator:
 
   def spec_for(self, prompt_lens: Sequence[int], max_new_tokens: int,
                sampling: SamplingConfig, stop_ids: Sequence[int] | None,
-               row_limits: Sequence[int] | None = None) -> Spec:
+               row_limits: Sequence[int] | None = None,
+               stop_strings: Sequence[str] = ()) -> Spec:
     longest = max(prompt_lens)
     if min(prompt_lens) == 0:
       raise UserError("empty prompt")
@@ -206,8 +239,12 @@ class Generator:
     if stop_ids is None:
       stop_ids = self.tokenizer.stop_ids() if self.tokenizer is not None else list(self.cfg.eos_ids)
     pad_id = self.cfg.eos_ids[0] if self.cfg.eos_ids else 0
+    stop_text = tuple(dict.fromkeys(str(t) for t in stop_strings))
+    if any(not t for t in stop_text):
+      raise UserError("a stop string must not be empty")
     spec = Spec(batch=len(prompt_lens), prompt_len=bucket(longest), max_new=bucket(max_new_tokens),
-                sampling=sampling, stop_ids=tuple(int(s) for s in stop_ids), pad_id=pad_id)
+                sampling=sampling, stop_ids=tuple(int(s) for s in stop_ids), pad_id=pad_id,
+                stop_text=stop_text)
     memlib.check_batch(self.cfg, self.cache_dtype, spec.batch, spec.prompt_len, spec.slots,
                        self.mesh, f"generating {spec.batch} prompt(s) of up to {longest} tokens")
     return spec
@@ -230,8 +267,13 @@ class Generator:
 
   def generate_ids(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
                    sampling: SamplingConfig = SamplingConfig(), stop_ids=None, seed: int = 0,
-                   on_segment=None, segment: int = 0, row_limits: Sequence[int] | None = None):
+                   on_segment=None, segment: int = 0, row_limits: Sequence[int] | None = None,
+                   stop_strings: Sequence[str] = ()):
     """Token-level API. Returns (tokens [B, max_new_tokens] np, n_gen [B] np, done [B] np).
+
+    `stop_strings`: a row also ends (done) in the token whose text completes one of them,
+    matched on device over the decoded text of what the row generated (`protocols.textmatch`:
+    any spelling of the string, inside a token or across tokens); that token is the row's last.
 
     `on_segment(state)` is called after every `segment` decode steps (0 = one segment); if
     it returns True, decoding stops there (the caller has what it needs: e.g. every row has
@@ -242,7 +284,7 @@ class Generator:
     the model's context.
     """
     spec = self.spec_for([len(p) for p in prompts], max_new_tokens, sampling, stop_ids,
-                         row_limits)
+                         row_limits, stop_strings)
     self._programs(spec)  # compile outside the timed region
     t0 = time.perf_counter()
     state = self.start(prompts, spec, [seed + i for i in range(len(prompts))])
@@ -273,10 +315,13 @@ class Generator:
 
   def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], *, chat: str | bool = "auto",
                max_new_tokens: int = 64, sampling: SamplingConfig = SamplingConfig(),
-               seed: int = 0, stop_ids=None, on_segment=None, segment: int = 0) -> list[Result]:
+               seed: int = 0, stop_ids=None, on_segment=None, segment: int = 0,
+               stop_strings: Sequence[str] = ()) -> list[Result]:
     """Text API: prompts are strings or token id lists. `chat` ("auto" | "on" | "off",
     `tokenizer.chat.use_chat`): "auto" wraps string prompts in the checkpoint's chat template
-    when it has one and leaves them plain text when it has none."""
+    when it has one and leaves them plain text when it has none. `stop_strings`: a row ends
+    where its text first holds one of them (stop reason "stop"); `text` is cut before it, as
+    OpenAI's `stop` cuts, and `token_ids` end with the token that completed it."""
     tok = self.tokenizer
     ids = []
     wrap = None
@@ -296,13 +341,18 @@ class Generator:
         raise UserError(f"token id {bad[0]} is outside the model's vocab of {self.cfg.vocab_size}")
     tokens, n_gen, done = self.generate_ids(ids, max_new_tokens=max_new_tokens, sampling=sampling,
                                             stop_ids=stop_ids, seed=seed, on_segment=on_segment,
-                                            segment=segment)
+                                            segment=segment, stop_strings=stop_strings)
+    stop_set = set(self.spec_for([len(p) for p in ids], max_new_tokens, sampling,
+                                 stop_ids).stop_ids)
     out = []
     for r in range(len(ids)):
       gen = [int(t) for t in tokens[r, :n_gen[r]]]
       stopped = bool(done[r])
-      body = gen[:-1] if stopped else gen
+      body = gen[:-1] if stopped and gen and gen[-1] in stop_set else gen
       text = tok.decode(body) if tok is not None else ""
+      if stopped and stop_strings:
+        cut = [text.find(t) for t in stop_strings if t and t in text]
+        text = text[:min(cut)] if cut else text
       out.append(Result(token_ids=gen, text=text, stop_reason=(StopReason.STOP if stopped else StopReason.LENGTH).label,
                         prompt_tokens=len(ids[r])))
     return out

@@ -13,7 +13,6 @@ import sys
 from typing import Sequence
 
 from apr_jax.engine.generate import Generator
-from apr_jax.processes import fetch
 from apr_jax.engine.sampling import SamplingConfig, derive
 from apr_jax.errors import UserError
 from apr_jax.protocols import reference
@@ -26,17 +25,19 @@ class AprOriginalHost:
   what the model's context leaves after the call's text (per row: calls of any budgets share
   a batch); batch: calls per Generator batch
   (batches are padded to a power of two and to the mesh's data axis, so few programs are
-  compiled); segment: decode steps between checks whether every row of a batch has ended or
-  written the stop string (then the batch stops)."""
+  compiled); segment: decode steps per device call (0: one). A row ends at EOS or in the token that
+  completes the original's stop string (`<Sub Searches>`, matched on device over the row's
+  decoded text, `protocols.textmatch`); the text past it is cut by the reference anyway."""
 
   def __init__(self, model, tokenizer, *, max_tokens: int = 4096,
                sampling: SamplingConfig = SamplingConfig(), seed: int = 0, batch: int = 64,
-               max_spawns: int = 64, mesh=None, segment: int = 64, log=None):
+               max_spawns: int = 64, mesh=None, segment: int = 0, log=None):
     if tokenizer is None:
       raise UserError("the APR original protocol needs the model's tokenizer")
     if max_tokens < 1 or batch < 1:
       raise UserError(f"max_tokens and batch must be >= 1, got {max_tokens} and {batch}")
     self.gen = Generator(model, tokenizer, mesh=mesh)
+    self.stop_ids = set(int(i) for i in tokenizer.stop_ids())
     self.rows_multiple = self.gen.mesh.shape.get("data", 1)  # batches split over the data axis
     self.tok = tokenizer
     self.max_tokens = max_tokens
@@ -44,7 +45,7 @@ class AprOriginalHost:
     self.seed = seed
     self.batch = batch
     self.max_spawns = max_spawns
-    self.segment = segment  # decode steps between checks for the stop string
+    self.segment = segment  # decode steps per device call (0: one call to the end)
     self.calls = 0          # model calls so far (each is one sequence of the original)
     self.cut = 0            # calls whose budget the model's context cut below max_tokens
     self.log = log or (lambda s: print(s, file=sys.stderr, flush=True))
@@ -75,21 +76,14 @@ class AprOriginalHost:
           [ids[k] for k in rows], max_new_tokens=max(budgets[k] for k in part),
           row_limits=[budgets[k] for k in rows], sampling=self.sampling,
           seed=derive(self.seed, self.calls), segment=self.segment,
-          on_segment=lambda st, rows=rows: self._all_stopped(st, [ids[k] for k in rows]))
+          stop_strings=(reference.APR_STOP,))
       for r, k in enumerate(part):
         gen = [int(t) for t in toks[r, :n[r]]]
-        out[k] = self._continuation(ids[k], gen[:-1] if done[r] else gen)
+        if done[r] and gen and gen[-1] in self.stop_ids:
+          gen = gen[:-1]  # EOS is not text (a row that wrote the stop string keeps its token)
+        out[k] = self._continuation(ids[k], gen)
       self.calls += len(part)
     return out
-
-  def _all_stopped(self, state, prompts) -> bool:
-    """True once every row has ended or written the stop string (`<Sub Searches>`: the
-    text past it is cut anyway), so a batch does not decode on to its budget."""
-    tokens, n, done = fetch((state.tokens, state.n_gen, state.done))
-    for r, p in enumerate(prompts):
-      if not done[r] and reference.APR_STOP not in self._continuation(p, [int(t) for t in tokens[r, :n[r]]]):
-        return False
-    return True
 
   def _continuation(self, prompt: list, gen: list) -> str:
     """The text the sampled tokens add after the prompt (decoded together, so a piece's
