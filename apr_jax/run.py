@@ -27,6 +27,8 @@ flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 = greedy.", lowe
 flags.DEFINE_integer("top_k", 0, "Top-k sampling; 0 = off.", lower_bound=0)
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1]; 1 = off.")
 flags.DEFINE_integer("seed", 0, "Random seed for sampling.", lower_bound=0)
+flags.DEFINE_multi_string("stop", [], "Plain decoding: a stop string (repeatable); a prompt's "
+                          "text ends before the first one it writes.")
 flags.DEFINE_boolean("json", False, "Print one JSON object (text, token_ids, stats) and nothing else.")
 flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"], "Parameter and KV dtype; "
                   "auto: bfloat16 on GPU/TPU, float32 on CPU.")
@@ -126,14 +128,21 @@ def main(argv):
   if mesh.shape["data"] > 1 and len(prompts) % mesh.shape["data"]:
     raise UserError(f"{len(prompts)} prompts do not split over a data axis of {mesh.shape['data']}")
 
+  if FLAGS.stop and FLAGS.protocol != "none":
+    raise UserError("--stop applies to plain decoding; a fork/join protocol ends its threads "
+                    "with its own tags")
   if FLAGS.protocol == "apr_original":
     return _run_apr_original(model, tok, mesh, prompts, sampling, path, log, t0)
   if FLAGS.protocol != "none":
     return _run_tree(model, tok, mesh, prompts, sampling, path, log, t0)
   if FLAGS.assistant_prefix:
     raise UserError("--assistant_prefix needs --protocol (or put the text in --prompt with --chat=off)")
+  stops = list(FLAGS.stop)
+  if any(not t for t in stops):
+    raise UserError("--stop must not be empty")
 
-  stream = not FLAGS.json and len(prompts) == 1
+  # a streamed segment could print text that a stop string completed later would cut
+  stream = not FLAGS.json and len(prompts) == 1 and not stops
   printed = [""]
   gen_stop = set(tok.stop_ids())
 
@@ -152,7 +161,7 @@ def main(argv):
   results = gen.generate(prompts, chat=FLAGS.chat, max_new_tokens=FLAGS.max_new_tokens,
                          sampling=sampling, seed=FLAGS.seed,
                          on_segment=on_segment if stream else None,
-                         segment=FLAGS.stream_every if stream else 0)
+                         segment=FLAGS.stream_every if stream else 0, stop_strings=stops)
   stats = _stats(gen, results, time.perf_counter() - t0)
   if FLAGS.json:
     rows = [{"text": r.text, "token_ids": r.token_ids, "stop_reason": r.stop_reason,
@@ -166,6 +175,8 @@ def main(argv):
   if stream:
     rest = results[0].text[len(printed[0]):]
     print(rest)
+  elif len(results) == 1:  # one prompt, not streamed (stop strings): the text as streaming prints it
+    print(results[0].text)
   else:
     for i, r in enumerate(results):
       print(f"--- [{i}] {prompts[i]!r}\n{r.text}")

@@ -113,6 +113,8 @@ def test_protocol_run_shows_the_thread_tree():
     (["--assistant_prefix", "x"], "--assistant_prefix needs --protocol"),
     (["--protocol", "apr", "--rows", "0"], "rows"),
     (["--protocol", "apr_original", "--assistant_prefix", "x"], "sends each prompt as plain text"),
+    (["--protocol", "threadweaver", "--stop", "x"], "--stop applies to plain decoding"),
+    (["--stop", ""], "--stop must not be empty"),
 ])
 def test_bad_protocol_flags(flags, needle):
   rc, out, err = run(*flags, "--max_new_tokens", "2")

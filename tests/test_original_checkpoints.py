@@ -306,3 +306,20 @@ def test_generator_stop_strings_end_each_row_where_its_text_holds_one(checkpoint
   same = gen.generate(prompts, chat="off", max_new_tokens=40, stop_strings=["no such text \x01"])
   assert [r.token_ids for r in same] == [r.token_ids for r in full]
   assert [r.stop_reason for r in same] == [r.stop_reason for r in full]
+
+
+def test_run_stop_strings_cut_the_text_before_them(checkpoints):
+  """`run --stop` (repeatable): the text ends before the first stop string written, the
+  tokens end with the one that completed it, stop reason "stop"; text mode prints the same."""
+  base = ["--model", checkpoints["apr"], "--prompt", APR_PROMPT, "--chat=off",
+          "--max_new_tokens", "40"]
+  full = run(*base, "--json")
+  text = full["text"]
+  assert len(text) > 30
+  a, b = text[22:26], text[12:15]
+  out = run(*base, "--json", "--stop", a, "--stop", b)
+  assert out["text"] == text[:text.find(b)] and out["stop_reason"] == "stop"
+  assert out["token_ids"] == full["token_ids"][:len(out["token_ids"])]
+  assert len(out["token_ids"]) < len(full["token_ids"])
+  stdout, _ = run(*base, "--stop", a, "--stop", b)
+  assert stdout.rstrip("\n") == out["text"].rstrip("\n")
