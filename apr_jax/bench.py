@@ -54,6 +54,8 @@ flags.DEFINE_integer("lanes", 8, "attention, step: lanes.", lower_bound=1)
 flags.DEFINE_list("scaling_pools", ["1024", "2048", "4096"], "scaling: KV slots per lane.")
 flags.DEFINE_list("scaling_threads", ["4", "16"], "scaling: threads per request (one lane).")
 flags.DEFINE_list("scaling_lanes", ["1", "4"], "scaling: lanes.")
+flags.DEFINE_list("scaling_blocks", ["128"], "scaling: tree attention block sizes (KV slots per "
+                  "online-softmax step, `TreeSpec.block`); each past the first is timed as tree@N.")
 flags.DEFINE_string("scaling_shape", "8b", "scaling: attention shape, 8b (32 q heads, 8 KV heads, "
                     "head_dim 128: Llama-3-8B) or tiny (4, 2, 16).")
 flags.DEFINE_integer("prompt_tokens", 512, "scaling: the shared prompt of each lane.", lower_bound=1)
@@ -458,7 +460,11 @@ def bench_scaling():
   dtype = jnp.dtype(resolve_dtype("auto"))
   block = 128
   rng = np.random.default_rng(0)
-  paths = ["dense", "tree"] + (["pallas"] if jax.default_backend() == "tpu" else [])
+  blocks = [int(x) for x in FLAGS.scaling_blocks]
+  if not blocks or min(blocks) < 1:
+    raise UserError("--scaling_blocks must list positive block sizes")
+  trees = {("tree" if i == 0 else f"tree@{b}"): b for i, b in enumerate(blocks)}
+  paths = ["dense", *trees] + (["pallas"] if jax.default_backend() == "tpu" else [])
   grid = sorted({(int(lanes), int(slots), int(k)) for slots in FLAGS.scaling_pools
                  for k in FLAGS.scaling_threads for lanes in FLAGS.scaling_lanes})
   records = []
@@ -475,15 +481,16 @@ def bench_scaling():
     vn = jnp.asarray(rng.normal(size=(lanes, kh, k, d)), dtype)
     mn = jnp.broadcast_to(jnp.eye(k, dtype=bool), (lanes, k, k))
     idx, count = jax.vmap(visible_slots)(mask)
-    nb = int((jnp.max(count) + block - 1) // block)
     args = (q, kc, vc, mask, kn, vn, mn, idx, count)  # arguments, so nothing is constant-folded
+    tree_fn = lambda bk: jax.jit(lambda q, kc, vc, m, kn, vn, mn, i, c: attend_visible(
+        q, kc, vc, m, i, c, (jnp.max(c) + bk - 1) // bk, kn, vn, mn, bk))
     fns = {"dense": jax.jit(lambda q, kc, vc, m, kn, vn, mn, i, c: attend_split(q, kc, vc, m, kn, vn, mn)),
-           "tree": jax.jit(lambda q, kc, vc, m, kn, vn, mn, i, c: attend_visible(
-               q, kc, vc, m, i, c, (jnp.max(c) + block - 1) // block, kn, vn, mn, block)),
+           **{name: tree_fn(bk) for name, bk in trees.items()},
            "pallas": jax.jit(lambda q, kc, vc, m, kn, vn, mn, i, c: attend_pages(
                q, kc, vc, m, kn, vn, mn, block))}
     per_slot = 2 * kh * d * dtype.itemsize
-    reads = {"dense": lanes * slots, "tree": lanes * nb * block,
+    reads = {"dense": lanes * slots,
+             **{name: lanes * int(-(-int(jnp.max(count)) // bk)) * bk for name, bk in trees.items()},
              "pallas": int(jnp.sum(jnp.any(mask.reshape(lanes, k, -1, block), axis=(1, 3)))) * block}
     visible = int(jnp.sum(jnp.any(mask, axis=1)))
     out = {}
@@ -496,18 +503,19 @@ def bench_scaling():
         times.append(time.perf_counter() - t0)
       records.append({"benchmark": "scaling", "attention": path, "lanes": lanes, "slots": slots,
                       "threads": k, "prompt": FLAGS.prompt_tokens, "shape": FLAGS.scaling_shape,
+                      "block": trees.get(path, block if path == "pallas" else None),
                       "dtype": str(dtype), "ms": round(1e3 * statistics.median(times), 3),
                       "kv_read_mb": round(reads[path] * per_slot / 2**20, 3),
                       "kv_visible_mb": round(visible * per_slot / 2**20, 3),
                       "max_abs_diff_vs_dense": float(np.abs(out[path] - out["dense"]).max())})
-      _log(f"{path:6s} lanes {lanes} slots {slots} threads {k}: {records[-1]['ms']:.3f} ms")
-  print(f"{'attention':9s} {'lanes':>5s} {'slots':>6s} {'threads':>7s} {'ms':>9s} {'x dense':>8s} "
+      _log(f"{path:10s} lanes {lanes} slots {slots} threads {k}: {records[-1]['ms']:.3f} ms")
+  print(f"{'attention':10s} {'lanes':>5s} {'slots':>6s} {'threads':>7s} {'ms':>9s} {'x dense':>8s} "
         f"{'KV read MB':>10s} {'visible MB':>10s}")
   for r in records:
     dense = next(x for x in records if x["attention"] == "dense" and
                  (x["lanes"], x["slots"], x["threads"]) == (r["lanes"], r["slots"], r["threads"]))
     r["speedup_vs_dense"] = round(dense["ms"] / r["ms"], 3)
-    print(f"{r['attention']:9s} {r['lanes']:5d} {r['slots']:6d} {r['threads']:7d} {r['ms']:9.3f} "
+    print(f"{r['attention']:10s} {r['lanes']:5d} {r['slots']:6d} {r['threads']:7d} {r['ms']:9.3f} "
           f"{r['speedup_vs_dense']:8.2f} {r['kv_read_mb']:10.2f} {r['kv_visible_mb']:10.2f}")
   return records
 

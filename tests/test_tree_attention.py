@@ -121,7 +121,8 @@ def test_pallas_page_kernel_reads_only_visible_pages():
 
 def test_scaling_benchmark_records(tmp_path):
   """`bench scaling` on a tiny shape: a record per path and configuration; the tree path
-  reads the visible KV in whole blocks of 128 slots, whatever the pool, and agrees with dense."""
+  reads the visible KV in whole blocks (128 slots, or 32 as tree@32), whatever the pool, and
+  agrees with dense."""
   import json
   import os
   import subprocess
@@ -132,17 +133,19 @@ def test_scaling_benchmark_records(tmp_path):
   env.pop("XLA_FLAGS", None)
   p = subprocess.run([sys.executable, "-m", "apr_jax.bench", "scaling", "--scaling_shape", "tiny",
                       "--scaling_pools", "256,512", "--scaling_threads", "2", "--scaling_lanes", "1",
-                      "--prompt_tokens", "64", "--own_tokens", "8", "--repeats", "1", "--out", str(out)],
+                      "--scaling_blocks", "128,32", "--prompt_tokens", "64", "--own_tokens", "8",
+                      "--repeats", "1", "--out", str(out)],
                      capture_output=True, text=True, cwd=root, env=env, timeout=300)
   assert p.returncode == 0, p.stderr
   recs = json.loads(out.read_text())
   assert sorted((r["attention"], r["slots"]) for r in recs) == [
-      ("dense", 256), ("dense", 512), ("tree", 256), ("tree", 512)]
+      ("dense", 256), ("dense", 512), ("tree", 256), ("tree", 512), ("tree@32", 256),
+      ("tree@32", 512)]
   per_slot = 2 * 2 * 16 * 4 / 2**20  # K and V, 2 KV heads, head_dim 16, float32
   for r in recs:
     assert r["max_abs_diff_vs_dense"] < 1e-5
     assert r["kv_visible_mb"] == pytest.approx(80 * per_slot, abs=1e-3)  # prompt + 2 x 8
-    want = 128 * per_slot if r["attention"] == "tree" else r["slots"] * per_slot
+    want = {"tree": 128, "tree@32": 96}.get(r["attention"], r["slots"]) * per_slot
     assert r["kv_read_mb"] == pytest.approx(want, abs=1e-3)
 
 
