@@ -460,13 +460,16 @@ def bench_scaling():
   dtype = jnp.dtype(resolve_dtype("auto"))
   block = 128
   rng = np.random.default_rng(0)
-  blocks = [int(x) for x in FLAGS.scaling_blocks]
-  if not blocks or min(blocks) < 1:
-    raise UserError("--scaling_blocks must list positive block sizes")
+  def positive(flag):  # a list flag of positive integers, or a clear error
+    vals = getattr(FLAGS, flag)
+    if not vals or not all(v.isdigit() and int(v) > 0 for v in vals):
+      raise UserError(f"--{flag} must list positive integers, got {','.join(vals)!r}")
+    return [int(v) for v in vals]
+  pools, threads, lane_counts, blocks = (positive(f) for f in (
+      "scaling_pools", "scaling_threads", "scaling_lanes", "scaling_blocks"))
   trees = {("tree" if i == 0 else f"tree@{b}"): b for i, b in enumerate(blocks)}
   paths = ["dense", *trees] + (["pallas"] if jax.default_backend() == "tpu" else [])
-  grid = sorted({(int(lanes), int(slots), int(k)) for slots in FLAGS.scaling_pools
-                 for k in FLAGS.scaling_threads for lanes in FLAGS.scaling_lanes})
+  grid = sorted({(lanes, slots, k) for slots in pools for k in threads for lanes in lane_counts})
   records = []
   for lanes, slots, k in grid:
     used = FLAGS.prompt_tokens + k * FLAGS.own_tokens

@@ -184,6 +184,14 @@ def test_config_of_the_wrong_kind(mod, args, needle):
   assert_clean_error(rc, err, needle)
 
 
+@pytest.mark.parametrize("flag,value", [("--scaling_blocks", "12x"), ("--scaling_lanes", "0"),
+                                        ("--scaling_pools", "-4096")])
+def test_bad_scaling_lists(flag, value):
+  rc, err = _module("apr_jax.bench", "scaling", "--scaling_shape", "tiny", flag, value,
+                    "--out", os.devnull, timeout=120)
+  assert_clean_error(rc, err, f"{flag} must list positive integers")
+
+
 def test_config_files_load_siblings_without_sys_path(tmp_path):
   import sys as _sys
   from apr_jax import config_files
