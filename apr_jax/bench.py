@@ -380,7 +380,7 @@ def bench_attention():
   for pool in pools:
     for att in FLAGS.attentions:
       _log(f"compiling {att} attention, {pool} slots per lane")
-      engines[(att, pool)] = ev.make_engine(model, tok, "apr", lanes=FLAGS.lanes, slots=pool,
+      engines[(att, pool)] = ev.make_engine(model, tok, "apr_tok", lanes=FLAGS.lanes, slots=pool,
                                             attention=att)
   samples, outputs = {k: [] for k in engines}, {}
   for r in range(FLAGS.repeats + 1):  # the first round warms up
@@ -765,7 +765,7 @@ def bench_step():
   from apr_jax.shipped import resolve
   from apr_jax.tasks import countdown as cd
   model, tok = checkpoint.load(resolve("countdown_small_apr"))
-  eng = ev.make_engine(model, tok, "apr", lanes=FLAGS.lanes, slots=1536, step_cost="auto")
+  eng = ev.make_engine(model, tok, "apr_tok", lanes=FLAGS.lanes, slots=1536, step_cost="auto")
   problems = cd.test_split(cd.SETTINGS["small"], FLAGS.lanes, seed=0)
   snap = []
 

@@ -33,11 +33,13 @@ def _log(*a):
 
 def _format_of(path: str) -> str:
   """The training format an apr_jax checkpoint records ("" for another checkpoint)."""
+  from apr_jax.tasks.countdown import data
   try:
     with open(os.path.join(path, "apr_config.json")) as f:
-      return json.load(f).get("format", "")
+      extra = json.load(f)
   except (OSError, ValueError):
     return ""
+  return data.checkpoint_format(extra)[0]
 
 
 @cli_main
@@ -98,15 +100,17 @@ def main(argv):
                            model_calls=host.calls, context_cut_calls=host.cut)
       continue
     path = resolve(m.path)
-    extra = json.load(open(os.path.join(path, "apr_config.json")))
-    fmt = extra.get("format", "sos")
+    fmt = _format_of(path)
+    if not fmt:
+      raise UserError(f"method {name}: {path} is not an apr_jax Countdown checkpoint (it has no "
+                      "readable apr_config.json)")
     _log(f"{name}: {path} ({fmt}, {resolve_dtype(c.get('dtype', 'auto'))})")
     model, tok = checkpoint.load(path, dtype=c.get("dtype", "auto"))
     dtype = str(jax.tree.leaves(model)[0].dtype)
     if engine == "host":
       from apr_jax.engine.host import HostAPR
       from apr_jax.tasks.countdown import data
-      if fmt != "apr":
+      if fmt != "apr_tok":
         raise UserError(f"method {name}: the host baseline runs APR-format models, not {fmt}")
       host = HostAPR(model, tok, data.protocol_for(fmt, tok))
       host.solve([[tok.bos_id] + tok.encode(cd.prompt_text(problems[0]))], c.max_thread_tokens)  # compile

@@ -41,10 +41,12 @@ flags.DEFINE_string("problem", "", "countdown: 'N1,N2,N3:TARGET'; empty = a rand
                     "problem (--seed).")
 flags.DEFINE_enum("method", "parallel", ["parallel", "sequential"], "countdown: the shipped APR "
                   "fork/join model or the sequential Stream-of-Search model.")
-flags.DEFINE_enum("protocol", "none", ["none", "threadweaver", "multiverse", "apr", "apr_original"],
-                  "Fork/join protocol; none = plain sequential decoding. apr_original: APR's "
-                  "released checkpoints (plain-text tags), orchestrated on the host as the "
-                  "original evaluation runs them; each prompt is a root prompt (plain text).")
+flags.DEFINE_enum("protocol", "none", ["none", "threadweaver", "multiverse", "apr", "apr_tok"],
+                  "Fork/join protocol; none = plain sequential decoding. threadweaver, "
+                  "multiverse: the originals' formats, in the on-device engine. apr: APR as its "
+                  "released checkpoints run (plain-text tags), its calls orchestrated as the "
+                  "original evaluation does; each prompt is a root prompt (plain text). apr_tok: "
+                  "APR with single-token tags, in the on-device engine.")
 flags.DEFINE_string("assistant_prefix", "", "Text placed after the prompt (after the chat "
                     "template's assistant header): e.g. a block ending in the fork trigger "
                     "forces a fork.")
@@ -107,11 +109,11 @@ def main(argv):
   prompts = list(FLAGS.prompt)
   if not prompts or any(not p for p in prompts):
     raise UserError("--prompt must not be empty")
-  if FLAGS.n > 1 and FLAGS.protocol in ("none", "apr_original"):
+  if FLAGS.n > 1 and FLAGS.protocol in ("none", "apr"):
     raise UserError("--n samples each prompt in the fork/join engine: pass --protocol "
-                    "threadweaver, multiverse or apr (or repeat --prompt with --temperature)")
-  if FLAGS.protocol == "apr_original" and (FLAGS.assistant_prefix or FLAGS.chat == "on"):
-    raise UserError("--protocol apr_original sends each prompt as plain text: drop "
+                    "threadweaver, multiverse or apr_tok (or repeat --prompt with --temperature)")
+  if FLAGS.protocol == "apr" and (FLAGS.assistant_prefix or FLAGS.chat == "on"):
+    raise UserError("--protocol apr sends each prompt as plain text: drop "
                     "--assistant_prefix and --chat=on (put the text in --prompt)")
   sampling = SamplingConfig(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
   mesh = make_mesh(*parse_mesh(FLAGS.mesh))
@@ -131,7 +133,7 @@ def main(argv):
   if FLAGS.stop and FLAGS.protocol != "none":
     raise UserError("--stop applies to plain decoding; a fork/join protocol ends its threads "
                     "with its own tags")
-  if FLAGS.protocol == "apr_original":
+  if FLAGS.protocol == "apr":
     return _run_apr_original(model, tok, mesh, prompts, sampling, path, log, t0)
   if FLAGS.protocol != "none":
     return _run_tree(model, tok, mesh, prompts, sampling, path, log, t0)
@@ -215,11 +217,16 @@ def _run_countdown(t0):
   from apr_jax.tasks.countdown import data
   name = {"parallel": "countdown_small_apr", "sequential": "countdown_small_sos"}[FLAGS.method]
   path = resolve(FLAGS.model or name)
-  extra = json.load(open(f"{path}/apr_config.json"))
-  fmt = extra.get("format", "sos")
+  try:
+    with open(f"{path}/apr_config.json") as f:
+      extra = json.load(f)
+  except (OSError, ValueError):
+    raise UserError(f"--task countdown needs an apr_jax Countdown checkpoint; {path} has no "
+                    "readable apr_config.json") from None
+  fmt, _ = data.checkpoint_format(extra)
   if fmt == "apr_original":
     raise UserError(f"{path} is trained on the original APR calls: run it with --protocol "
-                    "apr_original and its prompt, or evaluate it with `python -m apr_jax.eval "
+                    "apr and its prompt, or evaluate it with `python -m apr_jax.eval "
                     "--config configs/eval_apr_original.py`")
   if FLAGS.problem:
     p = _parse_problem(FLAGS.problem)
@@ -371,7 +378,13 @@ def _run_apr_original(model, tok, mesh, prompts, sampling, path, log, t0):
   the root prompt goes in as written (no chat template, no assistant prefix), as the
   original sends it."""
   from apr_jax.engine.host_original import AprOriginalHost
+  from apr_jax.protocols import APR_TAGS
   from apr_jax.protocols.reference import apr_search_result
+  held = [t for t in APR_TAGS if tok.token_id(t) is not None]
+  if held:
+    raise UserError(f"{path} holds APR's tags as single tokens ({', '.join(held[:2])}, ...): it "
+                    "speaks the single-token variant, run it with --protocol apr_tok "
+                    "(--protocol apr is the original format, tags written as plain text)")
   budget = FLAGS.max_new_tokens if FLAGS["max_new_tokens"].present else 4096  # the original's
   host = AprOriginalHost(model, tok, max_tokens=budget, sampling=sampling, seed=FLAGS.seed,
                          mesh=mesh, log=log)
@@ -381,7 +394,7 @@ def _run_apr_original(model, tok, mesh, prompts, sampling, path, log, t0):
            "result": s.result, "error": s.error,
            "children": sum(len(c) for c in s.sub_calls)} for s in searches]
   if FLAGS.json:
-    out = {"protocol": "apr_original", "model": path, "dtype": _dtype_name(model),
+    out = {"protocol": "apr", "model": path, "dtype": _dtype_name(model),
            "results": rows, "stats": {"calls": host.calls, "context_cut_calls": host.cut,
                                       "wall_s": round(wall, 3)}}
     if len(rows) == 1:

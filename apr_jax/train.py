@@ -118,24 +118,24 @@ def main(argv):
   utils.quiet_logs()
   utils.setup_jax()
   from apr_jax.checkpoint import orbax_io
+  from apr_jax.tasks.countdown import data
   from apr_jax.training.trainer import TrainConfig, train
+  data.check_format(c.format)
   os.makedirs(c.workdir, exist_ok=True)
   with open(os.path.join(c.workdir, "config.json"), "w") as f:
     f.write(c.to_json_best_effort(indent=1))
   model, tok = build_model(c)
   if FLAGS.export_only:
-    from apr_jax.tasks.countdown import data
     from apr_jax.training.trainer import restore_latest
     model, step = restore_latest(model, TrainConfig(**dict(c.train)), c.workdir)
     _log(f"exporting step {step}")
-    pr = data.protocol_for(c.format, tok)
   else:
-    rows, pr = build_data(c, tok)
+    rows, _ = build_data(c, tok)
     tc = TrainConfig(**dict(c.train))
     model, _ = train(model, rows, tc, c.workdir)
   out = os.path.join(c.workdir, "model")
   orbax_io.save(out, model, tok, extra={"task": c.task, "setting": c.setting, "format": c.format,
-                                        "protocol": pr.name})
+                                        "protocol": data.PROTOCOL_OF[c.format]})
   _log(f"saved {out}")
   return 0
 

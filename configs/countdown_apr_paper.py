@@ -1,6 +1,7 @@
 """APR's paper setting (Pan et al. 2025): a Llama-2-style decoder with 228M non-embedding
 parameters (18 layers, hidden 1024, 16 heads), 4k context, 4-number Countdown (1..99, target
-10..100), APR fork/join trajectories. Meant for a TPU/GPU: runs unchanged there
+10..100), trained on the original APR format (`apr_original`: each call of the original's
+search, plain-text tags; run with `--protocol apr`). Meant for a TPU/GPU: runs unchanged there
 (`python -m apr_jax.train --config configs/countdown_apr_paper.py`); the tests build it and
 run two steps with a reduced batch and sequence on CPU."""
 from ml_collections import ConfigDict
@@ -14,7 +15,7 @@ def get_config():
   c.task = "countdown"
   c.setting = "apr"
   c.beam = 0
-  c.format = "apr"
+  c.format = "apr_original"
   c.n_train = 500_000
   c.n_test = 1000
   c.data_seed = 0

@@ -11,7 +11,8 @@ def get_config():
   c.setting = "apr"
   c.n_test = 1000
   c.data_seed = 0
-  # engine "apr_original": the original's orchestration of calls (engine/host_original.py)
+  # engine "apr_original": the original's orchestration of calls (engine/host_original.py),
+  # as `run --protocol apr` runs it
   c.methods = ConfigDict({"apr": {"path": "", "engine": "apr_original"}})
   c.max_call_tokens = 4096  # each call's budget (the original's --max_tokens)
   c.batch = 64              # problems per round of batched calls

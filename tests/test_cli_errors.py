@@ -111,8 +111,8 @@ def test_protocol_run_shows_the_thread_tree():
 @pytest.mark.parametrize("flags,needle", [
     (["--protocol", "bogus"], "protocol"),
     (["--assistant_prefix", "x"], "--assistant_prefix needs --protocol"),
-    (["--protocol", "apr", "--rows", "0"], "rows"),
-    (["--protocol", "apr_original", "--assistant_prefix", "x"], "sends each prompt as plain text"),
+    (["--protocol", "apr_tok", "--rows", "0"], "rows"),
+    (["--protocol", "apr", "--assistant_prefix", "x"], "sends each prompt as plain text"),
     (["--protocol", "threadweaver", "--stop", "x"], "--stop applies to plain decoding"),
     (["--stop", ""], "--stop must not be empty"),
 ])
@@ -197,9 +197,51 @@ def test_config_files_load_siblings_without_sys_path(tmp_path):
   from apr_jax import config_files
   before = list(_sys.path)
   c = config_files.load(os.path.join(ROOT, "configs", "countdown_small_apr_long.py"), "train")
-  assert c.format == "apr" and c.train.stop_at == 2200 and c.workdir.endswith("apr_long")
+  assert c.format == "apr_tok" and c.train.stop_at == 2200 and c.workdir.endswith("apr_long")
   assert _sys.path == before
   (tmp_path / "broken.py").write_text("def get_config():\n  return 1 / 0\n")
   from apr_jax.errors import UserError
   with pytest.raises(UserError, match="ZeroDivisionError"):
     config_files.load(str(tmp_path / "broken.py"))
+
+
+SHIPPED_APR = os.path.join(ROOT, "apr_jax", "shipped", "countdown_small_apr")
+
+
+def test_protocol_names_listed_and_the_original_apr_refuses_single_token_tags():
+  """`--protocol` lists every protocol; `apr` (the original, plain-text tags) refuses a model
+  whose tokenizer holds APR's tags as single tokens instead of running it as something else."""
+  rc, _, err = run("--protocol", "bogus")
+  assert_clean_error(rc, err, "apr", "apr_tok", "threadweaver", "multiverse")
+  rc, _, err = run("--model", SHIPPED_APR, "--protocol", "apr", "--prompt", "x",
+                   "--max_new_tokens", "2")
+  assert_clean_error(rc, err, "--protocol apr_tok")
+
+
+def test_the_old_apr_format_name_is_read_as_apr_tok(tmp_path):
+  """A checkpoint saved when the single-token variant was the only APR format records
+  format "apr": it is read as apr_tok (the name apr now means the original); a training
+  config that asks for format "apr" gets a clear error, not a silent switch."""
+  from apr_jax.errors import UserError
+  from apr_jax.tasks.countdown import data
+  assert data.checkpoint_format({"format": "apr", "protocol": "apr"}) == ("apr_tok", "apr_tok")
+  assert data.checkpoint_format({"format": "apr_original", "protocol": "none"}) == ("apr_original", "apr")
+  assert data.checkpoint_format({}) == ("sos", "none")
+  with pytest.raises(UserError, match="named 'apr_tok'"):
+    data.check_format("apr")
+  with pytest.raises(UserError, match="unknown Countdown format"):
+    data.checkpoint_format({"format": "bogus"})
+  old = tmp_path / "old_apr"
+  shutil.copytree(SHIPPED_APR, old)
+  cfg = json.loads((old / "apr_config.json").read_text())
+  assert cfg["format"] == "apr_tok" and cfg["protocol"] == "apr_tok"
+  cfg["format"] = cfg["protocol"] = "apr"
+  (old / "apr_config.json").write_text(json.dumps(cfg))
+  new = run("--task", "countdown", "--model", SHIPPED_APR, "--problem", "3,5,7:22", "--json")
+  rc, out, err = run("--task", "countdown", "--model", str(old), "--problem", "3,5,7:22", "--json")
+  assert rc == 0 and new[0] == 0, err
+  a, b = json.loads(out), json.loads(new[1])
+  assert a["text"] == b["text"] and a["threads"] == b["threads"] and a["forks"] >= 1
+  rc, err = _module("apr_jax.train", "--config", "configs/countdown_small_apr.py",
+                       "--config.format=apr", f"--config.workdir={tmp_path / 'w'}")
+  assert_clean_error(rc, err, "named 'apr_tok'")

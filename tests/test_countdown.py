@@ -5,7 +5,7 @@ import pytest
 
 from apr_jax.tasks import countdown as cd
 
-FORMATS = ["sos", "apr", "threadweaver", "multiverse"]
+FORMATS = ["sos", "apr_tok", "threadweaver", "multiverse"]
 
 
 def test_splits_are_deterministic_disjoint_and_solvable():

@@ -43,11 +43,11 @@ def test_run_task_countdown(method):
 
 def test_host_baseline_equals_engine():
   model, tok = checkpoint.load(resolve("countdown_small_apr"))
-  pr = data.protocol_for("apr", tok)
+  pr = data.protocol_for("apr_tok", tok)
   test = cd.test_split(cd.SMALL, 1000, seed=0)
   prompts = [[tok.bos_id] + tok.encode(cd.prompt_text(p)) for p in test[:3]]
   host = HostAPR(model, tok, pr).solve(prompts)
-  eng = ev.make_engine(model, tok, "apr", lanes=1, slots=2048)
+  eng = ev.make_engine(model, tok, "apr_tok", lanes=1, slots=2048)
   res = eng.run([Request(p, max_thread_tokens=1536, max_total_tokens=6000) for p in prompts])
   assert sum(r.forks for r in res) >= 1
   for h, r in zip(host, res):
@@ -56,10 +56,10 @@ def test_host_baseline_equals_engine():
     assert h["rendered"] == r.token_ids  # the root with its results blocks, as the engine renders it
     # so both report the same APR accounting (every call's sequence, results blocks included)
   for p, h, r in zip(test, host, res):
-    texts = ev.thread_texts(r, tok, "apr", cd.prompt_text(p))
-    eng_counts = ev.original_counts(tok, "apr", texts)
+    texts = ev.thread_texts(r, tok, "apr_tok", cd.prompt_text(p))
+    eng_counts = ev.original_counts(tok, "apr_tok", texts)
     host_texts = [cd.prompt_text(p) + tok.decode(h["rendered"])] + texts[1:]
-    assert ev.original_counts(tok, "apr", host_texts) == eng_counts
+    assert ev.original_counts(tok, "apr_tok", host_texts) == eng_counts
     assert eng_counts["apr_tokens"] > r.total_tokens + r.prompt_tokens
 
 

@@ -26,7 +26,7 @@ def engine(name, **kw):
     _ENGINES[key] = _new_engine(name, **kw)
   return _ENGINES[key]
 
-KID_END = {"multiverse": tf.STOP, "threadweaver": tf.STOP, "apr": tf.EOS}
+KID_END = {"multiverse": tf.STOP, "threadweaver": tf.STOP, "apr_tok": tf.EOS}
 MV_GOAL = dataclasses.replace(tf.PROTOCOLS["multiverse"], goal=(tf.GOAL,))
 
 
@@ -63,11 +63,11 @@ def test_critical_path_budget_closes_a_nested_parent():
   tf.check_exact(model(), res, trace, 2)
 
 
-@pytest.mark.parametrize("name", ["multiverse", "apr"])
+@pytest.mark.parametrize("name", ["multiverse", "apr_tok"])
 def test_raced_children_are_left_out_of_the_join(name):
   """Race: the first child to write the goal cancels its running siblings, which are left
   out of the join (the parent never reads an unclosed block); the same as the reference."""
-  pr = MV_GOAL if name == "multiverse" else tf.PROTOCOLS["apr"]
+  pr = MV_GOAL if name == "multiverse" else tf.PROTOCOLS["apr_tok"]
   end = KID_END[name]
   scripts = {(): [3, tf.OPEN, tf.COUNT, 4, tf.COUNT, 5, tf.COUNT, 6, tf.FORK, 7, tf.EOS],
              (0,): [8, tf.GOAL, 9, end], (1,): [10] * 30 + [end], (2,): [11] * 30 + [end]}
@@ -145,8 +145,8 @@ def test_second_fork_needs_a_new_opening_tag():
   (it used to spawn from the first block's lines); with one, the child reads its own line."""
   base = [3, tf.OPEN, tf.COUNT, 4, tf.FORK, 5]
   kids = {(0,): [8, tf.EOS], (1,): [9, tf.EOS]}
-  pr = tf.PROTOCOLS["apr"]
-  eng = engine("apr")
+  pr = tf.PROTOCOLS["apr_tok"]
+  eng = engine("apr_tok")
   for second, forks in (([tf.COUNT, 6, tf.FORK, 7, tf.EOS], 1),
                         ([tf.OPEN, tf.COUNT, 6, tf.FORK, 7, tf.EOS], 2)):
     scripts = {**kids, (): base + second}

@@ -24,7 +24,7 @@ def _nbytes(tree_):
 def test_estimate_counts_what_the_engine_allocates(dtype):
   model = tf.tiny_model()
   cfg = model.cfg
-  spec = TreeSpec(protocol=tf.PROTOCOLS["apr"], lanes=3, requests=2, rows=4, threads=10, slots=320)
+  spec = TreeSpec(protocol=tf.PROTOCOLS["apr_tok"], lanes=3, requests=2, rows=4, threads=10, slots=320)
   need = memory.need(spec, cfg, dtype)
   st = jax.eval_shape(lambda: tree.init(spec, cfg, dtype))
   assert need.kv == _nbytes(st.cache)
@@ -40,18 +40,18 @@ def test_a_pool_that_cannot_fit_is_an_error_before_anything_is_allocated(monkeyp
   monkeypatch.setattr(memory, "free_bytes", lambda devices: 64 * MiB)
   built = []
   monkeypatch.setattr(runner.TreeEngine, "_build", lambda self: built.append(1))
-  spec = TreeSpec(protocol=tf.PROTOCOLS["apr"], lanes=2, rows=4, threads=8, slots=1 << 20)
+  spec = TreeSpec(protocol=tf.PROTOCOLS["apr_tok"], lanes=2, rows=4, threads=8, slots=1 << 20)
   with pytest.raises(UserError, match=r"does not fit in device memory.*KV pool .*2 lane\(s\) x 1048576 slots"):
     runner.TreeEngine(model, None, spec)
   assert not built
-  small = runner.TreeEngine(model, None, TreeSpec(protocol=tf.PROTOCOLS["apr"], lanes=2, rows=4,
+  small = runner.TreeEngine(model, None, TreeSpec(protocol=tf.PROTOCOLS["apr_tok"], lanes=2, rows=4,
                                                   threads=8, slots=1024))
   assert built and small.memory.total < 64 * MiB
 
 
 def test_auto_slots_is_the_most_that_fit(monkeypatch):
   cfg = tf.tiny_model().cfg
-  make = lambda n: TreeSpec(protocol=tf.PROTOCOLS["apr"], lanes=4, rows=4, threads=8, slots=n)
+  make = lambda n: TreeSpec(protocol=tf.PROTOCOLS["apr_tok"], lanes=4, rows=4, threads=8, slots=n)
   free = 96 * MiB
   n = memory.auto_slots(make, cfg, "float32", None, cap=10 ** 7, free=free)
   fits = lambda k: memory.need(make(k), cfg, "float32").total <= (1 - memory.MARGIN) * free
@@ -69,18 +69,18 @@ def test_make_engine_slots_auto(monkeypatch):
   model, tok = checkpoint.load(resolve("countdown_small_apr"))
   monkeypatch.setattr(runner.TreeEngine, "_build", lambda self: None)
   monkeypatch.setattr(memory, "free_bytes", lambda devices: 256 * MiB)
-  eng = ev.make_engine(model, tok, "apr", lanes=8, slots="auto", max_total_tokens=6000)
+  eng = ev.make_engine(model, tok, "apr_tok", lanes=8, slots="auto", max_total_tokens=6000)
   cap = tree.log_bound(eng.spec.protocol, ev.PROMPT_TOKENS, 16, 1, 6000)
   assert eng.spec.slots % 64 == 0 and 64 <= eng.spec.slots <= -(-cap // 64) * 64
   assert eng.memory.total <= (1 - memory.MARGIN) * 256 * MiB
   for bad in ("many", 0, -5, 2.5):
     with pytest.raises(UserError, match="slots must be"):
-      ev.make_engine(model, tok, "apr", slots=bad)
+      ev.make_engine(model, tok, "apr_tok", slots=bad)
   # requests sharing a lane: the thread table and the log hold each one's budgets
-  two = ev.make_engine(model, tok, "apr", lanes=8, slots=1024, requests_per_lane=2)
+  two = ev.make_engine(model, tok, "apr_tok", lanes=8, slots=1024, requests_per_lane=2)
   assert (two.spec.requests, two.spec.threads) == (2, 32) and two.spec.n_log >= 2 * cap
   with pytest.raises(UserError, match="requests_per_lane must be"):
-    ev.make_engine(model, tok, "apr", requests_per_lane=0)
+    ev.make_engine(model, tok, "apr_tok", requests_per_lane=0)
 
 
 def test_generator_refuses_a_batch_that_cannot_fit(monkeypatch):

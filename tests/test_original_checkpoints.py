@@ -6,7 +6,7 @@
 - Multiverse: a Qwen2 model with Multiverse's tags added the same way;
 - APR: a Llama model with a Llama-2-style sentencepiece tokenizer (BPE, digits split, byte
   fallback, nothing added: the tags are plain text), run by the host orchestration of the
-  original's evaluation (`--protocol apr_original`).
+  original's evaluation (`--protocol apr`).
 
 The weights are random, so the threads run to their budget: the run shows the originals'
 handling of that case (ThreadWeaver: each thread closed with `\\n</Thread>`, threads
@@ -155,9 +155,9 @@ def test_apr_original_on_a_llama_sentencepiece_checkpoint(checkpoints):
   from apr_jax.tokenizer import load_tokenizer
   tok = load_tokenizer(checkpoints["apr"])
   assert len(tok.encode("<End Calling Sub Searches>")) > 3 and tok.bos_id == 1
-  d = run("--model", checkpoints["apr"], "--protocol", "apr_original", "--prompt", APR_PROMPT,
+  d = run("--model", checkpoints["apr"], "--protocol", "apr", "--prompt", APR_PROMPT,
           "--max_new_tokens", "12", "--json")
-  assert d["protocol"] == "apr_original" and d["error"] == "" and d["stats"]["calls"] == 1
+  assert d["protocol"] == "apr" and d["error"] == "" and d["stats"]["calls"] == 1
   assert len(d["calls"]) == 1 and d["calls"][0].startswith(APR_PROMPT) and d["children"] == 0
 
 

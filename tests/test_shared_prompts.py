@@ -35,7 +35,7 @@ def same(a, b):
   np.testing.assert_allclose(lp(a), lp(b), atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["multiverse", "apr"])
+@pytest.mark.parametrize("name", ["multiverse", "apr_tok"])
 def test_samples_equal_separate_requests_and_share_the_prompt(name):
   """Six samples in groups of four (the lane's request slots): each equals the request with
   seed derive(seed, i), forks included; the prompt is stored once per group (the roots'

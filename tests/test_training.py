@@ -90,7 +90,7 @@ def test_countdown_apr_config_trains_and_saves(tmp_path):
   from apr_jax import checkpoint
   model, tok = checkpoint.load(str(tmp_path / "model"))
   assert tok.token_id("<End Calling Sub Searches>") is not None
-  assert json.load(open(tmp_path / "model" / "apr_config.json"))["format"] == "apr"
+  assert json.load(open(tmp_path / "model" / "apr_config.json"))["format"] == "apr_tok"
 
 
 def test_smollm2_threadweaver_finetune_runs(tmp_path):
@@ -104,7 +104,7 @@ def test_smollm2_threadweaver_finetune_runs(tmp_path):
 
 def test_paper_config_builds_and_steps_on_cpu(tmp_path):
   p = _train_cli("--config", "configs/countdown_apr_paper.py", f"--config.workdir={tmp_path}",
-                 "--config.n_train=4", "--config.n_test=4", "--config.seq_len=256", "--config.beam=2",
+                 "--config.n_train=4", "--config.n_test=4", "--config.seq_len=1024", "--config.beam=2",
                  "--config.train.steps=2", "--config.train.batch_size=1", "--config.train.log_every=1",
                  "--config.vocab_size=400")
   assert p.returncode == 0, p.stderr

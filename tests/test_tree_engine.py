@@ -77,7 +77,7 @@ def test_exact_with_the_pallas_page_kernel():
   _exact("multiverse", dict(attention="pallas", block=16))
 
 
-@pytest.mark.parametrize("name", ["threadweaver", "apr"])
+@pytest.mark.parametrize("name", ["threadweaver", "apr_tok"])
 def test_exact_with_the_prefill_program(name):
   """Forced queues of 2+ tokens written by the prefill program (`tree.prefill`) between
   one-step segments: prompts, flat-join re-prefills (ThreadWeaver), fresh children's prompts
@@ -245,10 +245,10 @@ def test_shared_lane_sampling_budgets_and_memory():
 
 
 def test_budgets_race_deadline():
-  pr = tf.PROTOCOLS["apr"]
+  pr = tf.PROTOCOLS["apr_tok"]
   rng = np.random.default_rng(5)
-  prompt, scripts = tf.random_trajectory("apr", rng, blocks=1, max_kids=3)
-  eng = engine("apr", script=64)
+  prompt, scripts = tf.random_trajectory("apr_tok", rng, blocks=1, max_kids=3)
+  eng = engine("apr_tok", script=64)
   # thread budget: only 2 threads in total -> the fork gets one child
   res = eng.run([Request(prompt, script=scripts, max_threads=2)])[0]
   assert len(res.threads) == 2 and res.forks == 1
@@ -266,7 +266,7 @@ def test_budgets_race_deadline():
   # race: the first child that writes the goal tag cancels its unfinished siblings
   scripts = {(): [3, tf.OPEN, tf.COUNT, 4, tf.COUNT, 5, tf.COUNT, 6, tf.FORK, 7, tf.EOS],
              (0,): [8, tf.GOAL, 9, tf.EOS], (1,): [10] * 30 + [tf.EOS], (2,): [11] * 30 + [tf.EOS]}
-  race = engine("apr", rows=4, race=True)
+  race = engine("apr_tok", rows=4, race=True)
   res = race.run([Request([tf.BOS, 3], script=scripts)])[0]
   reasons = {t["path"]: t["stop_reason"] for t in res.threads}
   assert reasons[(0,)] == "stop" and reasons[(1,)] == "cancelled" and reasons[(2,)] == "cancelled"

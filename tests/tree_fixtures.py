@@ -34,8 +34,8 @@ PROTOCOLS = {
                              child_stop=(STOP,), child_close=(NL, STOP), join="flat",
                              after_join=(NL,), join_skip_first=True, malformed_close=(NL, CLOSE_B),
                              max_depth=1),
-    # APR-like: fresh contexts from spawn lines, results join, one level
-    "apr": Protocol(name="apr", fork=FORK, open=OPEN, count=COUNT, child_pre=(BOS,), context="fresh",
+    # APR-like (apr_tok): fresh contexts from spawn lines, results join, one level
+    "apr_tok": Protocol(name="apr_tok", fork=FORK, open=OPEN, count=COUNT, child_pre=(BOS,), context="fresh",
                     child_stop=(EOS,), join="results", results_open=(TAG_B,),
                     results_close=(CLOSE_B, NL), result_tags=(GOAL, NOGOAL), no_result=(NOGOAL, NL),
                     goal=(GOAL,), max_depth=1),

@@ -48,7 +48,7 @@ def original_counts(tok, fmt: str, texts: Sequence[str], root_ids=()) -> dict:
   """The originals' accountings of one problem's threads (-1 where one does not apply):
   APR's for the sequential and APR formats, ThreadWeaver's critical path for its format."""
   out = {}
-  if fmt in ("sos", "sos_original", "apr"):
+  if fmt in ("sos", "sos_original", "apr_tok"):
     n = lambda s: len(tok.encode(s))
     c = accounting.apr_token_counts(accounting.apr_root_calls(texts[0]), list(texts[1:]), n)
     out.update(apr_tokens=c["token_count"], apr_longest=c["longest_seq_token_count"])
@@ -253,7 +253,7 @@ def evaluate_host(host, tok, problems: Sequence[cd.Problem], max_thread_tokens: 
                                why=why, total_tokens=r["total_tokens"], critical_path=-1, max_context=-1,
                                forks=r["forks"], threads=1 + len(r["children"]), wall_s=wall,
                                stop_reason="", **original_counts(
-                                   tok, "apr", [cd.prompt_text(p) + tok.decode(r["rendered"])] + texts[1:])))
+                                   tok, "apr_tok", [cd.prompt_text(p) + tok.decode(r["rendered"])] + texts[1:])))
     done = len(out)
     dt = time.perf_counter() - t0
     log(f"[host] {done}/{len(problems)} problems | accuracy {sum(x.correct for x in out) / done:.3f} | "

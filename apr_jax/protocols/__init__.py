@@ -15,11 +15,16 @@ state machine (`apr_jax.engine.tree`) executes (docs/protocols.md). The three fa
   share the context and all start at the same position, forced `\\n<Path>\\n{number}:`; they end at `</Path>`; the join keeps every path's KV where it was written
   (join = "stitch", no recompute) and forces `<Conclusion>\\n` at max(child end positions).
   Nesting depth <= 5.
-- APR: `<End Calling Sub Searches>` forks one child per `<Sub Search>` line since
+- APR, single-token variant (`apr_tok`): `<End Calling Sub Searches>` forks one child per
+  `<Sub Search>` line since
   `<Calling Sub Searches>`; a child starts from a fresh context (BOS + the text of its spawn
   line, copied on device) and runs to EOS; the join drops the spawn block from the parent and
   inserts a results block (join = "results"): `<Sub Searches>`, each child's text from its
   last `<Goal Reached>` / `<No Solution>` tag, `<End Sub Searches>`. One level.
+
+`apr` names APR as its released checkpoints run: plain-text tags in the model's own
+vocabulary, the original's orchestration of calls (`apr_jax.engine.host_original`, stop
+strings matched on device); it is not a `Protocol` of this module.
 
 Format variants chosen so everything can be built on device (documented in the README):
 tags are single tokens (added special tokens, or sentencepiece user-defined symbols); a
@@ -46,7 +51,11 @@ MULTIVERSE_TAGS = ("<Think>", "</Think>", "<Parallel>", "</Parallel>", "<Goal>",
                    "<Outline>", "</Outline>", "<Path>", "</Path>", "<Conclusion>", "</Conclusion>")
 APR_TAGS = ("<Calling Sub Searches>", "<Sub Search>", "<End Calling Sub Searches>", "<Sub Searches>",
             "<End Sub Searches>", "<Goal Reached>", "<No Solution>")
-TAGS = {"none": (), "threadweaver": THREADWEAVER_TAGS, "multiverse": MULTIVERSE_TAGS, "apr": APR_TAGS}
+TAGS = {"none": (), "threadweaver": THREADWEAVER_TAGS, "multiverse": MULTIVERSE_TAGS,
+        "apr_tok": APR_TAGS}
+# every protocol name `run --protocol` takes; "apr" is the original APR (plain-text tags, the
+# original's orchestration of calls), the others are `Protocol`s built here
+NAMES = ("none", "threadweaver", "multiverse", "apr", "apr_tok")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,11 +142,15 @@ def build(name: str, tok) -> Protocol:
   """The named protocol for a tokenizer that already has the protocol's tags."""
   if name == "none":
     return Protocol()
-  if name not in TAGS:
-    raise UserError(f"unknown protocol {name!r}; choose from {', '.join(TAGS)}")
-  digits = tuple(_single(tok, str(d)) for d in range(10))
   if name == "apr":
-    return _build_apr(tok)
+    raise UserError("the original APR protocol (plain-text tags) runs as the original "
+                    "orchestrates its calls (apr_jax.engine.host_original), not as a tree "
+                    "Protocol; the single-token variant is apr_tok")
+  if name not in TAGS:
+    raise UserError(f"unknown protocol {name!r}; choose from {', '.join(NAMES)}")
+  digits = tuple(_single(tok, str(d)) for d in range(10))
+  if name == "apr_tok":
+    return _build_apr_tok(tok)
   sep = _seq(tok, ["."])
   outline = outlines.reader(tok.token_texts(), _tag(tok, "<Outline>"), digits, sep)
   if name == "threadweaver":
@@ -172,10 +185,10 @@ def _check_headers(pr: Protocol, tok, tag: str):
                       "that splits digits, '.' and ':' (as Qwen, Llama and SmolLM2 do)")
 
 
-def _build_apr(tok):
+def _build_apr_tok(tok):
   bos = () if tok.bos_id is None else (tok.bos_id,)
   return Protocol(
-      name="apr", fork=_tag(tok, "<End Calling Sub Searches>"), open=_tag(tok, "<Calling Sub Searches>"),
+      name="apr_tok", fork=_tag(tok, "<End Calling Sub Searches>"), open=_tag(tok, "<Calling Sub Searches>"),
       count=_tag(tok, "<Sub Search>"), child_pre=bos, context="fresh", child_stop=tuple(tok.stop_ids()),
       child_close=(), join="results", results_open=_seq(tok, ["<Sub Searches>"]),
       results_close=_seq(tok, ["<End Sub Searches>", "\n"]),

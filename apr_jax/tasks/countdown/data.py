@@ -14,11 +14,13 @@ from apr_jax.protocols import TAGS, Protocol, build
 from apr_jax.tasks import countdown as cd
 from apr_jax.tasks.countdown import original
 
-FORMATS = ("sos", "apr", "threadweaver", "multiverse", "sos_original", "apr_original")
-PROTOCOL_OF = {"sos": "none", "apr": "apr", "threadweaver": "threadweaver", "multiverse": "multiverse",
-               "sos_original": "none", "apr_original": "none"}
+FORMATS = ("sos", "apr_tok", "threadweaver", "multiverse", "sos_original", "apr_original")
+# the protocol a model trained on each format runs with (`run --protocol`): "apr" is the
+# original APR, "apr_tok" its single-token variant
+PROTOCOL_OF = {"sos": "none", "apr_tok": "apr_tok", "threadweaver": "threadweaver",
+               "multiverse": "multiverse", "sos_original": "none", "apr_original": "apr"}
 SEQUENTIAL = ("sos", "sos_original")
-ALL_TAGS = tuple(dict.fromkeys(TAGS["apr"] + TAGS["threadweaver"] + TAGS["multiverse"]))
+ALL_TAGS = tuple(dict.fromkeys(TAGS["apr_tok"] + TAGS["threadweaver"] + TAGS["multiverse"]))
 # "apr_original": the original's calls, each one plain sequence in the tokenizer's own
 # vocabulary (its tags are text, nothing is added), run by the original's orchestration
 # (`engine.host_original`); every call is trained as it is sent (`sequences`).
@@ -59,13 +61,33 @@ def train_tokenizer(texts: Sequence[str], out_dir: str, vocab_size: int = 320, t
 
 
 def check_format(fmt: str) -> str:
+  if fmt == "apr":
+    raise UserError("the Countdown format 'apr' is named 'apr_tok' (single-token tags, the "
+                    "apr_tok protocol); the original APR format is 'apr_original'")
   if fmt not in FORMATS:
     raise UserError(f"unknown Countdown format {fmt!r}; choose from {', '.join(FORMATS)}")
   return fmt
 
 
 def protocol_for(fmt: str, tok) -> Protocol:
-  return build(PROTOCOL_OF[check_format(fmt)], tok)
+  """The tree-engine protocol a format's sequences are trained and decoded with: a calls
+  format's every call is one plain sequence (Protocol "none"; the original's orchestration,
+  `PROTOCOL_OF[fmt]`, joins them)."""
+  return build("none" if check_format(fmt) in CALLS else PROTOCOL_OF[fmt], tok)
+
+
+def checkpoint_format(extra: dict) -> tuple[str, str]:
+  """(format, protocol) an apr_jax checkpoint's `apr_config.json` records. Checkpoints saved
+  before the single-token APR variant was named apr_tok record format "apr" (then the only
+  APR format); they mean apr_tok, so they are read as such (the name "apr" now means the
+  original protocol)."""
+  fmt = extra.get("format", "sos")
+  if fmt == "apr":
+    return "apr_tok", "apr_tok"
+  if fmt not in FORMATS:
+    raise UserError(f"the checkpoint records an unknown Countdown format {fmt!r} "
+                    f"(known: {', '.join(FORMATS)})")
+  return fmt, PROTOCOL_OF[fmt]
 
 
 def prompt_text(fmt: str, p: cd.Problem) -> str:
@@ -97,7 +119,7 @@ def encode(tok, fmt: str, problem: cd.Problem, setting: cd.Setting = cd.SMALL):
   scripts = {(): tok.encode(tr.threads[()]) + [eos]}
   for path, text in tr.threads.items():
     if path:
-      scripts[path] = tok.encode(text) + ([eos] if fmt == "apr" else [])
+      scripts[path] = tok.encode(text) + ([eos] if fmt == "apr_tok" else [])
   return [bos] + tok.encode(tr.prompt), scripts, tr.solved
 
 
@@ -128,6 +150,6 @@ def texts_for_tokenizer(problems, setting: cd.Setting = cd.SMALL, fmt: str = "")
       out.append("".join(original.solve_sos_original(p, original_rng(p))[:2]))
     prompt, completion, _ = cd.solve_sos(p, setting)
     out.append(prompt + completion)
-    for parallel in ("apr", "threadweaver"):
+    for parallel in ("apr_tok", "threadweaver"):
       out.extend(cd.solve_parallel(p, parallel, setting).threads.values())
   return out

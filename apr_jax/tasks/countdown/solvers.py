@@ -2,7 +2,7 @@
 
 - "sos": sequential Stream-of-Search (APR's SoS+ lines), depth-first; a closeness heuristic
   keeps the best `beam` moves per node;
-- "apr": the parent expands the root, spawns one sub search per child node
+- "apr_tok": the parent expands the root, spawns one sub search per child node
   (`<Sub Search> Moving to Node #0,1 Current State: ...` - the child's whole fresh prompt),
   the children search their subtrees and end with `<Goal Reached> Solution: ...` or
   `<No Solution>`; the parent reads the results block and writes the solution;
@@ -126,7 +126,7 @@ def solve_parallel(p: Problem, fmt: str, setting: Setting = SMALL) -> ParallelTr
     results.append(sol)
     body = "\n".join(lines)
     state = f"Current State: {fmt_state(p.target, krest)}, Operations: {fmt_ops([kop])}"
-    if fmt == "apr":
+    if fmt == "apr_tok":
       end = f"<Goal Reached> {solution_line(sol)}\n" if sol else "<No Solution>\n"
       threads[(i,)] = body + "\n" + end
     elif fmt == "threadweaver":
@@ -140,7 +140,7 @@ def solve_parallel(p: Problem, fmt: str, setting: Setting = SMALL) -> ParallelTr
   best = next((s for s in results if s), None)
   root = "\n".join(head) + "\n"
   lines = {}
-  if fmt == "apr":
+  if fmt == "apr_tok":
     lines = {(i,): f" Moving to Node {node_id(kp)} Current State: {fmt_state(p.target, kr)}, "
                    f"Operations: {fmt_ops([ko])}\n" for i, (kp, kr, ko) in enumerate(kids)}
     spawn = "".join("<Sub Search>" + lines[(i,)] for i in range(len(kids)))
