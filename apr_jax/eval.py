@@ -111,7 +111,7 @@ def main(argv):
       from apr_jax.engine.host import HostAPR
       from apr_jax.tasks.countdown import data
       if fmt != "apr_tok":
-        raise UserError(f"method {name}: the host baseline runs APR-format models, not {fmt}")
+        raise UserError(f"method {name}: the host baseline runs apr_tok-format models (single-token APR), not {fmt}")
       host = HostAPR(model, tok, data.protocol_for(fmt, tok))
       host.solve([[tok.bos_id] + tok.encode(cd.prompt_text(problems[0]))], c.max_thread_tokens)  # compile
       t0 = time.perf_counter()
