@@ -100,3 +100,62 @@ def test_child_prompts_are_token_splices_of_the_parent(sp):
   # fixed tokens do not depend on the node
   assert sorted(k[0] for k in glue) == [False, True], glue.keys()
   assert plain == 0
+
+
+def _text(sp, ids) -> str:
+  """The text of token ids as they read inside a sequence (no dummy-prefix stripping)."""
+  out = ""
+  for i in ids:
+    piece = sp.id_to_piece(i)
+    out += chr(int(piece[3:5], 16)) if piece.startswith("<0x") else piece.replace("\u2581", " ")
+  return out
+
+
+def test_results_blocks_are_token_splices_of_the_parent_and_children(sp):
+  """The join: the original replaces the parent's spawn block by the results block and
+  tokenizes the new call afresh. Spliced on device from the parent's tokens before the block,
+  each child's number spelled with digit tokens, its node id copied from the spawn line, its
+  summary path copied from the child's tokens, and fixed text between them whose tokens
+  depend only on that text, it gives exactly the original's tokens."""
+  from apr_jax.protocols import reference
+  rng = random.Random(zlib.crc32(b"apr_joins"))
+  fixed, n = {}, 0
+  for p in cd.generate(cd.APR, 60, seed=12):
+    t = orig.solve_apr_original(p, rng)
+    for k, kids in enumerate(t.children):
+      if not kids:
+        continue
+      spawn, after = t.calls[k], t.calls[k + 1]
+      before = spawn[:spawn.rindex(reference.APR_CALLING + "\n")]
+      ctx = after[:after.index(orig.RESULTS_END, len(before)) + len(orig.RESULTS_END)]
+      lines = re.findall(r"<Start Sub Search (\d+) at level 1> Moving to Node #([\d,]+)\n",
+                         spawn[len(before):])
+      results = [reference.apr_search_result(text) for text in kids]
+      assert ctx == reference.apr_join(spawn, [node for _, node in lines], results)
+      spans = _spans(sp, spawn)
+      pieces = [_copy(spans, 0, len(before))]
+      block = len(before)
+      for (i, node), text, res in zip(lines, kids, results):
+        at = spawn.index(f"<Start Sub Search {i} at level 1> Moving to Node #{node}\n", block)
+        at += len(f"<Start Sub Search {i} at level 1> Moving to Node #")
+        pieces += [[sp.piece_to_id(d) for d in i], _copy(spans, at, at + len(node))]
+        if res is not None:
+          kid = _spans(sp, text)
+          start = text.rindex(res)
+          pieces.append(_copy(kid, start, start + len(res)))
+      assert all(x is not None for x in pieces)
+      enc, pos, spliced = sp.encode(ctx), 0, []
+      for piece in pieces:
+        j = next(j for j in range(pos, len(enc) - len(piece) + 1) if enc[j:j + len(piece)] == piece)
+        glue = tuple(enc[pos:j])
+        fixed.setdefault(_text(sp, glue), set()).add(glue)
+        spliced += [*glue, *piece]
+        pos = j + len(piece)
+      fixed.setdefault(_text(sp, enc[pos:]), set()).add(tuple(enc[pos:]))
+      spliced += enc[pos:]
+      assert spliced == enc
+      n += len(kids)
+  assert n > 150
+  # each fixed text has one spelling, whatever it sits between
+  assert all(len(v) == 1 for v in fixed.values()), {k: v for k, v in fixed.items() if len(v) > 1}
+  assert " at level 1 at Node #" in fixed and ">\n<End Sub Searches>\n" in fixed
