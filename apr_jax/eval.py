@@ -35,11 +35,9 @@ def _format_of(path: str) -> str:
   """The training format an apr_jax checkpoint records ("" for another checkpoint)."""
   from apr_jax.tasks.countdown import data
   try:
-    with open(os.path.join(path, "apr_config.json")) as f:
-      extra = json.load(f)
-  except (OSError, ValueError):
+    return data.read_checkpoint(path)["format"]
+  except UserError:
     return ""
-  return data.checkpoint_format(extra)[0]
 
 
 @cli_main
@@ -100,16 +98,13 @@ def main(argv):
                            model_calls=host.calls, context_cut_calls=host.cut)
       continue
     path = resolve(m.path)
-    fmt = _format_of(path)
-    if not fmt:
-      raise UserError(f"method {name}: {path} is not an apr_jax Countdown checkpoint (it has no "
-                      "readable apr_config.json)")
+    from apr_jax.tasks.countdown import data
+    fmt = data.read_checkpoint(path)["format"]
     _log(f"{name}: {path} ({fmt}, {resolve_dtype(c.get('dtype', 'auto'))})")
     model, tok = checkpoint.load(path, dtype=c.get("dtype", "auto"))
     dtype = str(jax.tree.leaves(model)[0].dtype)
     if engine == "host":
       from apr_jax.engine.host import HostAPR
-      from apr_jax.tasks.countdown import data
       if fmt != "apr_tok":
         raise UserError(f"method {name}: the host baseline runs apr_tok-format models (single-token APR), not {fmt}")
       host = HostAPR(model, tok, data.protocol_for(fmt, tok))

@@ -217,13 +217,8 @@ def _run_countdown(t0):
   from apr_jax.tasks.countdown import data
   name = {"parallel": "countdown_small_apr", "sequential": "countdown_small_sos"}[FLAGS.method]
   path = resolve(FLAGS.model or name)
-  try:
-    with open(f"{path}/apr_config.json") as f:
-      extra = json.load(f)
-  except (OSError, ValueError):
-    raise UserError(f"--task countdown needs an apr_jax Countdown checkpoint; {path} has no "
-                    "readable apr_config.json") from None
-  fmt, _ = data.checkpoint_format(extra)
+  extra = data.read_checkpoint(path)
+  fmt = extra["format"]
   if fmt == "apr_original":
     raise UserError(f"{path} is trained on the original APR calls: run it with --protocol "
                     "apr and its prompt, or evaluate it with `python -m apr_jax.eval "

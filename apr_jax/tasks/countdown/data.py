@@ -90,6 +90,20 @@ def checkpoint_format(extra: dict) -> tuple[str, str]:
   return fmt, PROTOCOL_OF[fmt]
 
 
+def read_checkpoint(path: str) -> dict:
+  """An apr_jax Countdown checkpoint's `apr_config.json`, its format and protocol read by
+  `checkpoint_format`; a clear error for a directory without one."""
+  import json
+  try:
+    with open(os.path.join(path, "apr_config.json")) as f:
+      extra = json.load(f)
+  except (OSError, ValueError):
+    raise UserError(f"{path} is not an apr_jax Countdown checkpoint (it has no readable "
+                    "apr_config.json)") from None
+  extra["format"], extra["protocol"] = checkpoint_format(extra)
+  return extra
+
+
 def prompt_text(fmt: str, p: cd.Problem) -> str:
   """The prompt a model trained on `fmt` reads: the original SoS+ prompt (numbers as drawn,
   no newline) for `sos_original`, the original APR root prompt for `apr_original`, else
