@@ -78,14 +78,29 @@ def main(argv):
       continue
     engine = m.get("engine", "tree")
     if engine == "tree" and m.get("path") and _format_of(resolve(m.path)) == "apr_original":
-      engine = "apr_original"  # a checkpoint trained on the original's calls runs as the original
-    if engine == "apr_original":
+      engine = "apr_device"  # a checkpoint trained on the original's calls runs as the original
+    if engine in ("apr_original", "apr_device"):
       if not m.get("path"):
         raise UserError(f"method {name}: set its path to a checkpoint in the original APR format "
                         f"(--config.methods.{name}.path=DIR)")
       path = resolve(m.path)
-      _log(f"{name}: {path} (apr_original, {resolve_dtype(c.get('dtype', 'auto'))})")
+      _log(f"{name}: {path} ({engine}, {resolve_dtype(c.get('dtype', 'auto'))})")
       model, tok = checkpoint.load(path, dtype=c.get("dtype", "auto"))
+      dtype = str(jax.tree.leaves(model)[0].dtype)
+      if engine == "apr_device":  # the original protocol in the on-device engine
+        eng = ev.make_apr_engine(model, tok, lanes=c.get("lanes", 8), rows=c.get("rows", 8),
+                                 slots=c.get("slots", 16384),
+                                 max_total_tokens=c.get("max_total_tokens", 16384))
+        t0 = time.perf_counter()
+        rs = ev.evaluate_apr_device(eng, tok, problems, max_call_tokens=c.get("max_call_tokens", 4096),
+                                    max_total_tokens=c.get("max_total_tokens", 16384),
+                                    batch=c.batch, log=_log)
+        wall = time.perf_counter() - t0
+        results[name] = rs
+        summary[name] = dict(ev.summarize(rs, wall), format="apr_original", path=m.path,
+                             engine="apr_device", dtype=dtype, slots=eng.spec.slots,
+                             compile_s=round(eng.stats["compile_s"], 2))
+        continue
       from apr_jax.engine.host_original import AprOriginalHost
       host = AprOriginalHost(model, tok, max_tokens=c.get("max_call_tokens", 4096), batch=c.batch,
                              log=_log)
@@ -94,7 +109,7 @@ def main(argv):
       wall = time.perf_counter() - t0
       results[name] = rs
       summary[name] = dict(ev.summarize(rs, wall), format="apr_original", path=m.path,
-                           engine="apr_original", dtype=str(jax.tree.leaves(model)[0].dtype),
+                           engine="apr_original", dtype=dtype,
                            model_calls=host.calls, context_cut_calls=host.cut)
       continue
     path = resolve(m.path)
@@ -129,7 +144,7 @@ def main(argv):
                          slots=eng.spec.slots, compile_s=round(eng.stats["compile_s"], 2),
                          step_cost=eng.stats.get("step_cost"))
     del eng  # its KV pool is freed before the next method sizes its own
-  cs = ev.curves({k: v for k, v in results.items() if summary[k].get("engine") in ("tree", "apr_original")})
+  cs = ev.curves({k: v for k, v in results.items() if summary[k].get("engine") in ("tree", "apr_original", "apr_device")})
   plots = ev.plot(cs, FLAGS.out)
   out = {"task": c.task, "setting": c.setting, "num_problems": len(problems), "seed": FLAGS.seed,
          "methods": summary, "curves": cs, "plots": [os.path.basename(p) for p in plots],

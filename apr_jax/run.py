@@ -44,9 +44,12 @@ flags.DEFINE_enum("method", "parallel", ["parallel", "sequential"], "countdown: 
 flags.DEFINE_enum("protocol", "none", ["none", "threadweaver", "multiverse", "apr", "apr_tok"],
                   "Fork/join protocol; none = plain sequential decoding. threadweaver, "
                   "multiverse: the originals' formats, in the on-device engine. apr: APR as its "
-                  "released checkpoints run (plain-text tags), its calls orchestrated as the "
-                  "original evaluation does; each prompt is a root prompt (plain text). apr_tok: "
-                  "APR with single-token tags, in the on-device engine.")
+                  "released checkpoints run (plain-text tags), in the on-device engine (spawn, "
+                  "child prompts and results block as the original builds them); each prompt is "
+                  "a root prompt (plain text). apr_tok: APR with single-token tags.")
+flags.DEFINE_boolean("apr_host", False, "--protocol apr: orchestrate the calls on the host as "
+                     "the original evaluation does (one batch of calls per round), instead of "
+                     "the on-device engine.")
 flags.DEFINE_string("assistant_prefix", "", "Text placed after the prompt (after the chat "
                     "template's assistant header): e.g. a block ending in the fork trigger "
                     "forces a fork.")
@@ -109,9 +112,12 @@ def main(argv):
   prompts = list(FLAGS.prompt)
   if not prompts or any(not p for p in prompts):
     raise UserError("--prompt must not be empty")
-  if FLAGS.n > 1 and FLAGS.protocol in ("none", "apr"):
+  if FLAGS.apr_host and FLAGS.protocol != "apr":
+    raise UserError("--apr_host applies to --protocol apr")
+  if FLAGS.n > 1 and (FLAGS.protocol == "none" or FLAGS.apr_host):
     raise UserError("--n samples each prompt in the fork/join engine: pass --protocol "
-                    "threadweaver, multiverse or apr_tok (or repeat --prompt with --temperature)")
+                    "threadweaver, multiverse, apr or apr_tok, without --apr_host (or repeat "
+                    "--prompt with --temperature)")
   if FLAGS.protocol == "apr" and (FLAGS.assistant_prefix or FLAGS.chat == "on"):
     raise UserError("--protocol apr sends each prompt as plain text: drop "
                     "--assistant_prefix and --chat=on (put the text in --prompt)")
@@ -134,7 +140,9 @@ def main(argv):
     raise UserError("--stop applies to plain decoding; a fork/join protocol ends its threads "
                     "with its own tags")
   if FLAGS.protocol == "apr":
-    return _run_apr_original(model, tok, mesh, prompts, sampling, path, log, t0)
+    _refuse_single_token_apr(tok, path)
+    if FLAGS.apr_host:
+      return _run_apr_original(model, tok, mesh, prompts, sampling, path, log, t0)
   if FLAGS.protocol != "none":
     return _run_tree(model, tok, mesh, prompts, sampling, path, log, t0)
   if FLAGS.assistant_prefix:
@@ -290,18 +298,23 @@ def _run_tree(model, tok, mesh, prompts, sampling, path, log, t0):
   from apr_jax.tokenizer.chat import use_chat
 
   name = FLAGS.protocol
-  chat = use_chat(FLAGS.chat, tok.chat_template)
-  missing = [t for t in TAGS[name] if tok.token_id(t) is None]
+  chat = use_chat(FLAGS.chat, tok.chat_template) and name != "apr"
+  missing = [t for t in TAGS.get(name, ()) if tok.token_id(t) is None]
   if missing:
     log(f"note: the model has no {name} tags; adding {len(missing)} (rows = mean of the tag "
         f"word's pieces). It was not trained to fork, so forks come from --assistant_prefix.")
     model, _ = add_tokens(model, tok, TAGS[name])
+  if name == "apr":
+    log("reading the tokenizer's spellings of the APR splices...")
   pr = build(name, tok)
   ids = []
   for p in prompts:
     text = tok.apply_chat([{"role": "user", "content": p}]) if chat else p
-    ids.append(tok.encode(text + FLAGS.assistant_prefix))
+    bos = [tok.bos_id] if name == "apr" and tok.bos_id is not None else []  # the original's <s>
+    ids.append(bos + tok.encode(text + FLAGS.assistant_prefix))
   n_new = FLAGS.max_new_tokens
+  if name == "apr" and not FLAGS["max_new_tokens"].present:  # per call: the original's 4096,
+    n_new = min(4096, model.cfg.max_seq_len - max(len(i) for i in ids))  # as the context allows
   total = FLAGS.max_total_tokens or FLAGS.max_threads * n_new
   longest = max(len(i) for i in ids)
   if longest + n_new > model.cfg.max_seq_len:
@@ -340,9 +353,15 @@ def _run_tree(model, tok, mesh, prompts, sampling, path, log, t0):
 
   results = eng.run(reqs, on_progress=progress if live else None)
   wall = time.perf_counter() - t0
+  rows = [r.summary() for r in results]
+  if name == "apr":  # the search's answer as the original reads it, and a malformed end
+    from apr_jax.protocols.reference import apr_search_result
+    for p, d in zip(prompts, rows):
+      d["result"] = apr_search_result(p + d["text"])
+      d["error"] = "malformed spawn" if d["stop_reason"] == "malformed" else ""
   if FLAGS.json:
     out = {"protocol": name, "model": path, "dtype": _dtype_name(model),
-           "results": [r.summary() for r in results],
+           "results": rows,
            "stats": {"compile_s": round(eng.stats["compile_s"], 3), "wall_s": round(wall, 3)}}
     if len(results) == 1:
       out.update(out.pop("results")[0])
@@ -352,7 +371,7 @@ def _run_tree(model, tok, mesh, prompts, sampling, path, log, t0):
   for k, j, r in outs:
     if len(outs) > 1:
       print(f"--- [{k}] {prompts[k]!r}" + (f" sample {j}" if FLAGS.n > 1 else ""))
-    print(r.text)
+    print(prompts[k] + r.text if name == "apr" else r.text)  # apr: the last call's whole text
     log(f"thread tree [{k}]:")
     for t in r.threads:
       label = "root" if not t["path"] else ".".join(str(x + 1) for x in t["path"])
@@ -367,19 +386,22 @@ def _run_tree(model, tok, mesh, prompts, sampling, path, log, t0):
   return 0
 
 
-def _run_apr_original(model, tok, mesh, prompts, sampling, path, log, t0):
-  """APR's original protocol: one search per prompt (`engine.host_original`). Each call may
-  write up to --max_new_tokens tokens (default here: the original's --max_tokens, 4096);
-  the root prompt goes in as written (no chat template, no assistant prefix), as the
-  original sends it."""
-  from apr_jax.engine.host_original import AprOriginalHost
+def _refuse_single_token_apr(tok, path):
   from apr_jax.protocols import APR_TAGS
-  from apr_jax.protocols.reference import apr_search_result
   held = [t for t in APR_TAGS if tok.token_id(t) is not None]
   if held:
     raise UserError(f"{path} holds APR's tags as single tokens ({', '.join(held[:2])}, ...): it "
                     "speaks the single-token variant, run it with --protocol apr_tok "
                     "(--protocol apr is the original format, tags written as plain text)")
+
+
+def _run_apr_original(model, tok, mesh, prompts, sampling, path, log, t0):
+  """APR's original protocol orchestrated on the host (`--apr_host`, `engine.host_original`):
+  one search per prompt. Each call may write up to --max_new_tokens tokens (default here: the
+  original's --max_tokens, 4096); the root prompt goes in as written (no chat template, no
+  assistant prefix), as the original sends it."""
+  from apr_jax.engine.host_original import AprOriginalHost
+  from apr_jax.protocols.reference import apr_search_result
   budget = FLAGS.max_new_tokens if FLAGS["max_new_tokens"].present else 4096  # the original's
   host = AprOriginalHost(model, tok, max_tokens=budget, sampling=sampling, seed=FLAGS.seed,
                          mesh=mesh, log=log)

@@ -11,10 +11,15 @@ def get_config():
   c.setting = "apr"
   c.n_test = 1000
   c.data_seed = 0
-  # engine "apr_original": the original's orchestration of calls (engine/host_original.py),
-  # as `run --protocol apr` runs it
-  c.methods = ConfigDict({"apr": {"path": "", "engine": "apr_original"}})
+  # engine "apr_device": the original protocol in the on-device engine, as `run --protocol
+  # apr` runs it; "apr_original": the original's orchestration of calls on the host
+  # (engine/host_original.py, `run --protocol apr --apr_host`)
+  c.methods = ConfigDict({"apr": {"path": "", "engine": "apr_device"}})
   c.max_call_tokens = 4096  # each call's budget (the original's --max_tokens)
-  c.batch = 64              # problems per round of batched calls
+  c.max_total_tokens = 16384  # apr_device: sampled tokens per search, every call and child
+  c.lanes = 8               # apr_device: lanes, thread rows per lane, KV slots per lane
+  c.rows = 8
+  c.slots = 16384
+  c.batch = 64              # apr_original: problems per round of batched calls
   c.dtype = "auto"
   return c

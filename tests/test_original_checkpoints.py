@@ -150,15 +150,22 @@ APR_PROMPT = "Moving to Node #0\nCurrent State: 39:[51, 49, 25, 36], Operations:
 
 
 def test_apr_original_on_a_llama_sentencepiece_checkpoint(checkpoints):
-  """From `run`: every tag is plain text, several pieces; a random model writes no spawn
-  block, so the search is one call that runs to its budget."""
+  """From `run`, on device and with the host's orchestration (`--apr_host`): every tag is
+  plain text, several pieces; a random model writes no spawn block, so the search is one
+  call that runs to its budget."""
   from apr_jax.tokenizer import load_tokenizer
   tok = load_tokenizer(checkpoints["apr"])
   assert len(tok.encode("<End Calling Sub Searches>")) > 3 and tok.bos_id == 1
   d = run("--model", checkpoints["apr"], "--protocol", "apr", "--prompt", APR_PROMPT,
-          "--max_new_tokens", "12", "--json")
+          "--max_new_tokens", "12", "--json", "--apr_host")
   assert d["protocol"] == "apr" and d["error"] == "" and d["stats"]["calls"] == 1
   assert len(d["calls"]) == 1 and d["calls"][0].startswith(APR_PROMPT) and d["children"] == 0
+  # on device (the default): the same one call, to its budget
+  e = run("--model", checkpoints["apr"], "--protocol", "apr", "--prompt", APR_PROMPT,
+          "--max_new_tokens", "12", "--json")
+  assert e["protocol"] == "apr" and e["error"] == "" and e["result"] is None
+  assert e["stop_reason"] == "length" and e["total_tokens"] == 12 and e["forks"] == 0
+  assert APR_PROMPT + e["text"] == d["calls"][0]  # greedy: the host's call, token for token
 
 
 def test_apr_original_host_spawns_and_joins_through_the_tokenizer(checkpoints):
@@ -227,6 +234,17 @@ def test_apr_original_evaluation_from_the_cli(checkpoints, tmp_path):
   env.pop("XLA_FLAGS", None)
   p = subprocess.run([sys.executable, "-m", "apr_jax.eval", "--config", "configs/eval_apr_original.py",
                       f"--config.methods.apr.path={checkpoints['apr']}", "--config.max_call_tokens=8",
+                      "--num_problems", "2", "--out", str(tmp_path / "d"), "--config.lanes=1",
+                      "--config.slots=1024"],
+                     capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+  assert p.returncode == 0, p.stderr
+  m = json.load(open(tmp_path / "d" / "results.json"))["methods"]["apr"]
+  # on device (the config's default): one call each, to its budget (a random model)
+  assert m["engine"] == "apr_device" and m["problems"] == 2 and m["accuracy"] == 0.0
+  assert 0 < m["total_tokens_mean"] <= 8 < m["apr_tokens_mean"]
+  p = subprocess.run([sys.executable, "-m", "apr_jax.eval", "--config", "configs/eval_apr_original.py",
+                      f"--config.methods.apr.path={checkpoints['apr']}", "--config.max_call_tokens=8",
+                      "--config.methods.apr.engine=apr_original",
                       "--num_problems", "2", "--out", str(tmp_path)],
                      capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
   assert p.returncode == 0, p.stderr

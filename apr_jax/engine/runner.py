@@ -289,6 +289,7 @@ class _Batch:
       if lane is None:
         return  # first come, first served: the head waits for room
       self.waiting.popleft()
+      text = self.eng.spec.protocol.text is not None  # the original APR reads its whole prompt
       shared = any(o is not None for o in self.occ[lane]) or len(js) > 1
       for o in self.occ[lane]:
         if o is not None:
@@ -297,7 +298,7 @@ class _Batch:
       lead = None
       for j in js:
         slot = self.occ[lane].index(None)
-        src, upto = (-1, 0) if lead is None else (lead, len(r.prompt) - 1)
+        src, upto = (-1, 0) if lead is None or text else (lead, len(r.prompt) - 1)
         if pre:  # a running request's prompt prefix
           src, upto = pre[1]
           self.eng.stats["prefix_tokens"] += upto
@@ -414,7 +415,9 @@ class TreeEngine:
     self.segment_steps = segment_steps
     if prefix_cache < 0:
       raise UserError(f"prefix_cache must be >= 0 tokens, got {prefix_cache}")
-    self.prefix_cache = prefix_cache
+    # a text protocol reads its roots' own tokens (the original APR parses its prompt): no
+    # prompt prefix is read from another request
+    self.prefix_cache = 0 if spec.protocol.text is not None else prefix_cache
     data = self.mesh.shape.get("data", 1)
     if spec.lanes % data:
       raise UserError(f"lanes ({spec.lanes}) must be a multiple of the mesh data axis ({data})")
@@ -754,6 +757,12 @@ class TreeEngine:
         children[int(th.parent[t])].append(t)
     by_rank = lambda cs: sorted(cs, key=lambda c: int(th.rank[c]))
 
+    if pr.text is not None:  # the original APR: the root's context as its last call holds it
+      own = np.nonzero(g_thr == order[0])[0]
+      pos = L.log.pos[:n][own]
+      later = np.minimum.accumulate(np.append(pos, np.iinfo(np.int32).max)[::-1])[::-1][1:]
+      return [int(x) for x in g_tok[own[pos < later]]]
+
     def render(t):
       out, groups = [], []
       if pr.join == "stitch":
@@ -785,6 +794,9 @@ class TreeEngine:
     body = traj
     if body and tok is not None and body[-1] in set(tok.stop_ids()):
       body = body[:-1]
+    text = tok.decode(body) if tok is not None else ""
+    if spec.protocol.text is not None and text.endswith("\n"):
+      text = text[:-1]  # the original drops one trailing newline of a call's text
     logits = None
     if spec.record_logits:
       paths = self._paths(L, slot)
@@ -792,7 +804,7 @@ class TreeEngine:
                 for t in order}
     start = int(rq.start[slot])
     return TreeResult(
-        prompt_tokens=plen, token_ids=traj, text=tok.decode(body) if tok is not None else "",
+        prompt_tokens=plen, token_ids=traj, text=text,
         stop_reason=tree.REASONS[int(rq.reason[slot])],
         threads=[dataclasses.asdict(x) for x in self._threads(L, slot, req, order, upto)],
         total_tokens=int(th.n_sampled[order].sum()), critical_path=int(th.cp[order].max()),

@@ -17,6 +17,7 @@ class StopReason(enum.IntEnum):
   PRUNED = 7         # trailed its best sibling's mean log-prob (pruning)
   LENGTH = 8         # the root at its max_thread_tokens or the critical path
   CONTEXT = 9        # a thread reached the model's context length
+  MALFORMED = 10     # a spawn the protocol cannot read (the original APR's search ends)
 
   @property
   def label(self) -> str:
@@ -35,7 +36,8 @@ FINISH_REASONS = {
     StopReason.NONE: "", StopReason.STOP: "stop", StopReason.BUDGET: "length",
     StopReason.CANCELLED: "stop", StopReason.TOTAL_BUDGET: "length",
     StopReason.OUT_OF_MEMORY: "length", StopReason.DEADLINE: "length",
-    StopReason.PRUNED: "stop", StopReason.LENGTH: "length", StopReason.CONTEXT: "length"}
+    StopReason.PRUNED: "stop", StopReason.LENGTH: "length", StopReason.CONTEXT: "length",
+    StopReason.MALFORMED: "stop"}
 REASONS = tuple(r.label for r in StopReason)
 
 

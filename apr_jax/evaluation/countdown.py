@@ -311,3 +311,98 @@ def evaluate_apr_original(host, tok, problems: Sequence[cd.Problem], batch: int 
     log(f"[apr_original] {done}/{len(problems)} problems | accuracy "
         f"{sum(x.correct for x in out) / done:.3f} | {done / (time.perf_counter() - t0):.2f} problems/s")
   return out
+
+
+def make_apr_engine(model, tok, lanes: int = 8, rows: int = 8, slots: int = 8192,
+                    max_threads: int = 16, max_total_tokens: int = 16384):
+  """An engine for the original APR protocol on device (`protocols.apr_text`): a checkpoint
+  in the original format (plain-text tags), its token log sized for these budgets."""
+  from apr_jax.engine import tree
+  from apr_jax.engine.runner import TreeEngine
+  from apr_jax.engine.tree import TreeSpec
+  from apr_jax.protocols import build
+  if not (_positive_int(slots) and _positive_int(lanes) and _positive_int(rows)):
+    raise UserError(f"lanes, rows and slots must be positive numbers, got {lanes!r}, {rows!r}, "
+                    f"{slots!r}")
+  pr = build("apr", tok)
+  log = tree.log_bound(pr, PROMPT_TOKENS, max_threads, 1, max_total_tokens)
+  spec = TreeSpec(protocol=pr, root_stop=tuple(tok.stop_ids()), lanes=lanes, rows=rows,
+                  threads=max_threads, slots=slots, chunk=32, log=log)
+  return TreeEngine(model, tok, spec, segment_steps=64)
+
+
+def apr_device_texts(r, tok, prompt: str):
+  """(the root's calls, the children's texts) of an on-device original-APR result, as the
+  original records them: a root call's text is the root's context when that call ended (at
+  each spawn, and at the end), a child's its context at its end (one trailing newline
+  dropped)."""
+  def live(ids, pos):
+    keep, low = [], 1 << 30
+    for i in range(len(ids) - 1, -1, -1):
+      if pos[i] < low:
+        keep.append(i)
+        low = pos[i]
+    return [ids[i] for i in keep[::-1]]
+
+  stops = set(tok.stop_ids())
+  text = lambda ids: (lambda t: t[:-1] if t.endswith("\n") else t)(
+      tok.decode([i for i in ids if i not in stops and i != tok.bos_id]))
+  root = r.threads[0]
+  plen = len(tok.encode(prompt)) + (tok.bos_id is not None)
+  ids = list(range(plen))  # the prompt's positions; its tokens are re-encoded below
+  head = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(prompt)
+  all_ids, all_pos = head + root["token_ids"], ids + root["positions"]
+  ends = [plen + k for k, (t, lp) in enumerate(zip(root["token_ids"], root["logprobs"]))
+          if lp is not None and t in stops]
+  calls = [text(live(all_ids[:e + 1], all_pos[:e + 1])) for e in ends]
+  final = prompt + r.text
+  if not calls or calls[-1] != final:
+    calls.append(final)
+  kids = [text(live(t["token_ids"], t["positions"])) for t in r.threads[1:]]
+  return calls, kids
+
+
+def evaluate_apr_device(engine, tok, problems: Sequence[cd.Problem], max_call_tokens: int = 4096,
+                        max_total_tokens: int = 16384, batch: int = 64,
+                        log=None) -> list[ProblemResult]:
+  """A checkpoint in the original APR format through the original protocol on device
+  (`make_apr_engine`), prompted and scored as `evaluate_apr_original` does: the answer read
+  from the last call, the children's texts for the line checks; a malformed spawn ends a
+  search unsolved. Token counts are the engine's (every sampled token, EOS included; the
+  critical path: the root's samples plus its longest child per spawn); APR's own
+  accounting is computed from the calls' texts."""
+  from apr_jax.engine.runner import Request
+  from apr_jax.tasks.countdown import original as orig
+  log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+  n = lambda s: len(tok.encode(s))
+  bos = [tok.bos_id] if tok.bos_id is not None else []
+  prompts = [orig.apr_prompt(p) for p in problems]
+  reqs = [Request(bos + tok.encode(t), max_thread_tokens=max_call_tokens,
+                  max_total_tokens=max_total_tokens) for t in prompts]
+  out: list = [None] * len(problems)
+  t0, shown, n_ok, done = time.perf_counter(), [0.0], [0], [0]
+
+  def on_done(i, r):
+    p = problems[i]
+    calls, kids = apr_device_texts(r, tok, prompts[i])
+    if r.stop_reason == "malformed":
+      ok, valid, why = False, False, "malformed: the spawn block cannot be read"
+    else:
+      ok, valid, why = verdict(p, [calls[-1]] + kids)
+    apr = accounting.apr_token_counts(calls, kids, n)
+    ctx = max((max(t["positions"]) + 1 if t["positions"] else 0) for t in r.threads)
+    out[i] = ProblemResult(
+        problem=(p.nums, p.target), correct=ok, trace_valid=valid, why=why,
+        total_tokens=r.total_tokens, critical_path=r.critical_path,
+        max_context=max(ctx, len(reqs[i].prompt)), forks=r.forks, threads=len(r.threads),
+        wall_s=r.wall_s, stop_reason=r.stop_reason, apr_tokens=apr["token_count"],
+        apr_longest=apr["longest_seq_token_count"])
+    done[0] += 1
+    n_ok[0] += ok
+    dt = time.perf_counter() - t0
+    if done[0] == len(problems) or dt - shown[0] >= 10 or done[0] % max(batch, 1) == 0:
+      shown[0] = dt
+      log(_progress(done[0], len(problems), n_ok[0] / done[0], dt))
+
+  engine.run(reqs, on_done=on_done)
+  return out

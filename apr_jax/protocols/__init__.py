@@ -23,10 +23,10 @@ state machine (`apr_jax.engine.tree`) executes (docs/protocols.md). The three fa
   last `<Goal Reached>` / `<No Solution>` tag, `<End Sub Searches>`. One level.
 
 `apr` names APR as its released checkpoints run: plain-text tags in the model's own
-vocabulary, the original's orchestration of calls (`apr_jax.engine.host_original`, stop
-strings matched on device); it is not a `Protocol` of this module.
+vocabulary, read as text on device; an EOS after `<End Calling Sub Searches>` forks, child
+prompts and the results block are spliced from token spans (`protocols.apr_text`).
 
-Format variants chosen so everything can be built on device (documented in the README):
+The single-token variants, chosen before the text tags were read on device:
 tags are single tokens (added special tokens, or sentencepiece user-defined symbols); a
 thread's label is spelled with digit and '.' tokens; APR's spawn line carries the child's whole prompt
 (`<Sub Search> Moving to Node #0,1 Current State: ...`) instead of a node id that would
@@ -88,6 +88,9 @@ class Protocol:
   outline: OutlineReader | None = None  # set: children are the distinct outline numbers
                                   # of the block (`protocols.outlines`), each labelled by its
                                   # number; else one child per `count` tag, labelled 1, 2, ...
+  text: object = None             # the original APR's text protocol (`protocols.apr_text.
+                                  # AprText`): an EOS after `<End Calling Sub Searches>` forks
+                                  # one child per spawn line, prompts and results spliced
 
   def __post_init__(self):
     if self.context not in ("shared", "fresh"):
@@ -143,9 +146,7 @@ def build(name: str, tok) -> Protocol:
   if name == "none":
     return Protocol()
   if name == "apr":
-    raise UserError("the original APR protocol (plain-text tags) runs as the original "
-                    "orchestrates its calls (apr_jax.engine.host_original), not as a tree "
-                    "Protocol; the single-token variant is apr_tok")
+    return build_apr(tok)
   if name not in TAGS:
     raise UserError(f"unknown protocol {name!r}; choose from {', '.join(NAMES)}")
   digits = tuple(_single(tok, str(d)) for d in range(10))
@@ -183,6 +184,20 @@ def _check_headers(pr: Protocol, tok, tag: str):
       raise UserError(f"this tokenizer spells the thread header {text!r} as {tok.encode(text)}, "
                       f"not as its pieces {spelled}; the {pr.name} protocol needs a tokenizer "
                       "that splits digits, '.' and ':' (as Qwen, Llama and SmolLM2 do)")
+
+
+def build_apr(tok) -> Protocol:
+  """The original APR (plain-text tags in the model's own vocabulary) on device: the EOS a
+  thread writes after a line holding `<End Calling Sub Searches>` forks one fresh-context
+  child per `<Start Sub Search i at level 1> Moving to Node #id` line of its block, each
+  prompted with its node rebuilt from the parent's `Generated Node #id` line; the join
+  replaces the block by the original results block (`protocols.apr_text`). Refused
+  (UserError) for a tokenizer whose splices would not give its fresh encodings."""
+  from apr_jax.protocols import apr_text
+  if tok.eos_id is None:
+    raise UserError("the APR protocol forks at an EOS: the tokenizer has none")
+  return Protocol(name="apr", fork=tok.eos_id, context="fresh", child_stop=tuple(tok.stop_ids()),
+                  join="results", max_depth=1, text=apr_text.build(tok))
 
 
 def _build_apr_tok(tok):

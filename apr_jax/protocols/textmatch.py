@@ -48,8 +48,10 @@ def _byte_automaton(tag: bytes) -> np.ndarray:
   return delta
 
 
-def token_tables(tag: str, token_texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-  """(nxt [len+1, V] int32, hit [len+1, V] bool) of one tag over a vocabulary."""
+def token_tables(tag: str, token_texts: Sequence[str], offsets: bool = False):
+  """(nxt [len+1, V] int32, hit [len+1, V] bool) of one tag over a vocabulary; with
+  `offsets`, also at [len+1, V] int32: the token's bytes up to the tag's first end in it (0:
+  it ends in none)."""
   b = tag.encode("utf-8")
   if not b:
     raise UserError("a text tag must not be empty")
@@ -62,11 +64,16 @@ def token_tables(tag: str, token_texts: Sequence[str]) -> tuple[np.ndarray, np.n
     mat[i, :len(d)] = np.frombuffer(d, np.uint8)
   state = np.broadcast_to(np.arange(len(b) + 1)[:, None], (len(b) + 1, len(data))).copy()
   hit = np.zeros(state.shape, bool)
+  at = np.zeros(state.shape, np.int32)
   for j in range(width):  # every token's j-th byte at once, from every start state
     live = (j < lens)[None, :]
     moved = delta[state, mat[None, :, j]]
     state = np.where(live, moved, state)
-    hit |= live & (moved == len(b))
+    done = live & (moved == len(b))
+    at = np.where(done & ~hit, j + 1, at)
+    hit |= done
+  if offsets:
+    return state.astype(np.int32), hit, at
   return state.astype(np.int32), hit
 
 

@@ -16,12 +16,13 @@ from apr_jax.protocols.outlines import IDLE, LEAD
 
 def classify(lane: Lane, drained, step):
   """Ends requests that ran out of total budget last step; returns (lane, drained rows of
-  live threads, the rows among them that fork)."""
+  live threads, the rows among them that fork or rewind)."""
   rq = lane.requests
   lane = terminate(lane, rq.ending, step, rq.ending > 0)
   t_w = jnp.clip(lane.rows.thread, 0)
   drained = drained & (lane.rows.thread >= 0) & live_threads(lane)[t_w]
-  return lane, drained, drained & (lane.threads.after[t_w] == Next.FORK)
+  after = lane.threads.after[t_w]
+  return lane, drained, drained & ((after == Next.FORK) | (after == Next.REWIND))
 
 
 def _draw(lane: Lane, t_w, logits, samp_w, spec: TreeSpec):
@@ -69,11 +70,13 @@ def _state_machine(lane: Lane, t_w, x, spec: TreeSpec):
   is_child = th.parent[t_w] >= 0
   stop = jnp.where(is_child, isin(x, tuple(pr.child_stop) + tuple(spec.root_stop)),
                    isin(x, spec.root_stop))
-  budget = ((th.n_sampled[t_w] + 1 >= lim[:, Limit.THREAD_TOKENS]) |
+  budget = ((th.n_sampled[t_w] - th.call_base[t_w] + 1 >= lim[:, Limit.THREAD_TOKENS]) |
             (th.cp[t_w] + 1 >= lim[:, Limit.CRITICAL]))
   count = th.count[t_w]
   if not pr.forks:
     return stop, budget, jnp.zeros_like(stop), count, {}
+  if pr.text is not None:
+    return _text_machine(lane, t_w, x, spec, stop, budget, lim)
   outline = {}
   if pr.outline is not None:
     count, outline = read_outlines(th, t_w, x, spec)
@@ -83,6 +86,39 @@ def _state_machine(lane: Lane, t_w, x, spec: TreeSpec):
   fork_next = ((x == pr.fork) & opened & (depth < lim[:, Limit.DEPTH]) & (count >= 1) &
                (depth < pr.max_depth))
   return stop, budget, fork_next, count, outline
+
+
+def _text_machine(lane: Lane, t_w, x, spec: TreeSpec, stop, budget, lim):
+  """The original APR's text tags on each row's sample x [W] (`protocols.apr_text`): a call
+  that ends (EOS, or its token budget) while its last line holds `<End Calling Sub
+  Searches>` (one trailing newline allowed) forks instead; `Goal Reached` positions are kept
+  for the join's summary path. An EOS has no text: it leaves the line state as it was."""
+  from apr_jax.protocols.apr_text import GOAL, S_END, S_GOAL, S_STOP, STOP
+  pr, th = spec.protocol, lane.threads
+  at = pr.text
+  st0 = th.t_state[t_w]
+  st, hits = at.stream.advance(st0, x)
+  flag = th.t_flag[t_w]
+  newline = x == at.newline
+  new_flag = jnp.where(hits[:, S_END], 1, jnp.where(flag == 1, jnp.where(newline, 2, 1), 0))
+  new_flag = jnp.where(stop, flag, new_flag)
+  depth = th.depth[t_w]
+  fork_next = ((new_flag > 0) & (stop | budget) & (depth < lim[:, Limit.DEPTH]) &
+               (depth < pr.max_depth))
+  g = hits[:, S_GOAL][:, None]
+  g_hit = jnp.where(g, jnp.stack([th.g_hit[t_w, 1], th.pos[t_w]], 1), th.g_hit[t_w])
+  g_clean = jnp.where(g, jnp.stack([th.g_clean[t_w, 1], st[:, S_GOAL] == len(GOAL)], 1),
+                      th.g_clean[t_w])
+  # the stop string: the call's text is cut where it starts and `<Calling Sub Searches>`
+  # written in its place (the row rewinds next step, once x is written)
+  rewind = hits[:, S_STOP]
+  off = jnp.asarray(at.stop_at)[jnp.clip(st0[:, S_STOP], 0, len(STOP)), x]
+  need = len(STOP) + jnp.asarray(at.nbytes)[x] - off
+  st = jnp.where(rewind[:, None], 0, st)
+  fork_next &= ~rewind
+  return (stop & ~fork_next, budget & ~fork_next & ~rewind, fork_next, th.count[t_w],
+          dict(t_state=st, t_flag=new_flag, g_hit=g_hit, g_clean=g_clean, rw_need=need,
+               rewind=rewind))
 
 
 def read_outlines(th, t_w, x, spec: TreeSpec):
@@ -120,6 +156,7 @@ def _write_samples(lane: Lane, t_w, x, logp, allowed, spec: TreeSpec):
   budget gets the protocol's close tokens after it) and runs the state machine."""
   pr, th, nt, w = spec.protocol, lane.threads, spec.threads, spec.rows
   stop, budget, fork_next, count, outline = _state_machine(lane, t_w, x, spec)
+  rewind = outline.pop("rewind", jnp.zeros_like(stop))
   is_child = th.parent[t_w] >= 0
   finish = stop | budget
   close, nclose = const(pr.child_close)
@@ -136,7 +173,8 @@ def _write_samples(lane: Lane, t_w, x, logp, allowed, spec: TreeSpec):
   th = th.set_at(
       tid, q_len=newlen, q_head=0, q_sampled=True, n_sampled=th.n_sampled[t_w] + 1,
       cp=th.cp[t_w] + 1, logp=th.logp[t_w] + logp, last_logp=logp, count=count,
-      after=jnp.where(finish, Next.FINISH, jnp.where(fork_next, Next.FORK, Next.SAMPLE)),
+      after=jnp.where(finish, Next.FINISH, jnp.where(fork_next, Next.FORK, jnp.where(
+          rewind, Next.REWIND, Next.SAMPLE))),
       **outline)
   th = th.set_at(targets(allowed & finish, t_w, nt), reason=reason)
   if pr.forks:  # an opening tag: the block's mark waits for the tag's log entry
@@ -152,7 +190,7 @@ def sample_phase(lane: Lane, t_w, logits, drained, n_forked, step, spec: TreeSpe
   th = lane.threads
   after = th.after[t_w]
   fin_w = drained & (after == Next.FINISH)
-  samp_w = drained & ((after == Next.SAMPLE) | ((after == Next.FORK) & (n_forked == 0)))
+  samp_w = drained & (n_forked == 0) & ((after == Next.SAMPLE) | (after == Next.FORK))
   lane, x, logp = _draw(lane, t_w, logits, samp_w, spec)
   lane, allowed = _total_budget(lane, th.req[t_w], samp_w, spec)
   lane = _write_samples(lane, t_w, x, logp, allowed, spec)

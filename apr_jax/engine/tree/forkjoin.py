@@ -59,11 +59,64 @@ def _spawn_line(lane: Lane, spec: TreeSpec, p, r):
   return out, jnp.sum(oks).astype(jnp.int32)
 
 
-def _child_queues(lane: Lane, spec: TreeSpec, parent, rank, valid_child):
+def _apr_plans(lane: Lane, spec: TreeSpec, fork_w):
+  """The original APR's spawn of each row in `fork_w` [W] (`protocols.apr_text.plan`, read
+  on the parent's live tokens: its log entries that no later entry of it rewrote). Returns
+  seq [W, G] (those tokens), spans [W, K, 4, 2], count [W], mark_pos [W] (the position the
+  block starts at) and bad [W]; one row at a time (a fork is rare, usually one a step)."""
+  from apr_jax.protocols import apr_text
+  at, log, w = spec.protocol.text, lane.log, spec.rows
+  # a thread's live tokens have distinct positions below the context: read that many
+  g = min(spec.context, spec.n_log) if spec.context else spec.n_log
+  k_max = spec.n_spawn
+  t_w = jnp.clip(lane.rows.thread, 0)
+  todo = jnp.nonzero(fork_w, size=w, fill_value=0)[0]
+  e = jnp.arange(spec.n_log)
+  big = jnp.iinfo(jnp.int32).max
+
+  def one(c):
+    k, seqs, spans, count, mark, sp, bad = c
+    r = todo[k]
+    p = t_w[r]
+    mine = (log.thread == p) & (e < log.n)
+    later = jax.lax.cummin(jnp.where(mine, log.pos, big), axis=0, reverse=True)
+    live = mine & (log.pos < jnp.concatenate([later[1:], jnp.full((1,), big, later.dtype)]))
+    idx = jnp.nonzero(live, size=g, fill_value=0)[0]
+    seq = jnp.where(jnp.arange(g) < jnp.sum(live), log.tok[idx], 0)
+    pl = apr_text.plan(at, seq, jnp.sum(live), k_max)
+    return (k + 1, seqs.at[r].set(seq), spans.at[r].set(pl["spans"]), count.at[r].set(pl["count"]),
+            mark.at[r].set(log.pos[idx[pl["mark"]]]), sp.at[r].set(pl["mark_sp"]),
+            bad.at[r].set(pl["bad"]))
+
+  z = jnp.zeros((w,), jnp.int32)
+  f = jnp.zeros((w,), bool)
+  init = (0, jnp.zeros((w, g), jnp.int32), jnp.zeros((w, k_max, 4, 2), jnp.int32), z, z, f, f)
+  _, seqs, spans, count, mark, sp, bad = jax.lax.while_loop(lambda c: c[0] < jnp.sum(fork_w), one,
+                                                            init)
+  return dict(seq=seqs, spans=spans, count=count, mark=mark, mark_sp=sp, bad=bad & fork_w)
+
+
+def _apr_child(spec: TreeSpec, plans, row, rank):
+  """A child's prompt (queue [Q], length) and label (its node id [LBL], length) from its
+  parent row's plan."""
+  from apr_jax.protocols import apr_text
+  seq, sp = plans["seq"][row], plans["spans"][row, jnp.clip(rank, 0, spec.n_spawn - 1)]
+  queue, qlen = apr_text.child_prompt(spec.protocol.text, seq, sp, spec.n_queue)
+  k = jnp.arange(spec.label)
+  n = jnp.minimum(sp[0, 1] - sp[0, 0], spec.label)
+  label = jnp.where(k < n, seq[jnp.clip(sp[0, 0] + k, 0, seq.shape[0] - 1)], 0)
+  return queue, qlen, label, n
+
+
+def _child_queues(lane: Lane, spec: TreeSpec, parent, rank, valid_child, row=None, plans=None):
   """Forced queue [NT, Q], its length (unclipped) and label for each new child (vectorised
   over the thread table). rank: the child's number within its fork (0-based): its label is
-  rank + 1 and, for fresh contexts, it reads spawn line rank + 1."""
+  rank + 1 and, for fresh contexts, it reads spawn line rank + 1. With the original APR's
+  `plans` (`_apr_plans`), row: each child's parent row; the label is its node id."""
   pr = spec.protocol
+  if plans is not None:
+    queue, qlen, label, lablen = jax.vmap(lambda w, r: _apr_child(spec, plans, w, r))(row, rank)
+    return queue, jnp.where(valid_child, qlen, 0), label, lablen
   label, lablen = _labels(lane.threads, spec, parent, rank)
   if pr.context == "shared":  # child_pre + label + child_post
     pre, npre = const(pr.child_pre)
@@ -96,7 +149,7 @@ def _fork_sizes(lane: Lane, spec: TreeSpec, fork_w):
   return jnp.clip(jnp.sum(free_t) - (jnp.cumsum(n_w) - n_w), 0, n_w)
 
 
-def _new_children(lane: Lane, spec: TreeSpec, n_w, step):
+def _new_children(lane: Lane, spec: TreeSpec, n_w, step, plans=None):
   """Fills the thread table's lowest free entries with the children of each row (n_w [W]).
   Returns (lane, is_new [NT], child prompt length asked for [NT])."""
   pr, th, nt, w = spec.protocol, lane.threads, spec.threads, spec.rows
@@ -109,7 +162,7 @@ def _new_children(lane: Lane, spec: TreeSpec, n_w, step):
   parent = t_w[row]
   idx = jnp.where(is_new, k - (cum_n[row] - n_w[row]), 0)              # number within its fork
   rank = th.kid_base[parent] + idx                                     # unique among siblings
-  queue, qlen, label, lablen = _child_queues(lane, spec, parent, idx, is_new)
+  queue, qlen, label, lablen = _child_queues(lane, spec, parent, idx, is_new, row, plans)
   shared = pr.context == "shared"
   own = jax.nn.one_hot(jnp.arange(nt), nt, dtype=bool)
   th = th.where(
@@ -126,13 +179,32 @@ def _new_children(lane: Lane, spec: TreeSpec, n_w, step):
 
 def fork(lane: Lane, spec: TreeSpec, fork_w, step):
   """Creates the children of every row in `fork_w` [W] that gets >= 1; its thread waits for
-  them and leaves its row. Returns (lane, n_w [W]: children per row)."""
+  them and leaves its row. Returns (lane, n_w [W]: children per row, or 1 for a row the
+  original APR handled without children; join_now [NT]: parents to join at once).
+
+  The original APR (`Protocol.text`): the spawn is read from the parent's text; a malformed
+  one ends the request (`malformed`), as the original's search ends; a block without spawn
+  lines, or one that gets no thread of the request's max_threads, joins at once (an empty
+  results block)."""
   nt, nr = spec.threads, spec.requests
-  n_w = _fork_sizes(lane, spec, fork_w)
   t_w = jnp.clip(lane.rows.thread, 0)
+  plans, bad_w, empty_w = None, jnp.zeros_like(fork_w), jnp.zeros_like(fork_w)
+  rw_w = fork_w & (lane.threads.after[t_w] == Next.REWIND)
+  if spec.protocol.text is not None:
+    lane = rewind(lane, spec, rw_w, step)
+    fork_w = fork_w & ~rw_w
+    plans = _apr_plans(lane, spec, fork_w)
+    bad_w = plans["bad"]
+    th = lane.threads.set_at(targets(fork_w, t_w, nt), count=plans["count"], mark_pos=plans["mark"],
+                             mark_sp=plans["mark_sp"])
+    lane = lane.replace(threads=th)
+    fork_w = fork_w & ~bad_w
+  n_w = _fork_sizes(lane, spec, fork_w)
+  if spec.protocol.text is not None:
+    empty_w = fork_w & (n_w == 0)
   q_w = lane.threads.req[t_w]
-  lane, is_new, qlen = _new_children(lane, spec, n_w, step)
-  forked = n_w > 0
+  lane, is_new, qlen = _new_children(lane, spec, n_w, step, plans)
+  forked = (n_w > 0) | empty_w
   th = lane.threads.set_at(targets(forked, t_w, nt), state=ThreadState.WAIT, n_children=n_w,
                            pending=n_w, row=-1)
   th = th.add_at(targets(forked, t_w, nt), kid_base=n_w)
@@ -144,7 +216,52 @@ def fork(lane: Lane, spec: TreeSpec, fork_w, step):
   lane = lane.replace(threads=th, requests=rq, rows=rows)
   # a child prompt longer than a thread's queue: the request is out of memory
   over = any_per_request(th.req, is_new & (qlen > spec.n_queue), nr)
-  return terminate(lane, StopReason.OUT_OF_MEMORY, step, over), n_w
+  lane = terminate(lane, StopReason.OUT_OF_MEMORY, step, over)
+  join_now = jnp.zeros((nt,), bool).at[targets(empty_w, t_w, nt)].set(True, mode="drop")
+  if spec.protocol.text is not None:
+    lane = terminate(lane, StopReason.MALFORMED, step, any_per_request(q_w, bad_w, nr))
+  return lane, jnp.where(bad_w | empty_w | rw_w, 1, n_w), join_now
+
+
+def rewind(lane: Lane, spec: TreeSpec, rw_w, step):
+  """Rows in `rw_w` [W] wrote the original APR's stop string `<Sub Searches>` (its last
+  token is written): as the original cuts the call's text where the string starts and writes
+  `<Calling Sub Searches>` in its place, the thread goes back to the position of the token
+  holding the string's first byte (its KV there and after freed) and is forced the
+  replacement; the call's token budget starts afresh. The token's text before the string is
+  kept when it is a space (the replacement is then spelled after a space); other text there
+  is lost (docs/protocols.md)."""
+  at, log, th, nt = spec.protocol.text, lane.log, lane.threads, spec.threads
+  kb = 48  # tokens walked back: the string is 14 bytes, and a token holds at least one
+  t_w = jnp.clip(lane.rows.thread, 0)
+  pos = th.pos[t_w]                                                     # [W]
+  e = jnp.arange(spec.n_log)
+  want = pos[:, None] - 1 - jnp.arange(kb)[None, :]                     # [W, KB]
+  hit = ((log.thread[None, None, :] == t_w[:, None, None]) & (e < log.n)[None, None, :] &
+         (log.pos[None, None, :] == want[:, :, None]))
+  idx = jnp.max(jnp.where(hit, e[None, None, :], -1), axis=2)           # the live entry there
+  tok = jnp.where(idx >= 0, log.tok[jnp.clip(idx, 0)], 0)
+  nb = jnp.where(idx >= 0, jnp.asarray(at.nbytes)[tok], 0)
+  cum = jnp.cumsum(nb, axis=1)
+  need = th.rw_need[t_w]
+  k = jnp.clip(jnp.sum(cum < need[:, None], axis=1), 0, kb - 1)       # 0-based: token k back
+  p0 = pos - 1 - k
+  prefix = cum[jnp.arange(k.shape[0]), k] - need
+  first = tok[jnp.arange(k.shape[0]), k]
+  spaced = (prefix == 1) & jnp.asarray(at.lead_space)[first]
+  a, b = at.glue["calling"], at.glue["sp_calling"]
+  r = max(len(a), len(b))
+  rep = jnp.where(spaced[:, None], jnp.asarray(b + (0,) * (r - len(b)), jnp.int32)[None, :],
+                  jnp.asarray(a + (0,) * (r - len(a)), jnp.int32)[None, :])
+  tid = targets(rw_w, t_w, nt)
+  th = th.replace(queue=th.queue.at[tid[:, None], jnp.arange(r)[None, :]].set(rep, mode="drop"))
+  th = th.set_at(tid, q_len=jnp.where(spaced, len(b), len(a)), q_head=0, q_sampled=False, pos=p0,
+                 after=Next.SAMPLE, call_base=th.n_sampled[t_w])
+  ow = lane.slots.owner
+  oc = jnp.clip(ow, 0)
+  back = jnp.full((nt,), jnp.iinfo(jnp.int32).max, jnp.int32).at[tid].set(p0, mode="drop")
+  slots = lane.slots.replace(owner=jnp.where((ow >= 0) & (lane.slots.pos >= back[oc]), -1, ow))
+  return lane.replace(threads=th, slots=slots)
 
 
 # ----------------------------------------------------------------------------- finish
@@ -203,6 +320,54 @@ def _results_queue(lane: Lane, spec: TreeSpec, kids, is_child, local):
                             jnp.full(rc.shape[0] + aj.shape[0], nt + 1)])
   valid = jnp.concatenate([jnp.arange(ro.shape[0]) < nro, v_ok, span, jnp.arange(rc.shape[0]) < nrc,
                            jnp.arange(aj.shape[0]) < naj])
+  return bucket_sorted(toks, bucket, valid, nt + 2, spec.n_queue)
+
+
+def _apr_results_queue(lane: Lane, spec: TreeSpec, p, kids, is_child, local):
+  """The original APR's results block (`protocols.apr_text`): `<Sub Searches>\n`, per child
+  in fork order `<Goal Reached in Sub Search {i} at level 1 at Node #{id}>\n` + its summary
+  path + `\n` (the text after its second-to-last `Goal Reached` and one character, without
+  the blank tokens at its end), or `<No Solution in Sub Search {i} ...>\n` for a child with
+  fewer than two; then `<End Sub Searches>\n`. Parent p's block started after a space
+  (`Threads.mark_sp`): the block's first tag is spelled after it."""
+  from apr_jax.protocols.apr_text import number_tokens
+  at, log, th, nt = spec.protocol.text, lane.log, lane.threads, spec.threads
+  gl = at.glue
+  cc = jnp.clip(log.thread, 0)
+  blank = jnp.asarray(at.blank)[jnp.clip(log.tok, 0, at.blank.shape[0] - 1)]
+  last = jnp.full((nt,), -1, jnp.int32).at[jnp.where(is_child & ~blank, cc, nt)].max(
+      log.pos, mode="drop")
+  has = kids & (th.g_hit[:, 0] >= 0)
+  start = th.g_hit[:, 0] + 1 + th.g_clean[:, 0]
+  span = is_child & has[cc] & (log.pos >= start[cc]) & (log.pos <= last[cc])
+  # per child: the tag's head, its number, " at level 1 at Node #", its node id, ">\n"
+  pre = max(len(gl["goal"]), len(gl["none"]))
+  goal = jnp.asarray(gl["goal"] + (0,) * (pre - len(gl["goal"])), jnp.int32)
+  none = jnp.asarray(gl["none"] + (0,) * (pre - len(gl["none"])), jnp.int32)
+  head = jnp.where(has[:, None], goal[None, :], none[None, :])
+  head_ok = jnp.arange(pre)[None, :] < jnp.where(has, len(gl["goal"]), len(gl["none"]))[:, None]
+  num, nnum = jax.vmap(lambda i: number_tokens(at, i))(local)
+  mid, close = jnp.asarray(gl["mid"], jnp.int32), jnp.asarray(gl["close"], jnp.int32)
+  per = jnp.concatenate([head, num, jnp.broadcast_to(mid, (nt, mid.shape[0])), th.label,
+                         jnp.broadcast_to(close, (nt, close.shape[0]))], axis=1)
+  per_ok = jnp.concatenate([head_ok, jnp.arange(3)[None, :] < nnum[:, None],
+                            jnp.ones((nt, mid.shape[0]), bool),
+                            jnp.arange(spec.label)[None, :] < th.label_len[:, None],
+                            jnp.ones((nt, close.shape[0]), bool)], axis=1) & kids[:, None]
+  c = per.shape[1]
+  n_ro = max(len(gl["open"]), len(gl["sp_open"]))
+  pad = lambda ids: jnp.asarray(ids + (0,) * (n_ro - len(ids)), jnp.int32)
+  sp = th.mark_sp[p]
+  ro = jnp.where(sp, pad(gl["sp_open"]), pad(gl["open"]))
+  ro_ok = jnp.arange(n_ro) < jnp.where(sp, len(gl["sp_open"]), len(gl["open"]))
+  rc = jnp.asarray(gl["end"], jnp.int32)
+  nl = jnp.asarray(gl["nl"], jnp.int32)
+  toks = jnp.concatenate([ro, per.reshape(-1), log.tok, jnp.broadcast_to(nl, (nt, nl.shape[0])).reshape(-1), rc])
+  bucket = jnp.concatenate([
+      jnp.zeros(ro.shape, jnp.int32), jnp.repeat(1 + local, c), 1 + local[cc],
+      jnp.repeat(1 + local, nl.shape[0]), jnp.full(rc.shape, nt + 1, jnp.int32)])
+  valid = jnp.concatenate([ro_ok, per_ok.reshape(-1), span,
+                           jnp.repeat(has, nl.shape[0]), jnp.ones(rc.shape, bool)])
   return bucket_sorted(toks, bucket, valid, nt + 2, spec.n_queue)
 
 
@@ -273,6 +438,8 @@ def _join_queue(lane: Lane, spec: TreeSpec, p, bad, ends):
   is_child = (log.thread >= 0) & kids[cc] & (e < log.n)
   first = th.kid_base[p] - th.n_children[p]
   local = jnp.clip(th.rank - first, 0, nt - 1)    # [NT] index within the fork
+  if pr.text is not None:
+    return _apr_results_queue(lane, spec, p, kids, is_child, local)
   if pr.join == "results":
     return _results_queue(lane, spec, kids, is_child, local)
   return _flat_queue(lane, spec, kids, is_child, local, bad, ends)
@@ -359,6 +526,8 @@ def join(lane: Lane, spec: TreeSpec, join_p, step):
       q_sampled=False, count=0, mark_log=-1, mark_pending=False,  # a new fork needs a new block
       o_state=0, o_cur_len=0,
       after=jnp.where(spent | bad_p, Next.FINISH, Next.SAMPLE), state=ThreadState.READY)
+  if pr.text is not None:  # a new call: its text tags and its token budget start afresh
+    th = th.where(join_p, t_state=0, t_flag=0, call_base=th.n_sampled)
   # the thread ends after its queue: at a budget when the critical path is spent or a child
   # was cut; after a child's EOS (a malformed join closed the block) with `stop`
   budget = jnp.where(is_child, StopReason.BUDGET, StopReason.LENGTH)

@@ -24,12 +24,14 @@ def update(lanes: Lane, logits, drained, step, spec: TreeSpec) -> Lane:
   lanes, drained, fork_w = vm(lambda l, d: budgets.classify(l, d, step))(lanes, drained)
   t_w = jnp.clip(lanes.rows.thread, 0)  # before forks release rows
   zeros = jnp.zeros(fork_w.shape, jnp.int32)
-  lanes, n_forked = jax.lax.cond(
+  no_join = jnp.zeros(lanes.threads.req.shape, bool)
+  lanes, n_forked, join_now = jax.lax.cond(
       jnp.any(fork_w), lambda l: vm(lambda a, f: forkjoin.fork(a, spec, f, step))(l, fork_w),
-      lambda l: (l, zeros), lanes)
+      lambda l: (l, zeros, no_join), lanes)
   lanes, fin_t = vm(lambda l, t, lo, d, n: budgets.sample_phase(l, t, lo, d, n, step, spec))(
       lanes, t_w, logits, drained, n_forked)
   lanes, join_p, root_done, root_reason = vm(lambda l, f: forkjoin.finish(l, spec, f, step))(lanes, fin_t)
+  join_p = join_p | (join_now & vm(requests.live_threads)(lanes))  # an empty APR spawn
   lanes = jax.lax.cond(
       jnp.any(root_done),
       lambda l: vm(lambda a, d, r: requests.close(a, d, r, step))(l, root_done, root_reason),

@@ -20,6 +20,7 @@ from apr_jax.engine.sampling import SamplingConfig
 from apr_jax.engine.stop_reasons import REASONS, StopReason  # noqa: F401 (re-exported)
 from apr_jax.errors import UserError
 from apr_jax.protocols import Protocol
+from apr_jax.protocols.apr_text import MAX_ID
 
 
 class ThreadState(enum.IntEnum):
@@ -38,6 +39,7 @@ class Next(enum.IntEnum):
   SAMPLE = 0
   FORK = 1
   FINISH = 2
+  REWIND = 3   # the original APR: its stop string was written, rewind it (`forkjoin.rewind`)
 
 
 
@@ -106,6 +108,8 @@ class TreeSpec:
       raise UserError(f"chunk ({self.chunk}) must be >= rows ({self.rows})")
     if self.threads < self.requests:
       raise UserError(f"threads ({self.threads}) must be >= requests per lane ({self.requests})")
+    if self.protocol.text is not None and self.label < MAX_ID:  # labels hold node ids
+      object.__setattr__(self, "label", MAX_ID)
 
   @property
   def n_prefill_min(self):
@@ -125,6 +129,16 @@ class TreeSpec:
     """Outline labels kept per thread (protocols that label threads by their outline
     numbers): a fork creates at most this many children."""
     return min(self.request_threads, MAX_OUTLINES) if self.protocol.outline else 1
+
+  @property
+  def n_spawn(self):
+    """Children one original-APR spawn creates at most (its spawn lines past this are not read)."""
+    return min(self.request_threads, MAX_OUTLINES)
+
+  @property
+  def n_stream(self):
+    """Text tags read on every sample (1 when the protocol has none)."""
+    return len(self.protocol.text.stream.tags) if self.protocol.text is not None else 1
 
   @property
   def n_label(self):
@@ -154,6 +168,10 @@ def log_bound(pr: Protocol, prompt_len: int, threads: int, depth: int, total: in
                 len(pr.child_close))
   per_join = (len(pr.after_join) + len(pr.results_open) + len(pr.results_close) +
               threads * len(pr.no_result))
+  if pr.text is not None:  # the original APR: a child's prompt copies a few of its parent's
+    # lines (~256 tokens), a join each child's number and node id and its summary path (at
+    # most its samples); a stop string's replacement (a few tokens) can exceed this
+    return prompt_len + 2 * total + threads * (256 + 64 + MAX_ID)
   copies = (depth if pr.join != "stitch" else 0) + (1 if pr.context == "fresh" else 0)
   return prompt_len + (1 + copies) * (total + threads * per_thread) + threads * per_join
 
@@ -256,6 +274,14 @@ class Threads(_Table):
   o_state: the reader's state; o_cur [NT, LBL], o_cur_len: the number being read (its length
   counts past LBL: such a number is no label); o_lab [NT, M, LBL], o_len [NT, M]: the distinct
   numbers of the open block, in order (M = `spec.n_outlines`; `count` of them).
+  Text tags (protocols with `text`, the original APR; `protocols.apr_text`): t_state
+  [NT, n_stream]: the stream matcher's state over the current call's samples; t_flag: 1 the
+  current line holds `<End Calling Sub Searches>`, 2 that line then a newline (an EOS then
+  spawns), 0 neither; g_hit [NT, 2]: positions of the second-to-last and last `Goal
+  Reached` (-1: none), g_clean: it ends at its token's last byte. call_base: samples before
+  the current call (a thread's token budget counts per call). rw_need: bytes to take back
+  from the end of its text at a rewind (the stop string and what followed it in its token).
+  mark_sp: its spawn block's first token holds a space before the tag (`apr_text.plan`).
   """
   req: jax.Array
   state: jax.Array
@@ -297,6 +323,13 @@ class Threads(_Table):
   o_cur_len: jax.Array
   o_lab: jax.Array
   o_len: jax.Array
+  t_state: jax.Array
+  t_flag: jax.Array
+  g_hit: jax.Array
+  g_clean: jax.Array
+  call_base: jax.Array
+  rw_need: jax.Array
+  mark_sp: jax.Array
 
   @classmethod
   def empty(cls, spec: TreeSpec):
@@ -314,7 +347,9 @@ class Threads(_Table):
         born_log=i32(nt), label=i32(nt, spec.label), label_len=i32(nt),
         vis=jnp.zeros((nt, nt), bool), src=i32(nt, v=-1), upto=i32(nt), o_state=i32(nt), o_cur=i32(nt, spec.n_label),
         o_cur_len=i32(nt), o_lab=i32(nt, spec.n_outlines, spec.n_label),
-        o_len=i32(nt, spec.n_outlines))
+        o_len=i32(nt, spec.n_outlines), t_state=i32(nt, spec.n_stream), t_flag=i32(nt),
+        g_hit=i32(nt, 2, v=-1), g_clean=jnp.zeros((nt, 2), bool), call_base=i32(nt), rw_need=i32(nt),
+        mark_sp=jnp.zeros((nt,), bool))
 
 
 @struct.dataclass
