@@ -78,14 +78,14 @@ def _live(ids, pos):
 
 
 def run_case(setup, prompt, root, children, budget=None, spell=None, check_logits=True,
-             no_eos=(), reason=None):
+             no_eos=(), reason=None, max_threads=None):
   """Runs the reference and the engine on one scripted search; returns both. `spell(tokens)`
   respells the root's tokens (a non-canonical spelling of the same text); root calls in
   `no_eos` end without an EOS (at the budget); `reason`: the expected stop reason."""
   from apr_jax.engine.runner import Request
   model, tok, eng = setup
   m = Model(root, children)
-  want = ref.apr_search(prompt, m)
+  want = ref.apr_search(prompt, m, max_threads=max_threads)
   kids = [p for ps in want.child_prompts for p in ps]
   rank = {}
   script = {(): []}
@@ -106,7 +106,8 @@ def run_case(setup, prompt, root, children, budget=None, spell=None, check_logit
     script.setdefault(path, []).extend(toks)
     calls.setdefault(path, []).append((prefix, toks))
   res = eng.run([Request([tok.bos_id] + tok.encode(prompt), script=script,
-                         max_thread_tokens=budget or 1500, max_total_tokens=12000)])[0]
+                         max_thread_tokens=budget or 1500, max_total_tokens=12000,
+                         max_threads=max_threads)])[0]
   assert res.stop_reason == (reason or ("malformed" if want.error else "stop")), (
       res.stop_reason, want.error)
   assert res.text == want.calls[-1][len(prompt):]
@@ -299,3 +300,12 @@ def test_spawn_edges(setup, base):
   want, res = run_case(setup, t.prompt, [empty, "No solution found.\n"], {}, budget=n0,
                        no_eos={0}, check_logits=False)
   assert want.error == "" and res.forks == 1 and "<End Sub Searches>" in res.text
+
+
+def test_thread_budget_takes_the_first_children(setup, base):
+  """max_threads (the engine's budget, the root included): a spawn gets its first children
+  that fit; with none left, an empty results block (the reference's `max_threads`)."""
+  t, root, children = base
+  for k in (2, 1):
+    want, res = run_case(setup, t.prompt, root, children, max_threads=k, check_logits=False)
+    assert want.error == "" and len(want.sub_calls[0]) == k - 1 and len(res.threads) == k

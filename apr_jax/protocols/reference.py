@@ -498,17 +498,24 @@ def _calls(prompts: list):
   return [t[:-1] if t.split("\n")[-1] == "" else t for t in texts]
 
 
-def apr_search_steps(prompt: str, max_spawns: int = 64):
+def apr_search_steps(prompt: str, max_spawns: int = 64, max_threads: int | None = None):
   """One search from the root prompt, as a generator (see `_calls`); returns an AprSearch.
-  A spawn's children are completed together. `max_spawns` bounds the spawns of one search."""
+  A spawn's children are completed together. `max_spawns` bounds the spawns of one search.
+  `max_threads` (the engine's budget, the root included; the original has none): a spawn
+  gets the first children that fit, none when the budget is spent (an empty results block)."""
   out = AprSearch(calls=[], prefixes=[prompt], sub_calls=[], child_prompts=[], result=None)
   trace = (yield from _calls([prompt]))[0]
   out.calls.append(trace)
+  created = 1
   try:
     while apr_calls_children(trace):
       if len(out.sub_calls) >= max_spawns:
         raise AprMalformed(f"more than {max_spawns} spawns")
       ids, prompts = apr_children(trace)
+      if max_threads is not None:
+        keep = max(0, min(len(ids), max_threads - created))
+        ids, prompts = ids[:keep], prompts[:keep]
+      created += len(ids)
       kids = yield from _calls(prompts)
       out.sub_calls.append(kids)
       out.child_prompts.append(prompts)
@@ -522,11 +529,12 @@ def apr_search_steps(prompt: str, max_spawns: int = 64):
   return out
 
 
-def apr_search_many(prompts: Sequence[str], complete_batch, max_spawns: int = 64) -> list:
+def apr_search_many(prompts: Sequence[str], complete_batch, max_spawns: int = 64,
+                    max_threads: int | None = None) -> list:
   """Every search in lockstep: each round, the texts every search has open go to one
   `complete_batch(texts) -> continuations` call (as the original's thread pool sends them
   concurrently). Returns one AprSearch per prompt."""
-  steps = [apr_search_steps(p, max_spawns) for p in prompts]
+  steps = [apr_search_steps(p, max_spawns, max_threads) for p in prompts]
   pending = {i: next(g) for i, g in enumerate(steps)}
   done: list = [None] * len(prompts)
   while pending:
@@ -544,6 +552,8 @@ def apr_search_many(prompts: Sequence[str], complete_batch, max_spawns: int = 64
   return done
 
 
-def apr_search(prompt: str, complete, max_spawns: int = 64) -> AprSearch:
+def apr_search(prompt: str, complete, max_spawns: int = 64,
+               max_threads: int | None = None) -> AprSearch:
   """One search; `complete(text) -> continuation` runs the model from `text`."""
-  return apr_search_many([prompt], lambda texts: [complete(t) for t in texts], max_spawns)[0]
+  return apr_search_many([prompt], lambda texts: [complete(t) for t in texts], max_spawns,
+                         max_threads)[0]
