@@ -72,6 +72,9 @@ flags.DEFINE_integer("samples_tokens", 128, "samples: tokens per sample.", lower
 flags.DEFINE_integer("step_at", 128, "step: the engine step whose state is timed.", lower_bound=1)
 flags.DEFINE_integer("step_calls", 50, "step: calls per timed repeat.", lower_bound=1)
 flags.DEFINE_integer("own_tokens", 32, "scaling: tokens of each thread's own.", lower_bound=1)
+flags.DEFINE_integer("apr_call_tokens", 4096, "apr: each call's token budget (the original's).",
+                     lower_bound=1)
+flags.DEFINE_integer("apr_slots", 8192, "apr: KV slots per lane (one search per lane).", lower_bound=64)
 
 PROMPT = "Write a short story about a robot who learns to paint."
 
@@ -749,6 +752,80 @@ def bench_samples():
   return records
 
 
+def bench_apr():
+  """The original APR protocol on a checkpoint in its format (--model): the on-device engine
+  (`--protocol apr`) vs the original's orchestration of calls on the host (`--apr_host`,
+  every round of calls one batch), greedy, on the same --problems held-out problems of the
+  checkpoint's setting, interleaved, median of --repeats. Also how many problems give the
+  same final text and children in both, and each one's accuracy."""
+  from apr_jax import checkpoint
+  from apr_jax.engine.host_original import AprOriginalHost
+  from apr_jax.evaluation import countdown as ev
+  from apr_jax.tasks import countdown as cd
+  from apr_jax.tasks.countdown import data
+  from apr_jax.tasks.countdown import original as orig
+  from apr_jax.engine.runner import Request
+  if not FLAGS.model:
+    raise UserError("bench apr needs --model: a checkpoint in the original APR format (e.g. "
+                    "python -m apr_jax.train --config configs/countdown_small_sos.py "
+                    "--config.format=apr_original)")
+  model, tok = checkpoint.load(FLAGS.model)
+  try:
+    setting = data.read_checkpoint(FLAGS.model).get("setting", "apr")
+  except UserError:
+    setting = "apr"  # a released checkpoint (no apr_config.json): the paper's setting
+  problems = cd.test_split(cd.SETTINGS[setting], 1000, seed=0)[:FLAGS.problems]
+  prompts = [orig.apr_prompt(p) for p in problems]
+  call, total = FLAGS.apr_call_tokens, 4 * FLAGS.apr_slots
+  eng = ev.make_apr_engine(model, tok, lanes=FLAGS.lanes, rows=8, slots=FLAGS.apr_slots,
+                           max_total_tokens=total)
+  host = AprOriginalHost(model, tok, max_tokens=call, batch=max(len(problems), 1),
+                         log=lambda *a: None)
+  bos = [tok.bos_id] if tok.bos_id is not None else []
+  out = {}
+
+  def run_device():
+    t0 = time.perf_counter()
+    rs = eng.run([Request(bos + tok.encode(t), max_thread_tokens=call, max_total_tokens=total)
+                  for t in prompts])
+    wall = time.perf_counter() - t0
+    out["device"] = [ev.apr_device_texts(r, tok, t) for r, t in zip(rs, prompts)]
+    out["device_reasons"] = [r.stop_reason for r in rs]
+    return {"wall_s": wall, "forks": sum(r.forks for r in rs)}
+
+  def run_host():
+    t0 = time.perf_counter()
+    ss = host.solve(prompts)
+    wall = time.perf_counter() - t0
+    out["host"] = [(s.calls, [k for spawn in s.sub_calls for k in spawn]) for s in ss]
+    out["host_errors"] = [s.error for s in ss]
+    return {"wall_s": wall, "forks": sum(len(s.sub_calls) for s in ss)}
+
+  got = _interleaved({"apr_jax": run_device, "host": run_host},
+                     lambda x: f"{len(problems) / x['wall_s']:6.2f} problems/s, {x['forks']} spawns")
+  same = sum(d[0][-1] == h[0][-1] and d[1] == h[1] for d, h in zip(out["device"], out["host"]))
+  acc = {k: sum(ev.verdict(p, [c[-1]] + kids)[0] for p, (c, kids) in zip(problems, out[k]))
+         / max(len(problems), 1) for k in ("device", "host")}
+  records = []
+  for name, rs in got.items():
+    key = "device" if name == "apr_jax" else "host"
+    records.append({"benchmark": "apr", "system": name, "problems": len(problems),
+                    "setting": setting, "repeats": len(rs),
+                    "problems_per_s": round(statistics.median(len(problems) / x["wall_s"] for x in rs), 3),
+                    "wall_s_median": round(statistics.median(x["wall_s"] for x in rs), 3),
+                    "spawns": rs[-1]["forks"], "accuracy": round(acc[key], 3),
+                    "same_as_other": same})
+  base = records[1]["problems_per_s"]
+  for r in records:
+    r["speedup_vs_host"] = round(r["problems_per_s"] / base, 2)
+  print(f"{'system':8s} {'problems/s (median)':>20s} {'x host':>7s} {'spawns':>7s} {'accuracy':>9s}")
+  for r in records:
+    print(f"{r['system']:8s} {r['problems_per_s']:20.3f} {r['speedup_vs_host']:7.2f} "
+          f"{r['spawns']:7d} {r['accuracy']:9.3f}")
+  print(f"same final text and children: {same}/{len(problems)} problems")
+  return records
+
+
 def bench_step():
   """One 1-token engine step of the Countdown evaluation, timed by part: the row assignment,
   packing, packing + the model, the whole step (sampling, budgets and the protocol
@@ -828,7 +905,7 @@ def bench_step():
 BENCHMARKS = {"decode": bench_decode, "fork": bench_fork, "train": bench_train,
               "attention": bench_attention, "scaling": bench_scaling,
               "samples": bench_samples, "prefill": bench_prefill,
-              "prefix": bench_prefix, "step": bench_step}
+              "prefix": bench_prefix, "step": bench_step, "apr": bench_apr}
 
 
 @cli_main

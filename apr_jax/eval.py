@@ -89,7 +89,7 @@ def main(argv):
       dtype = str(jax.tree.leaves(model)[0].dtype)
       if engine == "apr_device":  # the original protocol in the on-device engine
         eng = ev.make_apr_engine(model, tok, lanes=c.get("lanes", 8), rows=c.get("rows", 8),
-                                 slots=c.get("slots", 16384),
+                                 slots=c.get("slots", 16384), max_threads=c.get("max_threads", 32),
                                  max_total_tokens=c.get("max_total_tokens", 16384))
         t0 = time.perf_counter()
         rs = ev.evaluate_apr_device(eng, tok, problems, max_call_tokens=c.get("max_call_tokens", 4096),

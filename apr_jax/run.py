@@ -354,11 +354,15 @@ def _run_tree(model, tok, mesh, prompts, sampling, path, log, t0):
   results = eng.run(reqs, on_progress=progress if live else None)
   wall = time.perf_counter() - t0
   rows = [r.summary() for r in results]
-  if name == "apr":  # the search's answer as the original reads it, and a malformed end
+  finals = {}
+  if name == "apr":  # the last call's text, the answer as the original reads it, a malformed end
+    from apr_jax.protocols.apr_text import search_texts
     from apr_jax.protocols.reference import apr_search_result
-    for p, d in zip(prompts, rows):
-      d["result"] = apr_search_result(p + d["text"])
-      d["error"] = "malformed spawn" if d["stop_reason"] == "malformed" else ""
+    for k, (i, r, d) in enumerate(zip(ids, results, rows)):
+      calls, _ = search_texts(r, tok, i)
+      finals[k] = calls[-1]
+      d.update(calls=calls, result=apr_search_result(calls[-1]),
+               error="malformed spawn" if d["stop_reason"] == "malformed" else "")
   if FLAGS.json:
     out = {"protocol": name, "model": path, "dtype": _dtype_name(model),
            "results": rows,
@@ -371,7 +375,7 @@ def _run_tree(model, tok, mesh, prompts, sampling, path, log, t0):
   for k, j, r in outs:
     if len(outs) > 1:
       print(f"--- [{k}] {prompts[k]!r}" + (f" sample {j}" if FLAGS.n > 1 else ""))
-    print(prompts[k] + r.text if name == "apr" else r.text)  # apr: the last call's whole text
+    print(finals[k] if name == "apr" and FLAGS.n == 1 else r.text)  # apr: the last call
     log(f"thread tree [{k}]:")
     for t in r.threads:
       label = "root" if not t["path"] else ".".join(str(x + 1) for x in t["path"])

@@ -17,6 +17,7 @@ def get_config():
   c.methods = ConfigDict({"apr": {"path": "", "engine": "apr_device"}})
   c.max_call_tokens = 4096  # each call's budget (the original's --max_tokens)
   c.max_total_tokens = 16384  # apr_device: sampled tokens per search, every call and child
+  c.max_threads = 32         # apr_device: threads per search, the root included
   c.lanes = 8               # apr_device: lanes, thread rows per lane, KV slots per lane
   c.rows = 8
   c.slots = 16384

@@ -48,7 +48,7 @@ class Model:
 
   def __call__(self, prefix):
     first = prefix.split("\n")[0]
-    is_root = first == "Moving to Node #0"
+    is_root = not first.startswith("Moving to Node #0,")
     c = self.root.pop(0) if is_root else self.children[first].pop(0)
     self.served.append((is_root, prefix, c))
     return c
@@ -110,7 +110,10 @@ def run_case(setup, prompt, root, children, budget=None, spell=None, check_logit
                          max_threads=max_threads)])[0]
   assert res.stop_reason == (reason or ("malformed" if want.error else "stop")), (
       res.stop_reason, want.error)
-  assert res.text == want.calls[-1][len(prompt):]
+  if want.calls[-1].startswith(prompt):
+    assert res.text == want.calls[-1][len(prompt):]
+  else:  # a spawn without a block opener: the original keeps no head
+    assert res.text == want.calls[-1]
   threads = {tuple(t["path"]): t for t in res.threads}
   assert len(threads) == 1 + len(kids)
   for i, p in enumerate(kids):
@@ -129,10 +132,11 @@ def run_case(setup, prompt, root, children, budget=None, spell=None, check_logit
     live = live[:-1]
   if spell is None:  # the context as the original's fresh tokenization gives it
     assert live[1:] in (tok.encode(want.calls[-1]), tok.encode(want.calls[-1] + "\n"))
-  if not no_eos:  # the calls and children as the evaluation reads them from the result
-    from apr_jax.evaluation.countdown import apr_device_texts
-    calls, texts = apr_device_texts(res, tok, prompt)
-    assert calls == want.calls and texts == [c for s in want.sub_calls for c in s]
+    assert live[0] == tok.bos_id
+  # the calls and children as the evaluation reads them from the result
+  from apr_jax.evaluation.countdown import apr_device_texts
+  calls, texts = apr_device_texts(res, tok, prompt)
+  assert calls == want.calls and texts == [c for s in want.sub_calls for c in s]
   if check_logits:
     _check_logits(model, prompt_ids, res, threads)
   return want, res
@@ -241,14 +245,18 @@ def test_model_written_stop_string_is_replaced(setup, base):
     want, res = run_case(setup, t.prompt, conts, children, check_logits=lead == "")
     assert want.error == "" and res.forks == 1 and ref.APR_STOP in want.calls[1]
     assert (lead + ref.APR_CALLING) in want.calls[0]
-  # a child: its text goes on after the replacement
-  kid = dict(children)
-  first = next(iter(kid))
-  c = kid[first][0]
-  j = c.index("\nExploring") + 1
-  kid[first] = [c[:j] + ref.APR_STOP + "zz", "\n" + c[j:]]
-  want, _ = run_case(setup, t.prompt, root, kid, check_logits=False)
-  assert ref.APR_CALLING in want.sub_calls[0][0]
+  # a child: its text goes on after the replacement (before its summary path, and inside it:
+  # the results block copies the replacement, not the rewound tokens)
+  first = next(iter(children))
+  c = children[first][0]
+  goals = [k for k in range(len(c)) if c.startswith("Goal Reached", k)]
+  assert len(goals) >= 2
+  for j in (c.index("\nExploring") + 1, c.index("\n", goals[-2]) + 1):
+    kid = dict(children)
+    kid[first] = [c[:j] + ref.APR_STOP + "zz", "\n" + c[j:]]
+    want, _ = run_case(setup, t.prompt, root, kid, check_logits=False)
+    assert ref.APR_CALLING in want.sub_calls[0][0]
+  assert ref.APR_CALLING in want.calls[-1]  # the second: inside the summary path
 
 
 @pytest.mark.parametrize("case", ["unknown_node", "twice", "bad_node_line"])
@@ -278,6 +286,12 @@ def test_spawn_edges(setup, base):
   want, res = run_case(setup, t.prompt, [empty, "No solution found.\n"], {})
   assert want.error == "" and "<Sub Searches>\n<End Sub Searches>\nNo solution found." in want.calls[-1]
   assert res.forks == 1 and len(res.threads) == 1 and want.sub_calls == [[]]  # a spawn of none
+  assert res.critical_path == res.total_tokens  # the join without children keeps the root's
+  # a block without `<Calling Sub Searches>`: the original keeps no head (the prompt is gone)
+  bare = head + r0[r0.index(ref.APR_CALLING) + len(ref.APR_CALLING) + 1:] + "\n"
+  want, res = run_case(setup, t.prompt, [bare, "No solution found.\n"], children,
+                       check_logits=False)
+  assert want.calls[-1].startswith("<Sub Searches>\n") and res.forks == 1
   want, res = run_case(setup, t.prompt, [r0 + "\n\n"], {}, check_logits=False)
   assert len(want.calls) == 1 and res.forks == 0 and res.text == r0 + "\n"
   # `<End Calling Sub Searches>` written as byte tokens: the same text

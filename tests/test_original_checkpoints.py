@@ -341,3 +341,19 @@ def test_run_stop_strings_cut_the_text_before_them(checkpoints):
   assert len(out["token_ids"]) < len(full["token_ids"])
   stdout, _ = run(*base, "--stop", a, "--stop", b)
   assert stdout.rstrip("\n") == out["text"].rstrip("\n")
+
+
+def test_bench_apr_device_and_host_agree(checkpoints, tmp_path):
+  """`bench apr`: the original protocol on device and by the host's orchestration, greedy,
+  give the same calls on the same problems (a random model: one call each, to its budget)."""
+  env = dict(os.environ, APR_JAX_CACHE_DIR="off", PYTHONPATH=ROOT)
+  env.pop("XLA_FLAGS", None)
+  out = tmp_path / "b.json"
+  p = subprocess.run([sys.executable, "-m", "apr_jax.bench", "apr", "--model", checkpoints["apr"],
+                      "--problems", "3", "--repeats", "1", "--apr_call_tokens", "10",
+                      "--apr_slots", "512", "--lanes", "2", "--out", str(out)],
+                     capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+  assert p.returncode == 0, p.stderr
+  recs = json.load(open(out))
+  assert [r["system"] for r in recs] == ["apr_jax", "host"]
+  assert all(r["problems"] == 3 and r["same_as_other"] == 3 and r["problems_per_s"] > 0 for r in recs)

@@ -791,6 +791,10 @@ class TreeEngine:
     order = self._order(L, slot)
     plen = len(req.prompt)
     traj = self._render(L, order)[plen - upto:]
+    if spec.protocol.text is not None:  # the last call's text past the prompt; the whole call
+      live = self._render(L, order)     # when a spawn without a block opener dropped the prompt
+      if live[:plen] != [int(t) for t in req.prompt]:
+        traj = live[1:] if tok is not None and live[:1] == [tok.bos_id] else live
     body = traj
     if body and tok is not None and body[-1] in set(tok.stop_ids()):
       body = body[:-1]

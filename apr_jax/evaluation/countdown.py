@@ -22,6 +22,7 @@ import numpy as np
 
 from apr_jax.errors import UserError
 from apr_jax.evaluation import accounting
+from apr_jax.protocols import reference
 from apr_jax.tasks import countdown as cd
 from apr_jax.tasks.countdown import data
 
@@ -156,6 +157,9 @@ def evaluate(engine, tok, fmt: str, problems: Sequence[cd.Problem], max_thread_t
 
   # one run: continuous batching keeps every lane busy until the last problem
   engine.run(reqs, on_done=on_done)
+  if cut[0]:
+    log(f"note: {cut[0]} search(es) named more children than max_threads let run (their "
+        "stop_reason reads max_threads); raise the config's max_threads")
   return out
 
 
@@ -314,16 +318,16 @@ def evaluate_apr_original(host, tok, problems: Sequence[cd.Problem], batch: int 
 
 
 def make_apr_engine(model, tok, lanes: int = 8, rows: int = 8, slots: int = 8192,
-                    max_threads: int = 16, max_total_tokens: int = 16384):
+                    max_threads: int = 32, max_total_tokens: int = 16384):
   """An engine for the original APR protocol on device (`protocols.apr_text`): a checkpoint
   in the original format (plain-text tags), its token log sized for these budgets."""
   from apr_jax.engine import tree
   from apr_jax.engine.runner import TreeEngine
   from apr_jax.engine.tree import TreeSpec
   from apr_jax.protocols import build
-  if not (_positive_int(slots) and _positive_int(lanes) and _positive_int(rows)):
-    raise UserError(f"lanes, rows and slots must be positive numbers, got {lanes!r}, {rows!r}, "
-                    f"{slots!r}")
+  if not all(_positive_int(v) for v in (slots, lanes, rows, max_threads)):
+    raise UserError(f"lanes, rows, slots and max_threads must be positive numbers, got {lanes!r}, "
+                    f"{rows!r}, {slots!r}, {max_threads!r}")
   pr = build("apr", tok)
   log = tree.log_bound(pr, PROMPT_TOKENS, max_threads, 1, max_total_tokens)
   spec = TreeSpec(protocol=pr, root_stop=tuple(tok.stop_ids()), lanes=lanes, rows=rows,
@@ -332,34 +336,11 @@ def make_apr_engine(model, tok, lanes: int = 8, rows: int = 8, slots: int = 8192
 
 
 def apr_device_texts(r, tok, prompt: str):
-  """(the root's calls, the children's texts) of an on-device original-APR result, as the
-  original records them: a root call's text is the root's context when that call ended (at
-  each spawn, and at the end), a child's its context at its end (one trailing newline
-  dropped)."""
-  def live(ids, pos):
-    keep, low = [], 1 << 30
-    for i in range(len(ids) - 1, -1, -1):
-      if pos[i] < low:
-        keep.append(i)
-        low = pos[i]
-    return [ids[i] for i in keep[::-1]]
-
-  stops = set(tok.stop_ids())
-  text = lambda ids: (lambda t: t[:-1] if t.endswith("\n") else t)(
-      tok.decode([i for i in ids if i not in stops and i != tok.bos_id]))
-  root = r.threads[0]
-  plen = len(tok.encode(prompt)) + (tok.bos_id is not None)
-  ids = list(range(plen))  # the prompt's positions; its tokens are re-encoded below
-  head = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(prompt)
-  all_ids, all_pos = head + root["token_ids"], ids + root["positions"]
-  ends = [plen + k for k, (t, lp) in enumerate(zip(root["token_ids"], root["logprobs"]))
-          if lp is not None and t in stops]
-  calls = [text(live(all_ids[:e + 1], all_pos[:e + 1])) for e in ends]
-  final = prompt + r.text
-  if not calls or calls[-1] != final:
-    calls.append(final)
-  kids = [text(live(t["token_ids"], t["positions"])) for t in r.threads[1:]]
-  return calls, kids
+  """(the root's calls, the children's texts) of an on-device original-APR result
+  (`protocols.apr_text.search_texts`)."""
+  from apr_jax.protocols.apr_text import search_texts
+  bos = [tok.bos_id] if tok.bos_id is not None else []
+  return search_texts(r, tok, bos + tok.encode(prompt))
 
 
 def evaluate_apr_device(engine, tok, problems: Sequence[cd.Problem], max_call_tokens: int = 4096,
@@ -380,7 +361,7 @@ def evaluate_apr_device(engine, tok, problems: Sequence[cd.Problem], max_call_to
   reqs = [Request(bos + tok.encode(t), max_thread_tokens=max_call_tokens,
                   max_total_tokens=max_total_tokens) for t in prompts]
   out: list = [None] * len(problems)
-  t0, shown, n_ok, done = time.perf_counter(), [0.0], [0], [0]
+  t0, shown, n_ok, done, cut = time.perf_counter(), [0.0], [0], [0], [0]
 
   def on_done(i, r):
     p = problems[i]
@@ -391,12 +372,20 @@ def evaluate_apr_device(engine, tok, problems: Sequence[cd.Problem], max_call_to
       ok, valid, why = verdict(p, [calls[-1]] + kids)
     apr = accounting.apr_token_counts(calls, kids, n)
     ctx = max((max(t["positions"]) + 1 if t["positions"] else 0) for t in r.threads)
+    named = 0  # children the spawn blocks named: more than ran means max_threads cut them
+    for c in calls[:-1]:
+      try:
+        named += len(reference.apr_children(c)[0])
+      except reference.AprMalformed:
+        pass
+    if named > len(kids):
+      cut[0] += 1
     out[i] = ProblemResult(
         problem=(p.nums, p.target), correct=ok, trace_valid=valid, why=why,
         total_tokens=r.total_tokens, critical_path=r.critical_path,
         max_context=max(ctx, len(reqs[i].prompt)), forks=r.forks, threads=len(r.threads),
-        wall_s=r.wall_s, stop_reason=r.stop_reason, apr_tokens=apr["token_count"],
-        apr_longest=apr["longest_seq_token_count"])
+        wall_s=r.wall_s, stop_reason=r.stop_reason if named <= len(kids) else "max_threads",
+        apr_tokens=apr["token_count"], apr_longest=apr["longest_seq_token_count"])
     done[0] += 1
     n_ok[0] += ok
     dt = time.perf_counter() - t0
@@ -405,4 +394,7 @@ def evaluate_apr_device(engine, tok, problems: Sequence[cd.Problem], max_call_to
       log(_progress(done[0], len(problems), n_ok[0] / done[0], dt))
 
   engine.run(reqs, on_done=on_done)
+  if cut[0]:
+    log(f"note: {cut[0]} search(es) named more children than max_threads let run (their "
+        "stop_reason reads max_threads); raise the config's max_threads")
   return out

@@ -62,6 +62,7 @@ class AprText:
   bracket: np.ndarray     # [V] bool: the text is ']'
   quote: np.ndarray       # [V] bool: the text starts with "'"
   lead_space: np.ndarray  # [V] bool: the text starts with a space
+  dummy_prefix: bool      # the tokenizer spells a text's start after a space (sentencepiece)
   nbytes: np.ndarray      # [V] int32: bytes of the text
   stop_at: np.ndarray     # [len(STOP) + 1, V] int32: a token's bytes up to where the stop
                           # string first ends in it, from each matcher state (0: it does not)
@@ -121,6 +122,7 @@ def build(tok) -> AprText:
       newline=nl[0], blank=arr(lambda t: t.strip() == ""), colon=arr(lambda t: t == ":"),
       bracket=arr(lambda t: t == "]"), quote=arr(lambda t: t.startswith("'")),
       lead_space=arr(lambda t: t.startswith(" ")),
+      dummy_prefix=texts[tok.encode("<")[0]].startswith(" "),
       nbytes=np.array([len(t.encode()) for t in texts], np.int32),
       stop_at=token_tables(STOP, texts, offsets=True)[2],
       bos=() if tok.bos_id is None else (tok.bos_id,), digits=tuple(digits), glue=g)
@@ -174,10 +176,11 @@ def _hashes(seq, n_pos):
 def plan(at: AprText, seq, n, k_max: int):
   """The spawn of a parent whose live tokens are seq[:n] ([G]): a dict with
 
-  mark: the index of the token where the block (`<Calling Sub Searches>`) starts (0 without
-  one, as the original's split keeps no head then); mark_sp: that token holds a space before
-  the tag (kept: the results block is spelled after it); count: the spawn lines (children);
-  spans [K, 4, 2]: per child the [start, end) indices of its node id, its state without `]`,
+  mark: the index of the token where the block (`<Calling Sub Searches>`) starts (without
+  one, the first token after the BOS: the original's split keeps no head then); mark_sp:
+  the results block is spelled after a space (the block's first token holds one before the
+  tag, or the block starts the text of a tokenizer that prefixes one); count: the spawn
+  lines (children); spans [K, 4, 2]: per child the [start, end) indices of its node id, its state without `]`,
   the parent's operations (empty for a node whose parent has none) and its operation;
   bad: the spawn is malformed (a spawn line naming no node, a node no line generated, a
   node named twice, a `Generated Node` line that does not read as one, an id longer than
@@ -211,11 +214,14 @@ def plan(at: AprText, seq, n, k_max: int):
   nbytes = jnp.asarray(at.nbytes)[tok]
   cum = jnp.cumsum(nbytes)
   start_of = lambda e, length: jnp.searchsorted(cum, cum[e] - length, side="right")
-  mark = jnp.where(bs >= 0, start_of(jnp.maximum(bs, 0), at.tag_len[T_CALLING]), 0)
+  # without a block opener the original keeps no head: the block starts after the BOS
+  head0 = jnp.where((n > 0) & (seq[0] == (at.bos[0] if at.bos else -1)), 1, 0)
+  mark = jnp.where(bs >= 0, start_of(jnp.maximum(bs, 0), at.tag_len[T_CALLING]), head0)
   # the block's first token holds a space before the tag: the results block is spelled after it
   mc = jnp.clip(mark, 0, g - 1)
   mark_sp = ((bs >= 0) & (cum[jnp.maximum(bs, 0)] - at.tag_len[T_CALLING] - (cum[mc] - nbytes[mc]) == 1)
              & jnp.asarray(at.lead_space)[tok[mc]])
+  mark_sp |= (bs < 0) & at.dummy_prefix  # no head: the block starts the text, as encoded afresh
 
   # spawn lines: `<Start Sub Search` and `Moving to Node` in one line of the block
   inb = valid & (j >= lo) & (j < be)
@@ -319,6 +325,50 @@ def number_tokens(at: AprText, i):
   n = jnp.where(i >= 100, 3, jnp.where(i >= 10, 2, 1))
   ds = jnp.stack([d[(i // 100) % 10], d[(i // 10) % 10], d[i % 10]])
   return jnp.roll(ds, n - 3), n
+
+
+# ----------------------------------------------------------------------------- results
+def _live(ids, pos):
+  """Indices of the entries no later entry rewrote (a thread's context as it ends)."""
+  keep, low = [], 1 << 62
+  for i in range(len(ids) - 1, -1, -1):
+    if pos[i] < low:
+      keep.append(i)
+      low = pos[i]
+  return keep[::-1]
+
+
+def search_texts(result, tok, prompt_ids) -> tuple[list, list]:
+  """(the root's calls, the children's texts) of a `TreeResult` of the on-device protocol,
+  as the original records a search: each root call's text is the root's context where the
+  call ended (a spawn: the entry before the forced results block; the last entry), each
+  child's text its context at its end; BOS and EOS left out, one trailing newline dropped.
+  `prompt_ids`: the root's prompt as admitted (its ThreadInfo starts after it)."""
+  stops = set(tok.stop_ids()) | ({tok.bos_id} if tok.bos_id is not None else set())
+
+  def text(ids):
+    t = tok.decode([i for i in ids if i not in stops])
+    return t[:-1] if t.endswith("\n") else t
+
+  root = result.threads[0]
+  ids = list(prompt_ids) + list(root["token_ids"])
+  pos = list(range(len(prompt_ids))) + list(root["positions"])
+  sampled = [False] * len(prompt_ids) + [lp is not None for lp in root["logprobs"]]
+  ends = []
+  for k in range(len(ids) - 1):
+    if sampled[k] and not sampled[k + 1]:  # forced next: a results block or a replacement
+      run = []
+      for j in range(k + 1, len(ids)):
+        if sampled[j] or len(run) >= 8:
+          break
+        run.append(ids[j])
+      if tok.decode(run).lstrip(" ").startswith(STOP):
+        ends.append(k)
+  ends.append(len(ids) - 1)
+  calls = [text([ids[i] for i in _live(ids[:e + 1], pos[:e + 1])]) for e in ends]
+  kids = [text([t["token_ids"][i] for i in _live(t["token_ids"], t["positions"])])
+          for t in result.threads[1:]]
+  return calls, kids
 
 
 # ----------------------------------------------------------------------------- host check

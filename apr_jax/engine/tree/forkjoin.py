@@ -335,6 +335,12 @@ def _apr_results_queue(lane: Lane, spec: TreeSpec, p, kids, is_child, local):
   gl = at.glue
   cc = jnp.clip(log.thread, 0)
   blank = jnp.asarray(at.blank)[jnp.clip(log.tok, 0, at.blank.shape[0] - 1)]
+  # a child's live entries: no later entry of it rewrote the position (a stop-string rewind)
+  big = jnp.iinfo(jnp.int32).max
+  own = (cc[None, :] == jnp.arange(nt)[:, None]) & is_child[None, :]             # [NT, G]
+  later = jax.lax.cummin(jnp.where(own, log.pos[None, :], big), axis=1, reverse=True)
+  later = jnp.concatenate([later[:, 1:], jnp.full((nt, 1), big, later.dtype)], axis=1)
+  is_child = is_child & (log.pos < later[cc, jnp.arange(log.pos.shape[0])])
   last = jnp.full((nt,), -1, jnp.int32).at[jnp.where(is_child & ~blank, cc, nt)].max(
       log.pos, mode="drop")
   has = kids & (th.g_hit[:, 0] >= 0)
@@ -512,6 +518,7 @@ def join(lane: Lane, spec: TreeSpec, join_p, step):
   th = lane.threads
   kid_cp = jax.vmap(lambda p: jnp.max(jnp.where(current_children(th, p), th.cp, 0)))(
       jnp.arange(spec.threads))
+  kid_cp = jnp.maximum(kid_cp, th.cp)  # a join without children (an empty APR spawn)
   pr = spec.protocol
   ends = _child_ends(lane, spec) if pr.join_skip_first or pr.malformed_close else None
   bad_p, cut_p = _malformed(lane, spec, ends)

@@ -132,8 +132,8 @@ class TreeSpec:
 
   @property
   def n_spawn(self):
-    """Children one original-APR spawn creates at most (its spawn lines past this are not read)."""
-    return min(self.request_threads, MAX_OUTLINES)
+    """Spawn lines one original-APR spawn reads (and checks) at most: its children."""
+    return MAX_OUTLINES
 
   @property
   def n_stream(self):
