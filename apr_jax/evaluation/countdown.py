@@ -157,9 +157,6 @@ def evaluate(engine, tok, fmt: str, problems: Sequence[cd.Problem], max_thread_t
 
   # one run: continuous batching keeps every lane busy until the last problem
   engine.run(reqs, on_done=on_done)
-  if cut[0]:
-    log(f"note: {cut[0]} search(es) named more children than max_threads let run (their "
-        "stop_reason reads max_threads); raise the config's max_threads")
   return out
 
 
