@@ -68,13 +68,14 @@ def _tokens(tok, prefix, cont, eos=True):
 
 
 def _live(ids, pos):
-  """The entries of a thread's log no later entry rewrote (its context as it ends)."""
-  keep, low = [], 1 << 30
-  for i in range(len(ids) - 1, -1, -1):
-    if pos[i] < low:
-      keep.append(i)
-      low = pos[i]
-  return keep[::-1]
+  """Indices of a thread's context as it ends: entry by entry, a token at position p drops
+  what the context held from p on (a join or a rewind went back) and is appended."""
+  ctx = []
+  for i, p in enumerate(pos):
+    while ctx and pos[ctx[-1]] >= p:  # the context's positions increase
+      ctx.pop()
+    ctx.append(i)
+  return ctx
 
 
 def run_case(setup, prompt, root, children, budget=None, spell=None, check_logits=True,

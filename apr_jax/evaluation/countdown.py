@@ -133,10 +133,9 @@ def evaluate(engine, tok, fmt: str, problems: Sequence[cd.Problem], max_thread_t
              max_total_tokens: int = 6000, batch: int = 64, log=None) -> list[ProblemResult]:
   """Every problem through the engine in one run; progress every `batch` problems or 10 s."""
   log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-  t0 = time.perf_counter()
   reqs = requests(tok, problems, max_thread_tokens, max_total_tokens, fmt)
   out: list = [None] * len(problems)
-  shown, n_ok, done = [0.0], [0], [0]
+  progress = _Progress(len(problems), batch, log)
 
   def on_done(i, r):
     p = problems[i]
@@ -148,16 +147,27 @@ def evaluate(engine, tok, fmt: str, problems: Sequence[cd.Problem], max_thread_t
                            max_context=ctx, forks=r.forks, threads=len(r.threads),
                            wall_s=r.wall_s, stop_reason=r.stop_reason,
                            **original_counts(tok, fmt, texts, r.token_ids))
-    done[0] += 1
-    n_ok[0] += ok
-    dt = time.perf_counter() - t0
-    if done[0] == len(problems) or dt - shown[0] >= 10 or done[0] % max(batch, 1) == 0:
-      shown[0] = dt
-      log(_progress(done[0], len(problems), n_ok[0] / done[0], dt))
+    progress.add(ok)
 
   # one run: continuous batching keeps every lane busy until the last problem
   engine.run(reqs, on_done=on_done)
   return out
+
+
+class _Progress:
+  """The evaluation's progress line: every `batch` problems, every 10 s and at the end."""
+
+  def __init__(self, total: int, batch: int, log):
+    self.total, self.batch, self.log = total, max(batch, 1), log
+    self.t0, self.shown, self.done, self.ok = time.perf_counter(), 0.0, 0, 0
+
+  def add(self, ok: bool):
+    self.done += 1
+    self.ok += ok
+    dt = time.perf_counter() - self.t0
+    if self.done == self.total or dt - self.shown >= 10 or self.done % self.batch == 0:
+      self.shown = dt
+      self.log(_progress(self.done, self.total, self.ok / self.done, dt))
 
 
 def _progress(done: int, total: int, acc: float, dt: float) -> str:
@@ -358,7 +368,7 @@ def evaluate_apr_device(engine, tok, problems: Sequence[cd.Problem], max_call_to
   reqs = [Request(bos + tok.encode(t), max_thread_tokens=max_call_tokens,
                   max_total_tokens=max_total_tokens) for t in prompts]
   out: list = [None] * len(problems)
-  t0, shown, n_ok, done, cut = time.perf_counter(), [0.0], [0], [0], [0]
+  progress, cut = _Progress(len(problems), batch, log), [0]
 
   def on_done(i, r):
     p = problems[i]
@@ -383,12 +393,7 @@ def evaluate_apr_device(engine, tok, problems: Sequence[cd.Problem], max_call_to
         max_context=max(ctx, len(reqs[i].prompt)), forks=r.forks, threads=len(r.threads),
         wall_s=r.wall_s, stop_reason=r.stop_reason if named <= len(kids) else "max_threads",
         apr_tokens=apr["token_count"], apr_longest=apr["longest_seq_token_count"])
-    done[0] += 1
-    n_ok[0] += ok
-    dt = time.perf_counter() - t0
-    if done[0] == len(problems) or dt - shown[0] >= 10 or done[0] % max(batch, 1) == 0:
-      shown[0] = dt
-      log(_progress(done[0], len(problems), n_ok[0] / done[0], dt))
+    progress.add(ok)
 
   engine.run(reqs, on_done=on_done)
   if cut[0]:
