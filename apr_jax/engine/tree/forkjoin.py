@@ -59,6 +59,20 @@ def _spawn_line(lane: Lane, spec: TreeSpec, p, r):
   return out, jnp.sum(oks).astype(jnp.int32)
 
 
+def _live(lane: Lane, spec: TreeSpec):
+  """[G] bool: log entries in a thread's context now (no later entry of the same thread
+  rewrote their position: a results join or a stop-string rewind went back past them)."""
+  log, nt = lane.log, spec.threads
+  e = jnp.arange(spec.n_log)
+  used = (log.thread >= 0) & (e < log.n)
+  cc = jnp.clip(log.thread, 0)
+  big = jnp.iinfo(jnp.int32).max
+  own = (cc[None, :] == jnp.arange(nt)[:, None]) & used[None, :]               # [NT, G]
+  later = jax.lax.cummin(jnp.where(own, log.pos[None, :], big), axis=1, reverse=True)
+  later = jnp.concatenate([later[:, 1:], jnp.full((nt, 1), big, later.dtype)], axis=1)
+  return used & (log.pos < later[cc, e])
+
+
 def _apr_plans(lane: Lane, spec: TreeSpec, fork_w):
   """The original APR's spawn of each row in `fork_w` [W] (`protocols.apr_text.plan`, read
   on the parent's live tokens: its log entries that no later entry of it rewrote). Returns
@@ -71,16 +85,13 @@ def _apr_plans(lane: Lane, spec: TreeSpec, fork_w):
   k_max = spec.n_spawn
   t_w = jnp.clip(lane.rows.thread, 0)
   todo = jnp.nonzero(fork_w, size=w, fill_value=0)[0]
-  e = jnp.arange(spec.n_log)
-  big = jnp.iinfo(jnp.int32).max
+  alive = _live(lane, spec)
 
   def one(c):
     k, seqs, spans, count, mark, sp, bad = c
     r = todo[k]
     p = t_w[r]
-    mine = (log.thread == p) & (e < log.n)
-    later = jax.lax.cummin(jnp.where(mine, log.pos, big), axis=0, reverse=True)
-    live = mine & (log.pos < jnp.concatenate([later[1:], jnp.full((1,), big, later.dtype)]))
+    live = alive & (log.thread == p)
     idx = jnp.nonzero(live, size=g, fill_value=0)[0]
     seq = jnp.where(jnp.arange(g) < jnp.sum(live), log.tok[idx], 0)
     pl = apr_text.plan(at, seq, jnp.sum(live), k_max)
@@ -335,12 +346,7 @@ def _apr_results_queue(lane: Lane, spec: TreeSpec, p, kids, is_child, local):
   gl = at.glue
   cc = jnp.clip(log.thread, 0)
   blank = jnp.asarray(at.blank)[jnp.clip(log.tok, 0, at.blank.shape[0] - 1)]
-  # a child's live entries: no later entry of it rewrote the position (a stop-string rewind)
-  big = jnp.iinfo(jnp.int32).max
-  own = (cc[None, :] == jnp.arange(nt)[:, None]) & is_child[None, :]             # [NT, G]
-  later = jax.lax.cummin(jnp.where(own, log.pos[None, :], big), axis=1, reverse=True)
-  later = jnp.concatenate([later[:, 1:], jnp.full((nt, 1), big, later.dtype)], axis=1)
-  is_child = is_child & (log.pos < later[cc, jnp.arange(log.pos.shape[0])])
+  is_child = is_child & _live(lane, spec)  # not what a stop-string rewind replaced
   last = jnp.full((nt,), -1, jnp.int32).at[jnp.where(is_child & ~blank, cc, nt)].max(
       log.pos, mode="drop")
   has = kids & (th.g_hit[:, 0] >= 0)
